@@ -1,0 +1,1 @@
+//! The broker protocol: filled by the broker issue.

@@ -1,0 +1,139 @@
+//! Command-line flags and the configuration derived from them.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, ValueEnum};
+use my_hypervisor_policy::layout::{self, Ids};
+use nix::unistd::{Group, User};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "my_hypervisor-daemon",
+    version,
+    about = "VM control-plane daemon (root entry point and broker)"
+)]
+pub struct Args {
+    /// Where the JSON-RPC socket is bound.
+    #[arg(long, default_value = "/run/my_hypervisor/rpc.sock")]
+    pub rpc_socket: PathBuf,
+    /// Grant the RPC socket to this group (name or gid): mode 0660 instead of 0600.
+    #[arg(long)]
+    pub rpc_group: Option<String>,
+    /// Per-VM state kept by the frontend.
+    #[arg(long, default_value = "/run/my_hypervisor/vms")]
+    pub state_dir: PathBuf,
+    /// Console endpoints served by the frontend.
+    #[arg(long, default_value = "/run/my_hypervisor/console")]
+    pub console_dir: PathBuf,
+    /// Per-VM runtime dirs of the VMMs, and the broker's journal.
+    #[arg(long, default_value = "/run/my_hypervisor/vmm")]
+    pub run_dir: PathBuf,
+    /// The frontend's identity: a user name, or UID:GID.
+    #[arg(long, default_value = layout::DEFAULT_FRONTEND_USER)]
+    pub frontend_user: String,
+    /// The uids the VMMs run under, one per VM, as FIRST-LAST.
+    #[arg(long, default_value = layout::DEFAULT_VM_UID_RANGE)]
+    pub vm_uid_range: String,
+    /// A root that kernels, initramfs, firmware and disks may come from (repeatable).
+    #[arg(long = "image-root", default_value = "/var/lib/my_hypervisor/images")]
+    pub image_roots: Vec<PathBuf>,
+    /// The cloud-hypervisor binary; by default found on PATH when a VM starts.
+    #[arg(long)]
+    pub cloud_hypervisor: Option<PathBuf>,
+    /// The frontend binary; by default `my_hypervisor-frontend` beside this one.
+    #[arg(long)]
+    pub frontend_bin: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MYHV_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+/// The checked configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub frontend: Ids,
+    pub rpc_gid: Option<u32>,
+    pub frontend_bin: PathBuf,
+}
+
+pub fn resolve(args: &Args) -> Result<Config, String> {
+    let frontend = match layout::parse_ids(&args.frontend_user).map_err(|e| e.to_string())? {
+        Some(ids) => ids,
+        None => {
+            let u = User::from_name(&args.frontend_user)
+                .map_err(|e| format!("looking up user {:?}: {e}", args.frontend_user))?
+                .ok_or_else(|| format!("no user named {:?}", args.frontend_user))?;
+            Ids {
+                uid: u.uid.as_raw(),
+                gid: u.gid.as_raw(),
+            }
+        }
+    };
+    let vm_uids = layout::parse_uid_range(&args.vm_uid_range).map_err(|e| e.to_string())?;
+    layout::check_identities(frontend, &vm_uids).map_err(|e| e.to_string())?;
+    let rpc_gid = match &args.rpc_group {
+        None => None,
+        Some(g) => Some(match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => Group::from_name(g)
+                .map_err(|e| format!("looking up group {g:?}: {e}"))?
+                .ok_or_else(|| format!("no group named {g:?}"))?
+                .gid
+                .as_raw(),
+        }),
+    };
+    let frontend_bin = match &args.frontend_bin {
+        Some(p) => p.clone(),
+        None => sibling("my_hypervisor-frontend")?,
+    };
+    for p in [
+        &args.rpc_socket,
+        &args.state_dir,
+        &args.console_dir,
+        &args.run_dir,
+    ]
+    .into_iter()
+    .chain(&args.image_roots)
+    {
+        if !p.is_absolute() {
+            return Err(format!("{} must be an absolute path", p.display()));
+        }
+    }
+    Ok(Config {
+        frontend,
+        rpc_gid,
+        frontend_bin,
+    })
+}
+
+/// A binary installed beside the daemon's own.
+pub fn sibling(name: &str) -> Result<PathBuf, String> {
+    let exe = std::fs::read_link("/proc/self/exe").map_err(|e| format!("/proc/self/exe: {e}"))?;
+    Ok(exe.parent().unwrap_or(Path::new("/")).join(name))
+}

@@ -1,0 +1,88 @@
+//! Creates and checks the daemon's directories, and binds the RPC socket.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+
+use my_hypervisor_policy::layout::{self, DirRole, Enforce, Ids, Owner};
+use nix::fcntl::{OFlag, open};
+use nix::sys::stat::{Mode, SFlag, fchmod, fstat, umask};
+use nix::unistd::{Gid, Uid, fchown};
+
+fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> String {
+    format!("{}: {what}: {e}", path.display())
+}
+
+/// Makes `path` a real directory (never a symlink) with the owner and mode its role
+/// demands, creating it and any missing parents (root 0755) if needed.
+pub fn ensure_dir(path: &Path, role: DirRole, frontend: Ids) -> Result<(), String> {
+    let (owner, mode, enforce) = layout::dir_rule(role);
+    let ids = match owner {
+        Owner::Root => Ids { uid: 0, gid: 0 },
+        Owner::Frontend => frontend,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(|e| err(parent, "create", e))?;
+    }
+    let created = match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(err(path, "create", e)),
+    };
+    let fd: OwnedFd = open(
+        path,
+        OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| err(path, "open (a symlink is refused)", e))?;
+    let st = fstat(fd.as_fd()).map_err(|e| err(path, "fstat", e))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
+        return Err(err(path, "check", "not a directory"));
+    }
+    if !created && enforce == Enforce::CreateOnly {
+        return Ok(());
+    }
+    fchown(
+        fd.as_fd(),
+        Some(Uid::from_raw(ids.uid)),
+        Some(Gid::from_raw(ids.gid)),
+    )
+    .map_err(|e| err(path, "chown", e))?;
+    fchmod(fd.as_fd(), Mode::from_bits_truncate(mode)).map_err(|e| err(path, "chmod", e))?;
+    tracing::info!(path = %path.display(), uid = ids.uid, gid = ids.gid, mode = format!("{mode:o}"), "directory ready");
+    Ok(())
+}
+
+/// Binds the RPC socket with no window in which it is more open than its final mode:
+/// 0600 root:root, or 0660 root:`gid` when a group is granted.
+pub fn bind_rpc_socket(path: &Path, gid: Option<u32>) -> Result<UnixListener, String> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|e| err(path, "remove stale socket", e))?
+        }
+        Ok(_) => return Err(err(path, "bind", "exists and is not a socket")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(path, "stat", e)),
+    }
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    umask(old);
+    let listener = bound.map_err(|e| err(path, "bind", e))?;
+    if let Some(gid) = gid {
+        nix::unistd::chown(path, Some(Uid::from_raw(0)), Some(Gid::from_raw(gid)))
+            .map_err(|e| err(path, "chown", e))?;
+        std::fs::set_permissions(
+            path,
+            std::os::unix::fs::PermissionsExt::from_mode(layout::RPC_SOCKET_GROUP_MODE),
+        )
+        .map_err(|e| err(path, "chmod", e))?;
+    }
+    tracing::info!(path = %path.display(), group = ?gid, "rpc socket bound");
+    Ok(listener)
+}

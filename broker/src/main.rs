@@ -1,0 +1,26 @@
+//! `my_hypervisor-daemon`: the root entry point and the broker.
+//!
+//! Start-up order matters and runs before any thread exists: bind the RPC socket, create the
+//! broker channel, start the unprivileged frontend. Any failure there stops the daemon. The
+//! broker then supervises the frontend and serves its requests, in one thread.
+
+mod cli;
+mod dirs;
+mod supervise;
+mod unpriv;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    cli::init_logging(args.log_format);
+    match supervise::run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "daemon stopped");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Steps that run in a forked child just before it execs an unprivileged program: put the
+//! kept fds in place, then shed every privilege for good. Used for the frontend, and for the
+//! VMM launcher after its namespaces are set up.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use caps::CapSet;
+use my_hypervisor_policy::layout::Ids;
+use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
+
+fn io_err(what: &str, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("{what}: {e}"))
+}
+
+/// Moves each `(source, target)` fd to its target number (without CLOEXEC) and marks every
+/// other fd from 3 up close-on-exec, so that only the keep-list survives the exec.
+pub fn place_fds(fds: &[(RawFd, RawFd)]) -> io::Result<()> {
+    const SCRATCH: RawFd = 64;
+    let mut tmp = Vec::with_capacity(fds.len());
+    for &(src, target) in fds {
+        assert!(target < SCRATCH, "fd targets are small numbers");
+        // SAFETY: F_DUPFD_CLOEXEC only creates a new fd; `src` is owned by the caller.
+        let t = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, SCRATCH) };
+        if t < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        tmp.push((t, target));
+    }
+    let first_free = fds.iter().map(|f| f.1 + 1).max().unwrap_or(3).max(3);
+    // SAFETY: only marks fds close-on-exec; no fd is closed under anyone's feet.
+    if unsafe { libc::close_range(first_free as u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    for (t, target) in tmp {
+        // SAFETY: dup2 onto a number the keep-list reserves; the scratch fd is CLOEXEC.
+        if unsafe { libc::dup2(t, target) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Becomes `ids` with no supplementary groups, every capability set empty (bounding and
+/// ambient included), no_new_privs set, and death on the parent's exit. Fails if any set
+/// is not empty afterwards.
+pub fn drop_privileges(ids: Ids) -> io::Result<()> {
+    setgroups(&[]).map_err(|e| io_err("setgroups", e))?;
+    // The bounding set can only be cut while CAP_SETPCAP is still held.
+    caps::clear(None, CapSet::Bounding).map_err(|e| io_err("clear bounding set", e))?;
+    caps::clear(None, CapSet::Ambient).map_err(|e| io_err("clear ambient set", e))?;
+    caps::clear(None, CapSet::Inheritable).map_err(|e| io_err("clear inheritable set", e))?;
+    let (g, u) = (Gid::from_raw(ids.gid), Uid::from_raw(ids.uid));
+    setresgid(g, g, g).map_err(|e| io_err("setresgid", e))?;
+    setresuid(u, u, u).map_err(|e| io_err("setresuid", e))?;
+    for set in [CapSet::Effective, CapSet::Permitted] {
+        caps::clear(None, set).map_err(|e| io_err("clear capabilities", e))?;
+    }
+    for set in [
+        CapSet::Effective,
+        CapSet::Permitted,
+        CapSet::Inheritable,
+        CapSet::Ambient,
+        CapSet::Bounding,
+    ] {
+        let held = caps::read(None, set).map_err(|e| io_err("read capabilities", e))?;
+        if !held.is_empty() {
+            return Err(io_err(
+                "drop capabilities",
+                format!("{set:?} still holds {held:?}"),
+            ));
+        }
+    }
+    // SAFETY: plain prctl calls with integer arguments.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(io_err("no_new_privs", io::Error::last_os_error()));
+        }
+        // Set after the uid change, which would clear it.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            return Err(io_err("pdeathsig", io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}

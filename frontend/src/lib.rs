@@ -1,0 +1,74 @@
+//! The unprivileged frontend. Nothing here may assume root: every privileged action is a
+//! typed request to the broker.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+pub mod rpc;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub console_dir: PathBuf,
+}
+
+pub fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MYHV_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init()
+    } else {
+        b.init()
+    }
+}
+
+/// Serves the API until the broker channel closes (the broker is gone) or serving fails.
+pub fn run(cfg: Config, listen: OwnedFd, broker: OwnedFd) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let std_listener = std::os::unix::net::UnixListener::from(listen);
+        std_listener.set_nonblocking(true)?;
+        let listener = tokio::net::UnixListener::from_std(std_listener)?;
+        let broker = broker_hangup(broker);
+        tracing::info!(state_dir = %cfg.state_dir.display(), "frontend serving");
+        tokio::select! {
+            r = rpc::serve(listener, rpc::methods()) => r,
+            () = broker => {
+                tracing::warn!("broker channel closed; exiting");
+                Ok(())
+            }
+        }
+    })
+}
+
+/// Resolves when the broker's end of the channel goes away.
+async fn broker_hangup(fd: OwnedFd) {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    if fcntl(&fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).is_err() {
+        return;
+    }
+    // SAFETY: `fd` is owned and moved into the AsyncFd, so it stays open while registered.
+    let registered =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
+    let Ok(afd) = registered else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = afd.readable().await else {
+            return;
+        };
+        let mut b = [0u8; 1];
+        match nix::unistd::read(afd.get_ref(), &mut b) {
+            Ok(0) => return,
+            Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+            Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}

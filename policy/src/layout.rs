@@ -1,0 +1,149 @@
+//! Who owns each directory the daemon uses, with which mode, and the uid rules that keep
+//! the frontend and every VMM apart. docs/layout.md is the prose form of this file.
+
+use std::ops::RangeInclusive;
+
+/// Default numeric frontend identity: works with no account created, and is not 65534
+/// (`nobody`), which other services share.
+pub const DEFAULT_FRONTEND_USER: &str = "61000:61000";
+/// Default uids (and gids, the same numbers) handed out one per VM.
+pub const DEFAULT_VM_UID_RANGE: &str = "61001-61999";
+
+/// The RPC socket without `--rpc-group`, and with it.
+pub const RPC_SOCKET_MODE: u32 = 0o600;
+pub const RPC_SOCKET_GROUP_MODE: u32 = 0o660;
+/// A per-VM runtime dir under the run dir, owned by the VM's uid.
+pub const VM_RUN_DIR_MODE: u32 = 0o700;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    Root,
+    Frontend,
+}
+
+/// The directories the daemon creates and checks at every start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirRole {
+    /// Parent of the RPC socket.
+    SocketParent,
+    /// Per-VM state.json files and the event sequence; only the frontend writes here.
+    State,
+    /// Console endpoints the frontend serves.
+    Console,
+    /// Per-VM runtime dirs of the VMMs and the broker's journal. Traversable, so that each
+    /// VMM can reach its own 0700 dir, but writable by root only.
+    Run,
+    /// A root that images may come from. Root's; the broker only reads below it.
+    ImageRoot,
+}
+
+/// The owner and mode of a directory, and whether the daemon enforces them on a directory
+/// that already exists. Shared directories (the socket's parent, image roots) may be
+/// managed by others, so an existing one is only checked to be a directory; a missing one
+/// is created as root 0755.
+pub const fn dir_rule(role: DirRole) -> (Owner, u32, Enforce) {
+    match role {
+        DirRole::SocketParent => (Owner::Root, 0o755, Enforce::CreateOnly),
+        DirRole::State => (Owner::Frontend, 0o700, Enforce::Always),
+        DirRole::Console => (Owner::Frontend, 0o700, Enforce::Always),
+        DirRole::Run => (Owner::Root, 0o711, Enforce::Always),
+        DirRole::ImageRoot => (Owner::Root, 0o755, Enforce::CreateOnly),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enforce {
+    /// Owner and mode are set at every start.
+    Always,
+    /// Owner and mode are set only when the daemon creates the directory.
+    CreateOnly,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ids {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("{0:?} is not of the form UID:GID")]
+    Syntax(String),
+    #[error("uid range {0:?} is not of the form FIRST-LAST with FIRST <= LAST")]
+    RangeSyntax(String),
+    #[error("{what} may not be root (0) or nobody (65534)")]
+    Reserved { what: &'static str },
+    #[error("the VM uid range {range:?} overlaps the frontend's uid or gid {id}")]
+    Overlap { range: RangeInclusive<u32>, id: u32 },
+}
+
+/// Parses a numeric `UID:GID`. Names are resolved by the caller, which may read /etc/passwd.
+pub fn parse_ids(s: &str) -> Result<Option<Ids>, IdError> {
+    let Some((u, g)) = s.split_once(':') else {
+        return Ok(None);
+    };
+    let (Ok(uid), Ok(gid)) = (u.parse(), g.parse()) else {
+        return Err(IdError::Syntax(s.to_string()));
+    };
+    Ok(Some(Ids { uid, gid }))
+}
+
+pub fn parse_uid_range(s: &str) -> Result<RangeInclusive<u32>, IdError> {
+    let err = || IdError::RangeSyntax(s.to_string());
+    let (a, b) = s.split_once('-').ok_or_else(err)?;
+    let (a, b): (u32, u32) = (a.parse().map_err(|_| err())?, b.parse().map_err(|_| err())?);
+    if a > b {
+        return Err(err());
+    }
+    Ok(a..=b)
+}
+
+/// The frontend and the VMMs must be unprivileged, and no VMM may share an id with the
+/// frontend, or it could signal or ptrace it.
+pub fn check_identities(frontend: Ids, vm_range: &RangeInclusive<u32>) -> Result<(), IdError> {
+    let reserved = |id: u32| id == 0 || id == 65534;
+    if reserved(frontend.uid) || reserved(frontend.gid) {
+        return Err(IdError::Reserved {
+            what: "the frontend user",
+        });
+    }
+    if vm_range.clone().any(reserved) {
+        return Err(IdError::Reserved { what: "a VM uid" });
+    }
+    for id in [frontend.uid, frontend.gid] {
+        if vm_range.contains(&id) {
+            return Err(IdError::Overlap {
+                range: vm_range.clone(),
+                id,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let f = parse_ids(DEFAULT_FRONTEND_USER).unwrap().unwrap();
+        let r = parse_uid_range(DEFAULT_VM_UID_RANGE).unwrap();
+        assert_eq!(check_identities(f, &r), Ok(()));
+        assert_ne!(f.uid, 65534);
+    }
+
+    #[test]
+    fn bad_identities() {
+        assert_eq!(parse_ids("daemon").unwrap(), None);
+        assert!(parse_ids("1:x").is_err());
+        assert!(parse_uid_range("5-4").is_err());
+        assert!(parse_uid_range("5").is_err());
+        let f = Ids { uid: 100, gid: 100 };
+        assert!(check_identities(Ids { uid: 0, gid: 1 }, &(200..=300)).is_err());
+        assert!(check_identities(f, &(0..=10)).is_err());
+        assert!(check_identities(f, &(90..=110)).is_err());
+        assert!(check_identities(Ids { uid: 1, gid: 150 }, &(140..=160)).is_err());
+        assert_eq!(check_identities(f, &(101..=110)), Ok(()));
+    }
+}
