@@ -1,1 +1,190 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests: locating the built binaries, running the daemon
+//! in a scratch tree, reading /proc, and speaking line-delimited JSON-RPC.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// The directory cargo put the workspace's binaries in (`cargo test --workspace` builds them).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} is missing: run the tests with `cargo test --workspace`", p.display());
+    p
+}
+
+/// True when the test may use root; otherwise prints why it skips. A CI run (CI=true) as
+/// non-root fails instead, so nothing skips silently there.
+pub fn have_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{test}: CI must run the tests as root");
+    eprintln!("SKIP {test}: needs root (it starts the daemon, which drops to other uids)");
+    false
+}
+
+/// Polls `f` every 20 ms until it returns Some, or panics after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Fields of /proc/PID/status, by name.
+pub fn proc_status(pid: i32) -> Option<std::collections::HashMap<String, String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+            .collect(),
+    )
+}
+
+/// The pids whose parent is `pid`.
+pub fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if proc_status(child).and_then(|s| s.get("PPid").cloned()) == Some(pid.to_string()) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// (uid, gid, mode & 0o7777) of a path, not following a final symlink.
+pub fn owner_mode(p: &Path) -> (u32, u32, u32) {
+    let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    (m.uid(), m.gid(), m.permissions().mode() & 0o7777)
+}
+
+/// A daemon running in a scratch tree, stopped and cleaned up on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub root: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts the daemon with every path under a fresh scratch dir, plus `extra` flags.
+    pub fn start(extra: &[&str]) -> Daemon {
+        let root = tempfile::Builder::new().prefix("myhv-test").tempdir().expect("tempdir");
+        // The frontend (another uid) must be able to traverse down to its own dirs.
+        std::fs::set_permissions(root.path(), PermissionsExt::from_mode(0o755)).expect("chmod");
+        let child = Self::command(root.path(), extra).spawn().expect("start daemon");
+        let d = Daemon { child, root };
+        wait_for("the rpc socket", Duration::from_secs(10), || d.rpc_socket().exists().then_some(()));
+        d
+    }
+
+    pub fn command(root: &Path, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("my_hypervisor-daemon"));
+        cmd.arg("--rpc-socket")
+            .arg(root.join("run/rpc.sock"))
+            .arg("--state-dir")
+            .arg(root.join("run/vms"))
+            .arg("--console-dir")
+            .arg(root.join("run/console"))
+            .arg("--run-dir")
+            .arg(root.join("run/vmm"))
+            .arg("--image-root")
+            .arg(root.join("images"))
+            .args(extra)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.path().join(rel)
+    }
+
+    pub fn rpc_socket(&self) -> PathBuf {
+        self.path("run/rpc.sock")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The current frontend's pid, waiting until one runs.
+    pub fn frontend_pid(&self) -> i32 {
+        wait_for("a frontend process", Duration::from_secs(10), || {
+            children(self.pid()).into_iter().find(|&p| {
+                std::fs::read_link(format!("/proc/{p}/exe"))
+                    .is_ok_and(|e| e.to_string_lossy().contains("my_hypervisor-frontend"))
+            })
+        })
+    }
+
+    /// Sends one JSON-RPC line and returns the parsed reply line.
+    pub fn call(&self, request: &Value) -> Value {
+        let mut c = RpcClient::connect(&self.rpc_socket());
+        c.call(request)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.pid()), Signal::SIGTERM);
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A line-delimited JSON-RPC client on one connection.
+pub struct RpcClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl RpcClient {
+    pub fn connect(path: &Path) -> RpcClient {
+        let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        RpcClient { reader: BufReader::new(s.try_clone().expect("clone")), writer: s }
+    }
+
+    pub fn send_line(&mut self, line: &str) {
+        self.writer.write_all(line.as_bytes()).expect("write");
+        self.writer.write_all(b"\n").expect("write");
+    }
+
+    pub fn read_line(&mut self) -> Option<String> {
+        let mut l = String::new();
+        match self.reader.read_line(&mut l) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(l),
+        }
+    }
+
+    pub fn call(&mut self, request: &Value) -> Value {
+        self.send_line(&request.to_string());
+        let line = self.read_line().expect("a reply line");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
+    }
+}

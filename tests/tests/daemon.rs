@@ -1,0 +1,109 @@
+//! The daemon's skeleton: privilege drop of the frontend, socket and directory modes,
+//! supervision, and failing closed.
+
+use std::time::Duration;
+
+use my_hypervisor_tests::{Daemon, have_root, owner_mode, proc_status, wait_for};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::json;
+
+const FRONTEND_UID: u32 = 61000;
+
+fn assert_serves(d: &Daemon) {
+    let reply = d.call(&json!({"jsonrpc": "2.0", "id": 7, "method": "no.such.method"}));
+    assert_eq!(reply["id"], 7, "{reply}");
+    assert_eq!(reply["error"]["code"], -32601, "{reply}");
+}
+
+#[test]
+fn frontend_runs_unprivileged_and_is_restarted() {
+    if !have_root("frontend_runs_unprivileged_and_is_restarted") {
+        return;
+    }
+    let d = Daemon::start(&[]);
+    let pid = d.frontend_pid();
+    let st = proc_status(pid).expect("frontend status");
+    let uids: Vec<&str> = st["Uid"].split_whitespace().collect();
+    assert_eq!(uids, vec!["61000"; 4], "real, effective, saved and fs uid");
+    assert_eq!(st["Gid"].split_whitespace().collect::<Vec<_>>(), vec!["61000"; 4]);
+    assert_eq!(st["Groups"], "", "no supplementary groups");
+    for set in ["CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh"] {
+        assert_eq!(st[set], "0000000000000000", "{set}");
+    }
+    assert_eq!(st["NoNewPrivs"], "1");
+    // Only stdio, the listener and the broker channel are inherited.
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for want in ["0", "1", "2", "3", "4"] {
+        assert!(fds.iter().any(|f| f == want), "fd {want} in {fds:?}");
+    }
+    assert_eq!(std::fs::read(format!("/proc/{pid}/environ")).expect("environ"), b"", "empty environment");
+
+    assert_eq!(owner_mode(&d.rpc_socket()), (0, 0, 0o600), "rpc socket");
+    assert_eq!(owner_mode(&d.path("run/vms")), (FRONTEND_UID, FRONTEND_UID, 0o700), "state dir");
+    assert_eq!(owner_mode(&d.path("run/console")), (FRONTEND_UID, FRONTEND_UID, 0o700), "console dir");
+    assert_eq!(owner_mode(&d.path("run/vmm")), (0, 0, 0o711), "run dir");
+    assert_eq!(owner_mode(&d.path("images")), (0, 0, 0o755), "image root");
+    assert_serves(&d);
+
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill frontend");
+    let new_pid = wait_for("a new frontend", Duration::from_secs(10), || {
+        let p = d.frontend_pid();
+        (p != pid).then_some(p)
+    });
+    assert_eq!(proc_status(new_pid).expect("status")["NoNewPrivs"], "1");
+    wait_for("the new frontend to serve", Duration::from_secs(10), || {
+        std::panic::catch_unwind(|| assert_serves(&d)).ok()
+    });
+}
+
+#[test]
+fn existing_dirs_are_repaired_and_group_grant_applies() {
+    if !have_root("existing_dirs_are_repaired_and_group_grant_applies") {
+        return;
+    }
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let root = scratch.path();
+    std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    // A state dir left world-writable and owned by root must come back as documented.
+    std::fs::create_dir_all(root.join("run/vms")).expect("mkdir");
+    std::fs::set_permissions(root.join("run/vms"), std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod");
+    let child = Daemon::command(root, &["--rpc-group", "4242"]).spawn().expect("spawn");
+    let d = Daemon { child, root: scratch };
+    wait_for("the rpc socket", Duration::from_secs(10), || d.rpc_socket().exists().then_some(()));
+    assert_eq!(owner_mode(&d.path("run/vms")), (FRONTEND_UID, FRONTEND_UID, 0o700));
+    assert_eq!(owner_mode(&d.rpc_socket()), (0, 4242, 0o660));
+    assert_serves(&d);
+}
+
+#[test]
+fn fails_closed() {
+    if !have_root("fails_closed") {
+        return;
+    }
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let cases: [&[&str]; 4] = [
+        &["--frontend-bin", "/nonexistent/frontend"],
+        &["--frontend-user", "0:0"],
+        &["--vm-uid-range", "60990-61010"],
+        &["--frontend-user", "no-such-user-anywhere"],
+    ];
+    for extra in cases {
+        let out = Daemon::command(scratch.path(), extra).output().expect("run");
+        assert!(!out.status.success(), "{extra:?} must stop the daemon");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("daemon stopped"), "{extra:?}: {err}");
+    }
+    // A symlink where a directory belongs is refused, not followed.
+    let scratch = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(scratch.path().join("run")).expect("mkdir");
+    std::os::unix::fs::symlink("/etc", scratch.path().join("run/vmm")).expect("symlink");
+    let out = Daemon::command(scratch.path(), &[]).output().expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("symlink"));
+}
