@@ -43,8 +43,15 @@ pub struct Args {
     /// The frontend binary; by default `my_hypervisor-frontend` beside this one.
     #[arg(long)]
     pub frontend_bin: Option<PathBuf>,
+    /// The VMM launcher; by default `my_hypervisor-vmm-launcher` beside this binary.
+    #[arg(long)]
+    pub launcher_bin: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Debugging only: log syscalls outside the broker's seccomp allow-list (to the kernel
+    /// audit log) instead of killing the broker.
+    #[arg(long)]
+    pub seccomp_log: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -78,6 +85,8 @@ pub fn init_logging(format: LogFormat) {
 #[derive(Debug)]
 pub struct Config {
     pub frontend: Ids,
+    pub vm_uids: std::ops::RangeInclusive<u32>,
+    pub launcher_bin: PathBuf,
     pub rpc_gid: Option<u32>,
     pub frontend_bin: PathBuf,
 }
@@ -125,8 +134,14 @@ pub fn resolve(args: &Args) -> Result<Config, String> {
             return Err(format!("{} must be an absolute path", p.display()));
         }
     }
+    let launcher_bin = match &args.launcher_bin {
+        Some(p) => p.clone(),
+        None => sibling("my_hypervisor-vmm-launcher")?,
+    };
     Ok(Config {
         frontend,
+        vm_uids,
+        launcher_bin,
         rpc_gid,
         frontend_bin,
     })

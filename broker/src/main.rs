@@ -5,9 +5,17 @@
 //! broker then supervises the frontend and serves its requests, in one thread.
 
 mod cli;
+mod confine;
 mod dirs;
+mod images;
+mod journal;
+mod kvm;
+mod spawner;
 mod supervise;
+mod table;
+mod tap;
 mod unpriv;
+mod vmm;
 
 use std::process::ExitCode;
 

@@ -1,34 +1,42 @@
-//! Start-up and the broker's main loop: supervise the frontend, restarting it with backoff.
+//! Start-up, then the broker's one-threaded loop: serve the frontend's requests, reap
+//! children, and restart the frontend with backoff whenever it exits.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use my_hypervisor_broker_proto::{
+    Envelope, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv, send,
+};
 use my_hypervisor_policy::layout::DirRole;
+use my_hypervisor_policy::seccomp;
+use nix::fcntl::{OFlag, open};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::stat::{Mode, umask};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::{Pid, geteuid};
+use nix::sys::wait::{WaitPidFlag, waitpid};
+use nix::unistd::{ForkResult, Pid, fork, geteuid};
 
 use crate::cli::{Args, Config, resolve};
+use crate::confine::{BROKER_CAPS, SPAWNER_CAPS, apply_broker_filter, keep_only};
 use crate::dirs::{bind_rpc_socket, ensure_dir};
-use crate::unpriv::{drop_privileges, place_fds};
+use crate::spawner::{self, Order, SpawnerConfig};
+use crate::table::{Broker, dispatch};
+use crate::{journal, vmm};
 
-/// The fd numbers the frontend finds its inheritance at.
-const FRONTEND_LISTEN_FD: i32 = 3;
-const FRONTEND_BROKER_FD: i32 = 4;
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// A frontend that ran this long is healthy again: its next restart is immediate-ish.
+/// A frontend that ran this long is healthy again: its next restart comes quickly.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 
+/// The frontend as the broker knows it from the spawn: its pid and uid are the audit
+/// identity of every request on its channel.
 struct Frontend {
     pid: Pid,
+    uid: u32,
     started: Instant,
     channel: OwnedFd,
 }
@@ -51,7 +59,29 @@ pub fn run(args: &Args) -> Result<(), String> {
         ensure_dir(root, DirRole::ImageRoot, cfg.frontend)?;
     }
     let listener = bind_rpc_socket(&args.rpc_socket, cfg.rpc_gid)?;
+    let dir_fd = |p: &std::path::Path| {
+        open(
+            p,
+            OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let image_roots = args
+        .image_roots
+        .iter()
+        .map(|r| Ok((r.clone(), dir_fd(r)?)))
+        .collect::<Result<_, String>>()?;
+    let run_fd = dir_fd(&args.run_dir)?;
 
+    // Every process the spawn helper starts is re-parented to the broker, which reaps it.
+    // SAFETY: plain prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "become a child subreaper: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
     let mut signals = SigSet::empty();
     for s in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         signals.add(s);
@@ -62,9 +92,28 @@ pub fn run(args: &Args) -> Result<(), String> {
     let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("signalfd: {e}"))?;
 
+    let spawner = start_spawner(args, &cfg)?;
+    keep_only(BROKER_CAPS).map_err(|e| format!("drop capabilities: {e}"))?;
+    let mode = if args.seccomp_log {
+        seccomp::Mode::Log
+    } else {
+        seccomp::Mode::Kill
+    };
+    apply_broker_filter(mode).map_err(|e| format!("seccomp: {e}"))?;
+    tracing::info!(caps = ?BROKER_CAPS, seccomp = ?mode, "broker confined");
+
+    let mut b = Broker {
+        run_dir: args.run_dir.clone(),
+        run_fd,
+        image_roots,
+        vm_uids: cfg.vm_uids.clone(),
+        cloud_hypervisor: args.cloud_hypervisor.clone(),
+        spawner,
+        vms: BTreeMap::new(),
+    };
+    journal::save(&b)?;
     // Fail closed: the first frontend must start, or the daemon does not run.
-    let mut frontend =
-        Some(spawn_frontend(args, &cfg, &listener).map_err(|e| format!("start frontend: {e}"))?);
+    let mut frontend = Some(start_frontend(&b, &cfg, &listener).map_err(|e| format!("start frontend: {e}"))?);
     let mut backoff = BACKOFF_FIRST;
     let mut restart_at: Option<Instant> = None;
     let mut restarts: u64 = 0;
@@ -87,44 +136,37 @@ pub fn run(args: &Args) -> Result<(), String> {
         let chan_ready = fds.get(1).and_then(|f| f.any()).unwrap_or(false);
         drop(fds);
         if chan_ready && let Some(f) = &frontend {
-            // Requests come with #3; until then the channel only carries the hang-up.
-            let mut buf = [0u8; 1];
-            if matches!(nix::unistd::read(&f.channel, &mut buf), Ok(0) | Err(_)) {
-                tracing::warn!(
-                    pid = f.pid.as_raw(),
-                    "broker channel closed; stopping the frontend"
-                );
+            if let Err(e) = serve_one(&mut b, f) {
+                tracing::warn!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, verdict = "drop-channel", reason = %e, "broker channel dropped; the frontend will be restarted");
                 let _ = kill(f.pid, Signal::SIGKILL);
+                // Its channel closes when it is reaped and replaced.
             }
         }
         if sig_ready {
             while let Ok(Some(info)) = sigfd.read_signal() {
                 match Signal::try_from(info.ssi_signo as i32) {
-                    Ok(Signal::SIGCHLD) => {}
+                    Ok(Signal::SIGCHLD) | Err(_) => {}
                     Ok(sig) => {
-                        tracing::info!(signal = %sig, "shutting down");
+                        tracing::info!(signal = %sig, "shutting down; VMMs keep running");
                         if let Some(f) = &frontend {
                             let _ = kill(f.pid, Signal::SIGTERM);
                         }
                         return Ok(());
                     }
-                    Err(_) => {}
                 }
             }
-            loop {
-                let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::StillAlive) | Err(_) => break,
-                    Ok(s) => s,
+            while let Ok(ws) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                let Some((pid, status)) = vmm::exit_status(ws) else {
+                    break;
                 };
-                let Some(pid) = status.pid() else { continue };
-                if frontend.as_ref().is_some_and(|f| f.pid == pid) {
+                if frontend.as_ref().is_some_and(|f| f.pid.as_raw() as u32 == pid) {
                     let f = frontend.take().expect("checked above");
                     if f.started.elapsed() >= HEALTHY_AFTER {
                         backoff = BACKOFF_FIRST;
                     }
                     restarts += 1;
                     tracing::warn!(
-                        pid = pid.as_raw(),
+                        pid,
                         ?status,
                         restart = restarts,
                         delay_ms = backoff.as_millis() as u64,
@@ -132,12 +174,26 @@ pub fn run(args: &Args) -> Result<(), String> {
                     );
                     restart_at = Some(Instant::now() + backoff);
                     backoff = (backoff * 2).min(BACKOFF_MAX);
+                } else if let Some(event) = vmm::reaped(&mut b, pid, status) {
+                    tracing::info!(pid, ?status, ?event, "VMM exited");
+                    log_err(journal::save(&b));
+                    if let Some(f) = &frontend {
+                        let env = Envelope {
+                            version: PROTOCOL_VERSION,
+                            id: 0,
+                            fds: 0,
+                            body: FromBroker::Event(event),
+                        };
+                        let _ = send(&f.channel, env, &[]);
+                    }
+                } else {
+                    tracing::debug!(pid, ?status, "reaped a child that is no VMM");
                 }
             }
         }
         if restart_at.is_some_and(|t| Instant::now() >= t) {
             restart_at = None;
-            match spawn_frontend(args, &cfg, &listener) {
+            match start_frontend(&b, &cfg, &listener) {
                 Ok(f) => frontend = Some(f),
                 Err(e) => {
                     tracing::error!(error = %e, "frontend restart failed");
@@ -149,10 +205,54 @@ pub fn run(args: &Args) -> Result<(), String> {
     }
 }
 
-/// Starts the frontend as its own user, with no capabilities, no_new_privs, an empty
-/// environment and exactly two inherited fds: the RPC listener and its end of a fresh
-/// SOCK_SEQPACKET broker channel.
-fn spawn_frontend(args: &Args, cfg: &Config, listener: &UnixListener) -> Result<Frontend, String> {
+fn log_err(r: Result<(), String>) {
+    if let Err(e) = r {
+        tracing::error!(error = %e, "journal");
+    }
+}
+
+/// Receives, checks, dispatches, audits and answers one request. An error here means the
+/// channel is malformed or broken and must be dropped.
+fn serve_one(b: &mut Broker, f: &Frontend) -> Result<(), WireError> {
+    let (env, fds) = recv::<Request>(&f.channel)?;
+    if !fds.is_empty() {
+        // Requests never carry fds; the envelope declared them, so decoding let them through.
+        return Err(WireError::FdCount {
+            declared: env.fds,
+            received: 0,
+        });
+    }
+    let req = env.body;
+    let (reply, fds) = match dispatch(b, &req) {
+        Ok((reply, fds)) => {
+            tracing::info!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, request = ?req, verdict = "allow", "broker request");
+            (reply, fds)
+        }
+        Err(refusal) => {
+            tracing::warn!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, request = ?req, verdict = "refuse", reason = %refusal.0, "broker request");
+            (Reply::Refused { reason: refusal.0 }, vec![])
+        }
+    };
+    if !matches!(
+        req,
+        Request::KvmCheck | Request::Inventory | Request::Connect { .. } | Request::OpenOutputs { .. }
+    ) {
+        log_err(journal::save(b));
+    }
+    debug_assert_eq!(usize::from(reply.fd_count()), fds.len());
+    let raw: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+    let env = Envelope {
+        version: PROTOCOL_VERSION,
+        id: env.id,
+        fds: 0,
+        body: FromBroker::Reply(reply),
+    };
+    send(&f.channel, env, &raw)
+}
+
+/// Forks the spawn helper while the broker still has every capability and no filter. It
+/// keeps the capabilities it needs to start unprivileged programs and nothing else.
+fn start_spawner(args: &Args, cfg: &Config) -> Result<OwnedFd, String> {
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -160,41 +260,69 @@ fn spawn_frontend(args: &Args, cfg: &Config, listener: &UnixListener) -> Result<
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(|e| format!("socketpair: {e}"))?;
-    let mut cmd = Command::new(&cfg.frontend_bin);
-    cmd.env_clear()
-        .stdin(Stdio::null())
-        .args(["--listen-fd", &FRONTEND_LISTEN_FD.to_string()])
-        .args(["--broker-fd", &FRONTEND_BROKER_FD.to_string()])
-        .arg("--state-dir")
-        .arg(&args.state_dir)
-        .arg("--console-dir")
-        .arg(&args.console_dir)
-        .args(["--log-format", args.log_format.as_str()]);
-    let keep = [
-        (listener.as_raw_fd(), FRONTEND_LISTEN_FD),
-        (theirs.as_raw_fd(), FRONTEND_BROKER_FD),
+    let mut frontend_args: Vec<std::ffi::OsString> = vec![
+        "--listen-fd".into(),
+        spawner::FRONTEND_LISTEN_FD.to_string().into(),
     ];
-    let ids = cfg.frontend;
-    // SAFETY: the daemon is single-threaded, so the forked child may allocate; the closure
-    // only moves fds and drops privileges before exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            place_fds(&keep)?;
-            drop_privileges(ids)
-        });
+    frontend_args.extend([
+        "--broker-fd".into(),
+        spawner::FRONTEND_BROKER_FD.to_string().into(),
+    ]);
+    frontend_args.extend(["--state-dir".into(), args.state_dir.clone().into()]);
+    frontend_args.extend(["--console-dir".into(), args.console_dir.clone().into()]);
+    frontend_args.extend(["--log-format".into(), args.log_format.as_str().into()]);
+    let sc = SpawnerConfig {
+        frontend_bin: cfg.frontend_bin.clone(),
+        frontend_args,
+        frontend: cfg.frontend,
+        launcher: cfg.launcher_bin.clone(),
+    };
+    // SAFETY: no thread exists yet, so the child may do anything the parent could.
+    match unsafe { fork() }.map_err(|e| format!("fork spawn helper: {e}"))? {
+        ForkResult::Child => {
+            drop(ours);
+            let code = match keep_only(SPAWNER_CAPS).and_then(|()| spawner::serve(theirs, sc)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!(error = %e, "spawn helper stopped");
+                    1
+                }
+            };
+            std::process::exit(code)
+        }
+        ForkResult::Parent { child } => {
+            tracing::info!(pid = child.as_raw(), caps = ?SPAWNER_CAPS, "spawn helper started");
+            Ok(ours)
+        }
     }
-    let child = cmd
-        .spawn()
-        .map_err(|e| format!("{}: {e}", cfg.frontend_bin.display()))?;
-    let pid = Pid::from_raw(child.id() as i32);
+}
+
+/// Starts a frontend through the spawn helper: its own user, no capabilities,
+/// no_new_privs, an empty environment, and exactly two inherited fds: the RPC listener and
+/// its end of a fresh SOCK_SEQPACKET broker channel.
+fn start_frontend(b: &Broker, cfg: &Config, listener: &UnixListener) -> Result<Frontend, String> {
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| format!("socketpair: {e}"))?;
+    let listen = listener
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| format!("dup listener: {e}"))?;
+    let pid = spawner::order(&b.spawner, Order::Frontend, &[listen, theirs])?;
+    let pid = Pid::from_raw(pid as i32);
     tracing::info!(
         pid = pid.as_raw(),
-        uid = ids.uid,
-        gid = ids.gid,
+        uid = cfg.frontend.uid,
+        gid = cfg.frontend.gid,
         "frontend started"
     );
     Ok(Frontend {
         pid,
+        uid: cfg.frontend.uid,
         started: Instant::now(),
         channel: ours,
     })

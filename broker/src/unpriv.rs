@@ -42,8 +42,7 @@ pub fn place_fds(fds: &[(RawFd, RawFd)]) -> io::Result<()> {
 }
 
 /// Becomes `ids` with no supplementary groups, every capability set empty (bounding and
-/// ambient included), no_new_privs set, and death on the parent's exit. Fails if any set
-/// is not empty afterwards.
+/// ambient included) and no_new_privs set. Fails if any set is not empty afterwards.
 pub fn drop_privileges(ids: Ids) -> io::Result<()> {
     setgroups(&[]).map_err(|e| io_err("setgroups", e))?;
     // The bounding set can only be cut while CAP_SETPCAP is still held.
@@ -71,15 +70,9 @@ pub fn drop_privileges(ids: Ids) -> io::Result<()> {
             ));
         }
     }
-    // SAFETY: plain prctl calls with integer arguments.
-    unsafe {
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            return Err(io_err("no_new_privs", io::Error::last_os_error()));
-        }
-        // Set after the uid change, which would clear it.
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-            return Err(io_err("pdeathsig", io::Error::last_os_error()));
-        }
+    // SAFETY: plain prctl call with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(io_err("no_new_privs", io::Error::last_os_error()));
     }
     Ok(())
 }

@@ -4,5 +4,7 @@
 
 pub mod layout;
 pub mod names;
+pub mod seccomp;
+pub mod vmm;
 
 pub use names::{NameError, check_path_text, check_vm_id};

@@ -16,12 +16,19 @@ use serde_json::Value;
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test> -> target/<profile>
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} is missing: run the tests with `cargo test --workspace`", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        p.display()
+    );
     p
 }
 
@@ -31,7 +38,10 @@ pub fn have_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{test}: CI must run the tests as root");
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test}: CI must run the tests as root"
+    );
     eprintln!("SKIP {test}: needs root (it starts the daemon, which drops to other uids)");
     false
 }
@@ -43,7 +53,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < end,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -63,7 +76,9 @@ pub fn proc_status(pid: i32) -> Option<std::collections::HashMap<String, String>
 pub fn children(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(child) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(child) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         if proc_status(child).and_then(|s| s.get("PPid").cloned()) == Some(pid.to_string()) {
             out.push(child);
         }
@@ -86,12 +101,17 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon with every path under a fresh scratch dir, plus `extra` flags.
     pub fn start(extra: &[&str]) -> Daemon {
-        let root = tempfile::Builder::new().prefix("myhv-test").tempdir().expect("tempdir");
+        let root = tempfile::Builder::new()
+            .prefix("myhv-test")
+            .tempdir()
+            .expect("tempdir");
         // The frontend (another uid) must be able to traverse down to its own dirs.
         std::fs::set_permissions(root.path(), PermissionsExt::from_mode(0o755)).expect("chmod");
         let child = Self::command(root.path(), extra).spawn().expect("start daemon");
         let d = Daemon { child, root };
-        wait_for("the rpc socket", Duration::from_secs(10), || d.rpc_socket().exists().then_some(()));
+        wait_for("the rpc socket", Duration::from_secs(10), || {
+            d.rpc_socket().exists().then_some(())
+        });
         d
     }
 
@@ -165,8 +185,12 @@ pub struct RpcClient {
 impl RpcClient {
     pub fn connect(path: &Path) -> RpcClient {
         let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
-        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-        RpcClient { reader: BufReader::new(s.try_clone().expect("clone")), writer: s }
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        RpcClient {
+            reader: BufReader::new(s.try_clone().expect("clone")),
+            writer: s,
+        }
     }
 
     pub fn send_line(&mut self, line: &str) {

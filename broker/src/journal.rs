@@ -1,0 +1,77 @@
+//! The broker's journal: what it holds for each VM (uid, VMM pid and start time, binary,
+//! taps, grants), rewritten atomically after every change, so that a broker crash or restart
+//! leaves nothing unaccounted for. Root-owned, 0600, in the run dir.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::table::{Broker, Vmm};
+
+pub const FILE: &str = "broker.journal";
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Entry {
+    pub vm: String,
+    pub uid: u32,
+    pub pid: Option<u32>,
+    /// Field 22 of /proc/PID/stat: with the pid, names the process across pid reuse.
+    pub start_time: Option<u64>,
+    pub exe: Option<String>,
+    pub taps: Vec<String>,
+    /// (path, writable)
+    pub grants: Vec<(String, bool)>,
+}
+
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: count fields after the last ')'.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+pub fn save(b: &Broker) -> Result<(), String> {
+    let entries: Vec<Entry> = b
+        .vms
+        .iter()
+        .map(|(id, v)| {
+            let pid = match &v.vmm {
+                Vmm::Alive { pid, .. } => Some(*pid),
+                _ => None,
+            };
+            Entry {
+                vm: id.clone(),
+                uid: v.uid,
+                pid,
+                start_time: pid.and_then(start_time),
+                exe: pid
+                    .and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok())
+                    .map(|p| p.to_string_lossy().into_owned()),
+                taps: v.taps.iter().map(|t| t.name.clone()).collect(),
+                grants: v.grants.iter().map(|g| (g.path.clone(), g.writable())).collect(),
+            }
+        })
+        .collect();
+    let bytes = postcard::to_stdvec(&entries).map_err(|e| e.to_string())?;
+    let tmp = b.run_dir.join(format!("{FILE}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.write_all(&bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("write journal: {e}"))?;
+    std::fs::rename(&tmp, b.run_dir.join(FILE)).map_err(|e| format!("rename journal: {e}"))?;
+    std::fs::File::open(&b.run_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("sync run dir: {e}"))
+}
+
+#[cfg(test)]
+pub fn load(bytes: &[u8]) -> Result<Vec<Entry>, postcard::Error> {
+    postcard::from_bytes(bytes)
+}

@@ -1,0 +1,155 @@
+//! The spawn helper. Forked from the broker before the broker's seccomp filter goes on, it
+//! is the only process that forks and execs. It takes orders from the broker alone, over a
+//! socketpair made before any frontend existed, and starts exactly two kinds of program:
+//! the frontend binary and the VMM launcher, each as its own unprivileged uid.
+//!
+//! Each program is started from a short-lived intermediate child, so that it is re-parented
+//! to the broker (a child subreaper), which reaps it and reports its exit.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use my_hypervisor_broker_proto::{Envelope, PROTOCOL_VERSION, WireError, recv, send};
+use my_hypervisor_policy::layout::Ids;
+use nix::sys::wait::waitpid;
+use nix::unistd::{ForkResult, fork, pipe};
+use serde::{Deserialize, Serialize};
+
+use crate::unpriv::{drop_privileges, place_fds};
+
+/// The fd numbers the frontend finds its inheritance at.
+pub const FRONTEND_LISTEN_FD: i32 = 3;
+pub const FRONTEND_BROKER_FD: i32 = 4;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Order {
+    /// fds: the RPC listener and the frontend's end of a new broker channel.
+    Frontend,
+    /// fds: the VMM log (stdout and stderr), then the VMM's own fds from fd 3 up.
+    Vmm {
+        vm: String,
+        uid: u32,
+        ch_argv: Vec<String>,
+    },
+}
+
+pub type Outcome = Result<u32, String>;
+
+pub struct SpawnerConfig {
+    pub frontend_bin: PathBuf,
+    pub frontend_args: Vec<OsString>,
+    pub frontend: Ids,
+    pub launcher: PathBuf,
+}
+
+/// The helper's loop; returns when the broker closes the channel.
+pub fn serve(chan: OwnedFd, cfg: SpawnerConfig) -> Result<(), String> {
+    loop {
+        let (env, fds) = match recv::<Order>(&chan) {
+            Ok(m) => m,
+            Err(WireError::Closed) => return Ok(()),
+            Err(e) => return Err(format!("order: {e}")),
+        };
+        let outcome = start(&cfg, env.body, fds);
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, "spawn failed");
+        }
+        let reply = Envelope {
+            version: PROTOCOL_VERSION,
+            id: env.id,
+            fds: 0,
+            body: outcome,
+        };
+        send(&chan, reply, &[]).map_err(|e| format!("reply: {e}"))?;
+    }
+}
+
+fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Outcome {
+    match order {
+        Order::Frontend => {
+            let [listen, chan] = <[OwnedFd; 2]>::try_from(fds).map_err(|_| "frontend order needs 2 fds")?;
+            let mut cmd = Command::new(&cfg.frontend_bin);
+            cmd.args(&cfg.frontend_args).stdin(Stdio::null());
+            let keep = vec![
+                (listen.as_raw_fd(), FRONTEND_LISTEN_FD),
+                (chan.as_raw_fd(), FRONTEND_BROKER_FD),
+            ];
+            start_detached(cmd, keep, cfg.frontend)
+        }
+        Order::Vmm { vm, uid, ch_argv } => {
+            let mut fds = fds.into_iter();
+            let log = fds.next().ok_or("vmm order needs a log fd")?;
+            let rest: Vec<OwnedFd> = fds.collect();
+            let mut cmd = Command::new(&cfg.launcher);
+            cmd.args(["--vm", &vm, "--"])
+                .args(&ch_argv)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().map_err(|e| e.to_string())?)
+                .stderr(log);
+            let keep = rest
+                .iter()
+                .enumerate()
+                .map(|(i, fd)| (fd.as_raw_fd(), 3 + i as i32))
+                .collect();
+            start_detached(cmd, keep, Ids { uid, gid: uid })
+        }
+    }
+}
+
+/// Starts `cmd` as `ids` with exactly `keep` (plus stdio) inherited, from an intermediate
+/// child that exits at once. Returns the program's pid once it has exec'd.
+fn start_detached(mut cmd: Command, keep: Vec<(i32, i32)>, ids: Ids) -> Outcome {
+    cmd.env_clear();
+    // SAFETY: the spawn helper is single-threaded, so the forked child may allocate; the
+    // closure only moves fds and drops privileges before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            place_fds(&keep)?;
+            drop_privileges(ids)
+        });
+    }
+    let (r, w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+    // SAFETY: single-threaded process; the child only spawns, writes one line and exits.
+    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Child => {
+            drop(r);
+            let line = match cmd.spawn() {
+                Ok(child) => format!("ok {}", child.id()),
+                Err(e) => format!("err {}: {e}", cmd.get_program().to_string_lossy()),
+            };
+            let _ = nix::unistd::write(&w, line.as_bytes());
+            // SAFETY: leave without running the parent's destructors or atexit handlers.
+            unsafe { libc::_exit(0) }
+        }
+        ForkResult::Parent { child } => {
+            drop(w);
+            let mut line = String::new();
+            let read = std::fs::File::from(r).read_to_string(&mut line);
+            let _ = waitpid(child, None);
+            read.map_err(|e| format!("read spawn result: {e}"))?;
+            match line.split_once(' ') {
+                Some(("ok", pid)) => pid.parse().map_err(|e| format!("spawn result {line:?}: {e}")),
+                Some(("err", e)) => Err(e.to_string()),
+                _ => Err(format!("spawn result {line:?}")),
+            }
+        }
+    }
+}
+
+/// The broker's side: hands one order and its fds to the helper and waits for the outcome.
+pub fn order(chan: &OwnedFd, order: Order, fds: &[OwnedFd]) -> Outcome {
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let env = Envelope {
+        version: PROTOCOL_VERSION,
+        id: 0,
+        fds: 0,
+        body: order,
+    };
+    send(chan, env, &raw).map_err(|e| format!("spawn helper: {e}"))?;
+    let (reply, _) = recv::<Outcome>(chan).map_err(|e| format!("spawn helper: {e}"))?;
+    reply.body
+}

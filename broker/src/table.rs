@@ -1,0 +1,219 @@
+//! The dispatch table: every request the frontend can make, the broker state it requires,
+//! and the checks made before anything changes. Nothing else can reach the broker: the
+//! request type is a closed enum, and a datagram that does not decode to exactly one of
+//! these ends the channel.
+//!
+//! | request     | requires                          | checks, in order                                            |
+//! |-------------|-----------------------------------|-------------------------------------------------------------|
+//! | KvmCheck    | —                                 | /dev/kvm opens read-write; KVM_GET_API_VERSION is 12        |
+//! | Prepare     | VM unknown                        | id; image count and roles; a free uid; runtime dir is new; each image: path text, under an image root, openat2 beneath it without symlinks, regular file, dirs above searchable, a writable disk held by no other VM and owner-rw |
+//! | CreateTap   | VM prepared, not spawned          | id; at most MAX_NETS taps; mac; mtu range; bridge name      |
+//! | Spawn       | VM prepared, not spawned          | id; cloud-hypervisor found; the whole plan re-checked       |
+//! | Connect     | VMM spawned and alive             | id; node opened O_PATH|O_NOFOLLOW is a socket owned by the VM uid |
+//! | OpenOutputs | VMM spawned                       | id                                                          |
+//! | Signal      | VMM spawned and alive             | id; signal is TERM, KILL or CONT (the type allows no other) |
+//! | Release     | —                                 | id; unknown VMs are already released                        |
+//! | Inventory   | —                                 | —                                                           |
+//!
+//! Every request, allowed or refused, is one audit line (see `serve`).
+
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+use my_hypervisor_broker_proto::{ExitStatus, HeldVm, ImageRole, Reply, Request};
+use my_hypervisor_policy::check_vm_id;
+use my_hypervisor_policy::vmm::{
+    FieldError, MAX_DISKS, MAX_MTU, MAX_NETS, MIN_MTU, check_ifname, check_mac, check_range,
+};
+
+use crate::images::Grant;
+use crate::{images, kvm, vmm};
+
+pub struct Broker {
+    pub run_dir: PathBuf,
+    pub run_fd: OwnedFd,
+    pub image_roots: Vec<(PathBuf, OwnedFd)>,
+    pub vm_uids: RangeInclusive<u32>,
+    pub cloud_hypervisor: Option<PathBuf>,
+    pub spawner: OwnedFd,
+    pub vms: BTreeMap<String, Vm>,
+}
+
+/// The broker's own record of a VM: what it granted, created and spawned.
+pub struct Vm {
+    pub uid: u32,
+    pub dir: OwnedFd,
+    pub grants: Vec<Grant>,
+    pub taps: Vec<Tap>,
+    pub vmm: Vmm,
+}
+
+pub struct Tap {
+    pub name: String,
+    pub mac: Option<String>,
+    pub fd: OwnedFd,
+}
+
+pub enum Vmm {
+    NotSpawned,
+    Alive {
+        pid: u32,
+        pidfd: OwnedFd,
+        outputs: vmm::Outputs,
+    },
+    Exited {
+        pid: u32,
+        status: ExitStatus,
+        outputs: vmm::Outputs,
+    },
+}
+
+/// Why a request was refused; nothing was changed.
+#[derive(Debug)]
+pub struct Refusal(pub String);
+
+impl<E: std::fmt::Display> From<E> for Refusal {
+    fn from(e: E) -> Self {
+        Refusal(e.to_string())
+    }
+}
+
+pub type Outcome = Result<(Reply, Vec<OwnedFd>), Refusal>;
+
+fn refuse<T>(why: impl Into<String>) -> Result<T, Refusal> {
+    Err(Refusal(why.into()))
+}
+
+impl Broker {
+    fn vm(&mut self, id: &str) -> Result<&mut Vm, Refusal> {
+        check_vm_id(id)?;
+        self.vms
+            .get_mut(id)
+            .ok_or_else(|| Refusal(format!("VM {id} was never prepared")))
+    }
+
+    fn unspawned(&mut self, id: &str) -> Result<&mut Vm, Refusal> {
+        let vm = self.vm(id)?;
+        if !matches!(vm.vmm, Vmm::NotSpawned) {
+            return refuse(format!(
+                "VM {id} was already spawned; a VM is spawned at most once per prepare"
+            ));
+        }
+        Ok(vm)
+    }
+
+    fn alive(&mut self, id: &str) -> Result<&mut Vm, Refusal> {
+        let vm = self.vm(id)?;
+        match vm.vmm {
+            Vmm::Alive { .. } => Ok(vm),
+            Vmm::NotSpawned => refuse(format!("VM {id} has no VMM: it was never spawned")),
+            Vmm::Exited { .. } => refuse(format!("the VMM of VM {id} has exited")),
+        }
+    }
+}
+
+pub fn dispatch(b: &mut Broker, req: &Request) -> Outcome {
+    match req {
+        Request::KvmCheck => {
+            let (api_version, extensions) = kvm::check()?;
+            Ok((
+                Reply::Kvm {
+                    api_version,
+                    extensions,
+                },
+                vec![],
+            ))
+        }
+        Request::Prepare { vm, images } => {
+            check_vm_id(vm)?;
+            if b.vms.contains_key(vm) {
+                return refuse(format!("VM {vm} is already prepared"));
+            }
+            check_range("images", images.len() as u64, 1, MAX_DISKS as u64 + 3)?;
+            for role in [ImageRole::Kernel, ImageRole::Initramfs, ImageRole::Firmware] {
+                if images.iter().filter(|i| i.role == role).count() > 1 {
+                    return refuse(format!("more than one {role:?} image"));
+                }
+            }
+            let uid = b
+                .vm_uids
+                .clone()
+                .find(|u| b.vms.values().all(|v| v.uid != *u))
+                .ok_or("every uid in the VM uid range is in use")?;
+            let record = images::prepare(b, vm, uid, images)?;
+            let reply = Reply::Prepared {
+                uid,
+                run_dir: b.run_dir.join(vm).to_string_lossy().into_owned(),
+            };
+            b.vms.insert(vm.clone(), record);
+            Ok((reply, vec![]))
+        }
+        Request::CreateTap { vm, mac, mtu, bridge } => {
+            let v = b.unspawned(vm)?;
+            if v.taps.len() >= MAX_NETS {
+                return Err(FieldError::Range {
+                    field: "nets",
+                    min: 0,
+                    max: MAX_NETS as u64,
+                    got: v.taps.len() as u64 + 1,
+                }
+                .into());
+            }
+            mac.as_deref().map(check_mac).transpose()?;
+            mtu.map(|m| check_range("mtu", m.into(), MIN_MTU.into(), MAX_MTU.into()))
+                .transpose()?;
+            bridge.as_deref().map(check_ifname).transpose()?;
+            let name = my_hypervisor_policy::vmm::tap_name(v.uid, v.taps.len());
+            let fd = crate::tap::create(&name, *mtu, bridge.as_deref())?;
+            v.taps.push(Tap {
+                name: name.clone(),
+                mac: mac.clone(),
+                fd,
+            });
+            Ok((Reply::Tap { name }, vec![]))
+        }
+        Request::Spawn { vm, config } => {
+            b.unspawned(vm)?;
+            vmm::spawn(b, vm, config)
+        }
+        Request::Connect { vm, role } => vmm::connect(b.alive(vm)?, *role),
+        Request::OpenOutputs { vm } => match &b.vm(vm)?.vmm {
+            Vmm::Alive { outputs, .. } | Vmm::Exited { outputs, .. } => {
+                Ok((Reply::Outputs, outputs.reopen()?))
+            }
+            Vmm::NotSpawned => refuse(format!("VM {vm} was never spawned")),
+        },
+        Request::Signal { vm, signal } => {
+            vmm::signal(b.alive(vm)?, *signal)?;
+            Ok((Reply::Signalled, vec![]))
+        }
+        Request::Release { vm } => {
+            check_vm_id(vm)?;
+            vmm::release(b, vm)?;
+            Ok((Reply::Released, vec![]))
+        }
+        Request::Inventory => {
+            let vms = b
+                .vms
+                .iter()
+                .map(|(id, v)| {
+                    let (pid, alive, exit) = match v.vmm {
+                        Vmm::NotSpawned => (None, false, None),
+                        Vmm::Alive { pid, .. } => (Some(pid), true, None),
+                        Vmm::Exited { pid, status, .. } => (Some(pid), false, Some(status)),
+                    };
+                    HeldVm {
+                        vm: id.clone(),
+                        uid: v.uid,
+                        pid,
+                        alive,
+                        exit,
+                    }
+                })
+                .collect();
+            Ok((Reply::Inventory { vms }, vec![]))
+        }
+    }
+}

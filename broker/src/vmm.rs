@@ -1,0 +1,242 @@
+//! The VMM of one VM: spawn it (through the spawn helper), connect to its sockets, signal
+//! it, reap it, and release everything the VM held.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+use my_hypervisor_broker_proto::{Event, ExitStatus, ImageRole, Reply, SocketRole, VmmConfig, VmmSignal};
+use my_hypervisor_policy::vmm::{API_SOCKET, EVENT_FILE, LOG_FILE, SERIAL_SOCKET, VSOCK_SOCKET, VmmPlan};
+use nix::fcntl::{AtFlags, OFlag, openat};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
+use nix::sys::stat::{Mode, SFlag, fstat};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{Gid, Pid, Uid, fchownat};
+
+use crate::images::revoke;
+use crate::spawner::{self, Order};
+use crate::table::{Broker, Outcome, Refusal, Vm, Vmm};
+
+/// The broker's read-only handles on a VMM's event-monitor file and log.
+pub struct Outputs {
+    events: OwnedFd,
+    log: OwnedFd,
+}
+
+impl Outputs {
+    /// New open file descriptions of both files, read-only, each with its own offset.
+    pub fn reopen(&self) -> Result<Vec<OwnedFd>, Refusal> {
+        [&self.events, &self.log]
+            .into_iter()
+            .map(|fd| Ok(std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))?.into()))
+            .collect()
+    }
+}
+
+/// Creates `name` in the VM's dir for the VMM to append to: returns (append fd, read fd).
+fn create_output(dir: &OwnedFd, name: &str) -> Result<(OwnedFd, OwnedFd), Refusal> {
+    let flags = OFlag::O_WRONLY
+        | OFlag::O_APPEND
+        | OFlag::O_CREAT
+        | OFlag::O_EXCL
+        | OFlag::O_NOFOLLOW
+        | OFlag::O_CLOEXEC;
+    let w = openat(dir.as_fd(), name, flags, Mode::from_bits_truncate(0o600))
+        .map_err(|e| format!("create {name}: {e}"))?;
+    let r = std::fs::File::open(format!("/proc/self/fd/{}", w.as_raw_fd()))?;
+    Ok((w, r.into()))
+}
+
+fn find_cloud_hypervisor(configured: Option<&Path>) -> Result<PathBuf, Refusal> {
+    let found = match configured {
+        Some(p) => Some(p.to_path_buf()),
+        None => std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join("cloud-hypervisor"))
+                .find(|p| p.is_file())
+        }),
+    };
+    match found {
+        Some(p) if p.is_file() => Ok(p),
+        Some(p) => Err(Refusal(format!("cloud-hypervisor not found at {}", p.display()))),
+        None => Err(Refusal(
+            "cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor".into(),
+        )),
+    }
+}
+
+pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
+    let ch = find_cloud_hypervisor(b.cloud_hypervisor.as_deref())?;
+    let run_dir = b.run_dir.join(id);
+    let vm = b.vms.get_mut(id).ok_or("no such VM")?;
+    let image = |role| vm.grants.iter().find(|g| g.role == role).map(|g| g.path.clone());
+    let plan = VmmPlan {
+        run_dir: run_dir.to_string_lossy().into_owned(),
+        kernel: image(ImageRole::Kernel),
+        initramfs: image(ImageRole::Initramfs),
+        firmware: image(ImageRole::Firmware),
+        cmdline: cfg.cmdline.clone(),
+        disks: vm
+            .grants
+            .iter()
+            .filter_map(|g| match g.role {
+                ImageRole::Disk { readonly } => Some((g.path.clone(), readonly)),
+                _ => None,
+            })
+            .collect(),
+        nets: vm.taps.iter().map(|t| t.mac.clone()).collect(),
+        vcpus: cfg.vcpus,
+        memory_mib: cfg.memory_mib,
+        vsock: cfg.vsock,
+    };
+    plan.check()?;
+    let (log_w, log_r) = create_output(&vm.dir, LOG_FILE)?;
+    let (events_w, events_r) = create_output(&vm.dir, EVENT_FILE)?;
+    let api = UnixListener::bind(run_dir.join(API_SOCKET)).map_err(|e| format!("bind api socket: {e}"))?;
+    let ids = (Some(Uid::from_raw(vm.uid)), Some(Gid::from_raw(vm.uid)));
+    fchownat(
+        vm.dir.as_fd(),
+        API_SOCKET,
+        ids.0,
+        ids.1,
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| format!("chown api socket: {e}"))?;
+    let mut fds: Vec<OwnedFd> = vec![log_w, api.into(), events_w];
+    for t in &vm.taps {
+        fds.push(t.fd.try_clone()?);
+    }
+    let mut ch_argv = vec![ch.to_string_lossy().into_owned()];
+    ch_argv.extend(plan.args());
+    let order = Order::Vmm {
+        vm: id.to_string(),
+        uid: vm.uid,
+        ch_argv,
+    };
+    let pid = spawner::order(&b.spawner, order, &fds)?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1. The pid is our
+    // child (re-parented to this subreaper) and not yet reaped, so it cannot be reused.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if raw < 0 {
+        return Err(Refusal(format!(
+            "pidfd_open {pid}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: the kernel just returned this new fd to us.
+    let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
+    let outputs = Outputs {
+        events: events_r,
+        log: log_r,
+    };
+    let fds = outputs.reopen()?;
+    vm.vmm = Vmm::Alive { pid, pidfd, outputs };
+    Ok((Reply::Spawned { pid }, fds))
+}
+
+/// Connects to one of the VMM's sockets through a handle on the node itself, never by
+/// following a path the VMM could have replaced with a symlink.
+pub fn connect(vm: &Vm, role: SocketRole) -> Outcome {
+    let name = match role {
+        SocketRole::Api => API_SOCKET,
+        SocketRole::Serial => SERIAL_SOCKET,
+        SocketRole::Vsock => VSOCK_SOCKET,
+    };
+    let node = openat(
+        vm.dir.as_fd(),
+        name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("{name}: {e}"))?;
+    let st = fstat(node.as_fd())?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK || st.st_uid != vm.uid {
+        return Err(Refusal(format!(
+            "{name} is not a socket owned by the VM uid {}",
+            vm.uid
+        )));
+    }
+    let sock = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    socket::connect(
+        sock.as_raw_fd(),
+        &UnixAddr::new(format!("/proc/self/fd/{}", node.as_raw_fd()).as_str())?,
+    )
+    .map_err(|e| format!("connect {name}: {e}"))?;
+    Ok((Reply::Connected, vec![sock]))
+}
+
+pub fn signal(vm: &Vm, sig: VmmSignal) -> Result<(), Refusal> {
+    let Vmm::Alive { pidfd, .. } = &vm.vmm else {
+        return Err(Refusal("no live VMM".into()));
+    };
+    let sig = match sig {
+        VmmSignal::Term => libc::SIGTERM,
+        VmmSignal::Kill => libc::SIGKILL,
+        VmmSignal::Cont => libc::SIGCONT,
+    };
+    // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo and no flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<u8>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(Refusal(format!("signal: {}", std::io::Error::last_os_error())));
+    }
+    Ok(())
+}
+
+pub fn exit_status(ws: WaitStatus) -> Option<(u32, ExitStatus)> {
+    match ws {
+        WaitStatus::Exited(pid, code) => Some((pid.as_raw() as u32, ExitStatus::Code(code))),
+        WaitStatus::Signaled(pid, sig, _) => Some((pid.as_raw() as u32, ExitStatus::Signal(sig as i32))),
+        _ => None,
+    }
+}
+
+/// Records the exit of a reaped child if it was a VMM; returns the event for the frontend.
+pub fn reaped(b: &mut Broker, pid: u32, status: ExitStatus) -> Option<Event> {
+    let (id, vm) = b
+        .vms
+        .iter_mut()
+        .find(|(_, v)| matches!(v.vmm, Vmm::Alive { pid: p, .. } if p == pid))?;
+    let Vmm::Alive { outputs, .. } = std::mem::replace(&mut vm.vmm, Vmm::NotSpawned) else {
+        return None;
+    };
+    vm.vmm = Vmm::Exited { pid, status, outputs };
+    Some(Event::VmmExited {
+        vm: id.clone(),
+        pid,
+        status,
+    })
+}
+
+/// Kills the VMM if alive, closes the taps, undoes the image grants and removes the runtime
+/// dir. A VM the broker does not hold is already released.
+pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
+    let Some(vm) = b.vms.remove(id) else { return Ok(()) };
+    if let Vmm::Alive { pid, .. } = vm.vmm {
+        signal(&vm, VmmSignal::Kill)?;
+        waitpid(Pid::from_raw(pid as i32), None).map_err(|e| format!("reap VMM {pid}: {e}"))?;
+    }
+    let mut errors: Vec<String> = vm.grants.iter().filter_map(|g| revoke(g).err()).collect();
+    drop(vm);
+    match std::fs::remove_dir_all(b.run_dir.join(id)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => errors.push(format!("remove runtime dir: {e}")),
+        _ => {}
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Refusal(errors.join("; ")))
+    }
+}

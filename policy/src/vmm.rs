@@ -1,0 +1,308 @@
+//! What a VMM may be given: limits on every field a client controls, and the one function
+//! that turns validated fields into cloud-hypervisor's argv.
+
+use crate::names::{NameError, check_path_text};
+
+pub const MAX_VCPUS: u32 = 64;
+pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
+pub const MAX_DISKS: usize = 8;
+pub const MAX_NETS: usize = 4;
+/// x86's COMMAND_LINE_SIZE, terminator included.
+pub const MAX_CMDLINE: usize = 2047;
+pub const MIN_MTU: u32 = 68;
+pub const MAX_MTU: u32 = 65535;
+/// Linux's IFNAMSIZ less the terminator.
+pub const MAX_IFNAME: usize = 15;
+
+/// The fds cloud-hypervisor finds its inheritance at.
+pub const VMM_API_FD: i32 = 3;
+pub const VMM_EVENT_FD: i32 = 4;
+pub const VMM_FIRST_TAP_FD: i32 = 5;
+/// Guest CID of every VM: each VM has its own hybrid-vsock muxer, so CIDs never meet.
+pub const GUEST_CID: u32 = 3;
+
+/// The KVM extensions cloud-hypervisor checks for on x86_64 before it creates a VM, with
+/// their numbers from linux/kvm.h. The broker's KVM check reports each one.
+pub const KVM_EXTENSIONS: &[(&str, u64)] = &[
+    ("KVM_CAP_IRQCHIP", 0),
+    ("KVM_CAP_USER_MEMORY", 3),
+    ("KVM_CAP_SET_TSS_ADDR", 4),
+    ("KVM_CAP_EXT_CPUID", 7),
+    ("KVM_CAP_IRQ_ROUTING", 25),
+    ("KVM_CAP_IRQFD", 32),
+    ("KVM_CAP_SET_IDENTITY_MAP_ADDR", 37),
+    ("KVM_CAP_IOEVENTFD", 36),
+    ("KVM_CAP_SIGNAL_MSI", 77),
+    ("KVM_CAP_TSC_DEADLINE_TIMER", 72),
+    ("KVM_CAP_SPLIT_IRQCHIP", 121),
+    ("KVM_CAP_IMMEDIATE_EXIT", 136),
+];
+
+/// Socket and file names inside a VM's runtime dir.
+pub const API_SOCKET: &str = "api.sock";
+pub const SERIAL_SOCKET: &str = "serial.sock";
+pub const VSOCK_SOCKET: &str = "vsock.sock";
+pub const EVENT_FILE: &str = "events.json";
+pub const LOG_FILE: &str = "vmm.log";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    #[error("{field} must be between {min} and {max}, got {got}")]
+    Range {
+        field: &'static str,
+        min: u64,
+        max: u64,
+        got: u64,
+    },
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error(transparent)]
+    Name(#[from] NameError),
+}
+
+pub fn check_range(field: &'static str, got: u64, min: u64, max: u64) -> Result<(), FieldError> {
+    if (min..=max).contains(&got) {
+        Ok(())
+    } else {
+        Err(FieldError::Range { field, min, max, got })
+    }
+}
+
+pub fn check_cmdline(cmdline: &str) -> Result<(), FieldError> {
+    if cmdline.len() > MAX_CMDLINE || cmdline.chars().any(|c| c.is_control()) {
+        return Err(FieldError::Invalid {
+            field: "cmdline",
+            reason: format!("at most {MAX_CMDLINE} bytes with no control characters"),
+        });
+    }
+    Ok(())
+}
+
+/// A unicast MAC in `aa:bb:cc:dd:ee:ff` form.
+pub fn check_mac(mac: &str) -> Result<(), FieldError> {
+    let parts: Vec<&str> = mac.split(':').collect();
+    let hex = parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    let multicast = hex && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 1);
+    if !hex || multicast {
+        return Err(FieldError::Invalid {
+            field: "mac",
+            reason: format!("{mac:?} is not a unicast MAC of the form aa:bb:cc:dd:ee:ff"),
+        });
+    }
+    Ok(())
+}
+
+/// A network interface name, as the kernel accepts them and our ioctls need them.
+pub fn check_ifname(name: &str) -> Result<(), FieldError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_IFNAME
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::Invalid {
+            field: "bridge",
+            reason: format!("{name:?} is not 1-{MAX_IFNAME} characters of [A-Za-z0-9_.-]"),
+        })
+    }
+}
+
+/// The name of a VM's tap number `index`: unique because VM uids are.
+pub fn tap_name(vm_uid: u32, index: usize) -> String {
+    format!("mh{vm_uid}n{index}")
+}
+
+/// Everything cloud-hypervisor is started with. Paths are those the broker granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmPlan {
+    pub run_dir: String,
+    pub kernel: Option<String>,
+    pub initramfs: Option<String>,
+    pub firmware: Option<String>,
+    pub cmdline: Option<String>,
+    /// (path, readonly)
+    pub disks: Vec<(String, bool)>,
+    /// One MAC (or none) per tap; tap i is at fd VMM_FIRST_TAP_FD + i.
+    pub nets: Vec<Option<String>>,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub vsock: bool,
+}
+
+impl VmmPlan {
+    /// Checks every field again, whoever built the plan.
+    pub fn check(&self) -> Result<(), FieldError> {
+        check_range("vcpus", self.vcpus.into(), 1, MAX_VCPUS.into())?;
+        check_range("memory_mib", self.memory_mib.into(), 1, MAX_MEMORY_MIB.into())?;
+        check_range("disks", self.disks.len() as u64, 0, MAX_DISKS as u64)?;
+        check_range("nets", self.nets.len() as u64, 0, MAX_NETS as u64)?;
+        if self.kernel.is_some() == self.firmware.is_some() {
+            return Err(FieldError::Invalid {
+                field: "kernel",
+                reason: "exactly one of kernel and firmware".into(),
+            });
+        }
+        if self.kernel.is_none() && (self.initramfs.is_some() || self.cmdline.is_some()) {
+            return Err(FieldError::Invalid {
+                field: "initramfs",
+                reason: "initramfs and cmdline need a kernel".into(),
+            });
+        }
+        let paths = [&self.kernel, &self.initramfs, &self.firmware]
+            .into_iter()
+            .flatten();
+        for p in paths
+            .chain(self.disks.iter().map(|d| &d.0))
+            .chain([&self.run_dir])
+        {
+            check_path_text(p)?;
+        }
+        if let Some(c) = &self.cmdline {
+            check_cmdline(c)?;
+        }
+        self.nets.iter().flatten().try_for_each(|m| check_mac(m))
+    }
+
+    /// cloud-hypervisor's arguments (without argv[0]). CH creates and boots the VM at start.
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |flag: &str, val: String| {
+            a.push(flag.to_string());
+            a.push(val);
+        };
+        push("--api-socket", format!("fd={VMM_API_FD}"));
+        push("--event-monitor", format!("fd={VMM_EVENT_FD}"));
+        if let Some(k) = &self.kernel {
+            push("--kernel", k.clone());
+        }
+        if let Some(i) = &self.initramfs {
+            push("--initramfs", i.clone());
+        }
+        if let Some(f) = &self.firmware {
+            push("--firmware", f.clone());
+        }
+        if let Some(c) = &self.cmdline {
+            push("--cmdline", c.clone());
+        }
+        push("--cpus", format!("boot={}", self.vcpus));
+        push("--memory", format!("size={}M", self.memory_mib));
+        for (path, ro) in &self.disks {
+            push(
+                "--disk",
+                format!("path={path}{}", if *ro { ",readonly=on" } else { "" }),
+            );
+        }
+        for (i, mac) in self.nets.iter().enumerate() {
+            let fd = VMM_FIRST_TAP_FD + i as i32;
+            push(
+                "--net",
+                format!(
+                    "fd={fd}{}",
+                    mac.as_ref().map(|m| format!(",mac={m}")).unwrap_or_default()
+                ),
+            );
+        }
+        push("--serial", format!("socket={}/{SERIAL_SOCKET}", self.run_dir));
+        push("--console", "off".into());
+        if self.vsock {
+            push(
+                "--vsock",
+                format!("cid={GUEST_CID},socket={}/{VSOCK_SOCKET}", self.run_dir),
+            );
+        }
+        push("--seccomp", "true".into());
+        a.push("--pvpanic".into());
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> VmmPlan {
+        VmmPlan {
+            run_dir: "/run/my_hypervisor/vmm/a".into(),
+            kernel: Some("/img/k".into()),
+            initramfs: None,
+            firmware: None,
+            cmdline: Some("console=ttyS0 quiet".into()),
+            disks: vec![("/img/d.raw".into(), false), ("/img/ro.raw".into(), true)],
+            nets: vec![Some("52:54:00:12:34:56".into()), None],
+            vcpus: 2,
+            memory_mib: 512,
+            vsock: true,
+        }
+    }
+
+    #[test]
+    fn argv() {
+        let p = plan();
+        assert_eq!(p.check(), Ok(()));
+        let a = p.args().join(" ");
+        assert_eq!(
+            a,
+            "--api-socket fd=3 --event-monitor fd=4 --kernel /img/k --cmdline console=ttyS0 quiet \
+             --cpus boot=2 --memory size=512M --disk path=/img/d.raw --disk path=/img/ro.raw,readonly=on \
+             --net fd=5,mac=52:54:00:12:34:56 --net fd=6 --serial socket=/run/my_hypervisor/vmm/a/serial.sock \
+             --console off --vsock cid=3,socket=/run/my_hypervisor/vmm/a/vsock.sock --seccomp true --pvpanic"
+        );
+    }
+
+    #[test]
+    fn plan_checks() {
+        let bad: [fn(&mut VmmPlan); 8] = [
+            |p| p.vcpus = 0,
+            |p| p.memory_mib = MAX_MEMORY_MIB + 1,
+            |p| p.firmware = Some("/img/fw".into()),
+            |p| p.disks[0].0 = "/img/a,b".into(),
+            |p| p.nets[0] = Some("01:00:00:00:00:00".into()),
+            |p| p.cmdline = Some("a\nb".into()),
+            |p| p.disks = vec![("/x".into(), true); MAX_DISKS + 1],
+            |p| {
+                p.kernel = None;
+                p.firmware = Some("/fw".into())
+            },
+        ];
+        for (i, f) in bad.iter().enumerate() {
+            let mut p = plan();
+            f(&mut p);
+            assert!(p.check().is_err(), "case {i}");
+        }
+        // Firmware with an initramfs is refused.
+        let mut p = plan();
+        p.kernel = None;
+        p.firmware = Some("/fw".into());
+        p.cmdline = None;
+        p.initramfs = Some("/img/i".into());
+        assert!(p.check().is_err());
+        p.initramfs = None;
+        p.cmdline = None;
+        assert_eq!(p.check(), Ok(()));
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_mac("52:54:00:ab:CD:ef").is_ok());
+        for m in [
+            "52:54:00:ab:cd",
+            "52-54-00-ab-cd-ef",
+            "zz:54:00:ab:cd:ef",
+            "ff:ff:ff:ff:ff:ff",
+        ] {
+            assert!(check_mac(m).is_err(), "{m}");
+        }
+        assert!(check_ifname("br0").is_ok());
+        for n in ["", "a b", "0123456789abcdef", "..", "br/0"] {
+            assert!(check_ifname(n).is_err(), "{n}");
+        }
+        assert!(tap_name(4_294_967_295, 9).len() <= MAX_IFNAME);
+    }
+}
