@@ -19,7 +19,7 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, fork, pipe};
 use serde::{Deserialize, Serialize};
 
-use crate::unpriv::{drop_privileges, place_fds};
+use crate::unpriv::{drop_privileges, place_fds, reset_signals};
 
 /// The fd numbers the frontend finds its inheritance at.
 pub const FRONTEND_LISTEN_FD: i32 = 3;
@@ -108,6 +108,7 @@ fn start_detached(mut cmd: Command, keep: Vec<(i32, i32)>, ids: Ids) -> Outcome 
     // closure only moves fds and drops privileges before exec.
     unsafe {
         cmd.pre_exec(move || {
+            reset_signals()?;
             place_fds(&keep)?;
             drop_privileges(ids)
         });

@@ -41,6 +41,25 @@ pub fn place_fds(fds: &[(RawFd, RawFd)]) -> io::Result<()> {
     Ok(())
 }
 
+/// Gives the new program default signal handling: nothing blocked (the broker blocks the
+/// signals it reads from a signalfd) and nothing ignored (ignored signals survive exec).
+pub fn reset_signals() -> io::Result<()> {
+    for sig in nix::sys::signal::Signal::iterator() {
+        if matches!(
+            sig,
+            nix::sys::signal::Signal::SIGKILL | nix::sys::signal::Signal::SIGSTOP
+        ) {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL involves no handler code.
+        unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) }
+            .map_err(io::Error::from)?;
+    }
+    nix::sys::signal::SigSet::empty()
+        .thread_set_mask()
+        .map_err(io::Error::from)
+}
+
 /// Becomes `ids` with no supplementary groups, every capability set empty (bounding and
 /// ambient included) and no_new_privs set. Fails if any set is not empty afterwards.
 pub fn drop_privileges(ids: Ids) -> io::Result<()> {

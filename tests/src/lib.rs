@@ -92,6 +92,16 @@ pub fn owner_mode(p: &Path) -> (u32, u32, u32) {
     (m.uid(), m.gid(), m.permissions().mode() & 0o7777)
 }
 
+/// A scratch dir that other uids may traverse (the frontend and VMMs must reach below it).
+pub fn scratch_root() -> tempfile::TempDir {
+    let root = tempfile::Builder::new()
+        .prefix("myhv-test")
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(root.path(), PermissionsExt::from_mode(0o755)).expect("chmod");
+    root
+}
+
 /// A daemon running in a scratch tree, stopped and cleaned up on drop.
 pub struct Daemon {
     pub child: Child,
@@ -101,18 +111,26 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon with every path under a fresh scratch dir, plus `extra` flags.
     pub fn start(extra: &[&str]) -> Daemon {
-        let root = tempfile::Builder::new()
-            .prefix("myhv-test")
-            .tempdir()
-            .expect("tempdir");
-        // The frontend (another uid) must be able to traverse down to its own dirs.
-        std::fs::set_permissions(root.path(), PermissionsExt::from_mode(0o755)).expect("chmod");
-        let child = Self::command(root.path(), extra).spawn().expect("start daemon");
+        Self::start_in(scratch_root(), extra)
+    }
+
+    /// Starts the daemon under `root`; its stderr goes to `<root>/daemon.log`.
+    pub fn start_in(root: tempfile::TempDir, extra: &[&str]) -> Daemon {
+        let log = std::fs::File::create(root.path().join("daemon.log")).expect("log file");
+        let child = Self::command(root.path(), extra)
+            .stderr(log)
+            .spawn()
+            .expect("start daemon");
         let d = Daemon { child, root };
         wait_for("the rpc socket", Duration::from_secs(10), || {
             d.rpc_socket().exists().then_some(())
         });
         d
+    }
+
+    /// What the daemon (broker, spawn helper and frontend) logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
     }
 
     pub fn command(root: &Path, extra: &[&str]) -> Command {

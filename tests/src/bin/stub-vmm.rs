@@ -1,0 +1,20 @@
+//! A stand-in VMM for broker tests: not a cloud-hypervisor double, only a process that
+//! takes cloud-hypervisor's argv, creates its serial socket the way CH does (as the VM uid,
+//! umask 077) and then idles until it is signalled.
+
+use std::os::unix::net::UnixListener;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let serial = args
+        .windows(2)
+        .find(|w| w[0] == "--serial")
+        .and_then(|w| w[1].strip_prefix("socket="))
+        .expect("--serial socket=PATH")
+        .to_string();
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let _l = UnixListener::bind(&serial).expect("bind serial socket");
+    loop {
+        std::thread::park();
+    }
+}
