@@ -81,20 +81,28 @@ fn subtract(p: &Params<'_>) -> Result<i64, ErrorObjectOwned> {
 pub static SUBS_RUNNING: AtomicUsize = AtomicUsize::new(0);
 pub static SUB_ENDED: AtomicBool = AtomicBool::new(false);
 
-/// `test_subscribe [count, payload_bytes]`: sends `count` notifications as fast as the
-/// connection takes them, each carrying `payload_bytes` of text.
+/// `test_subscribe [count, payload_bytes, pause_ms]`: sends `count` notifications as fast as the
+/// connection takes them (or `pause_ms` apart), each carrying `payload_bytes` of text.
 async fn emit(
     params: Params<'static>,
     pending: jsonrpsee::PendingSubscriptionSink,
     _: Arc<()>,
     _: jsonrpsee::Extensions,
 ) -> SubscriptionResult {
-    let (count, size): (u64, usize) = params.parse()?;
+    let args: Vec<u64> = params.parse()?;
+    let (count, size, pause_ms) = match args[..] {
+        [count, size] => (count, size as usize, None),
+        [count, size, pause] => (count, size as usize, Some(pause)),
+        _ => return Err("expected [count, payload_bytes, pause_ms?]".into()),
+    };
     let sink = pending.accept().await?;
     SUBS_RUNNING.fetch_add(1, Ordering::SeqCst);
     let payload = "x".repeat(size);
     let mut result = Ok(());
     for seq in 0..count {
+        if let Some(ms) = pause_ms {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         let msg = serde_json::value::to_raw_value(&json!({"seq": seq, "payload": payload}))?;
         if let Err(e) = sink.send(msg).await {
             result = Err(e.into());
@@ -108,7 +116,8 @@ async fn emit(
 
 pub struct Client {
     pub rd: BufReader<OwnedReadHalf>,
-    pub wr: OwnedWriteHalf,
+    /// `None` once a test has taken the writing half for itself.
+    pub wr: Option<OwnedWriteHalf>,
 }
 
 impl Client {
@@ -117,13 +126,14 @@ impl Client {
         let (rd, wr) = s.into_split();
         Client {
             rd: BufReader::new(rd),
-            wr,
+            wr: Some(wr),
         }
     }
 
     pub async fn send(&mut self, line: &[u8]) {
-        self.wr.write_all(line).await.expect("write");
-        self.wr.write_all(b"\n").await.expect("write");
+        let wr = self.wr.as_mut().expect("the writing half");
+        wr.write_all(line).await.expect("write");
+        wr.write_all(b"\n").await.expect("write");
     }
 
     /// The next line, or `None` at end of input (or a reset connection).
