@@ -85,19 +85,28 @@ pub const APPLICATION_CODES: &[(i32, &str)] = &[
     (NOT_READY, "not ready"),
 ];
 
-/// Parses by-name params into `T`. Absent params count as `{}`. The error message carries
-/// serde's description, which names the offending field.
+/// Parses by-name params into `T`. Absent params count as `{}`. The error message names the
+/// offending field (as a path such as `disks[0].readonly`) and what was wrong with it.
 pub fn parse_params<T: DeserializeOwned>(
     method: &str,
     params: &jsonrpsee::types::Params<'_>,
 ) -> Result<T, ErrorObjectOwned> {
     let raw = params.as_str().unwrap_or("{}");
-    serde_json::from_str(raw).map_err(|e| {
-        ErrorObjectOwned::owned(
-            INVALID_PARAMS_CODE,
-            format!("invalid params for {method}: {e}"),
-            None::<()>,
-        )
+    let de = &mut serde_json::Deserializer::from_str(raw);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // serde_json appends the position in the params text; the field path says more.
+        let what = match inner.rsplit_once(" at line ") {
+            Some((what, pos)) if pos.contains(" column ") => what,
+            _ => &inner,
+        };
+        let message = if path == "." {
+            format!("invalid params for {method}: {what}")
+        } else {
+            format!("invalid params for {method}: field `{path}`: {what}")
+        };
+        ErrorObjectOwned::owned(INVALID_PARAMS_CODE, message, None::<()>)
     })
 }
 
@@ -116,6 +125,31 @@ mod tests {
                 "{code} clashes with a jsonrpsee code"
             );
         }
+    }
+
+    #[test]
+    fn invalid_params_name_the_field() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct P {
+            vm_id: String,
+            disks: Vec<D>,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct D {
+            readonly: bool,
+        }
+        let raw = r#"{"vm_id":"a","disks":[{"readonly":"yes"}]}"#;
+        let params = jsonrpsee::types::Params::new(Some(raw));
+        let e = parse_params::<P>("m", &params).unwrap_err();
+        assert_eq!(e.code(), INVALID_PARAMS_CODE);
+        assert_eq!(
+            e.message(),
+            "invalid params for m: field `disks[0].readonly`: invalid type: string \"yes\", expected a boolean"
+        );
+        let e = parse_params::<P>("m", &jsonrpsee::types::Params::new(None)).unwrap_err();
+        assert_eq!(e.message(), "invalid params for m: missing field `vm_id`");
     }
 
     #[test]

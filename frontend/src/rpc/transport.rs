@@ -64,8 +64,8 @@ enum Closed {
     LineTooLong,
     #[error("client does not read its responses (write timeout)")]
     WriteTimeout,
-    #[error("outgoing queue closed")]
-    QueueClosed,
+    #[error("the outgoing side of the connection stopped")]
+    WriterGone,
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
 }
@@ -228,7 +228,7 @@ impl Reader {
                 let sent = self.sink.send(json).await.is_ok();
                 notify_sent(notify, sent && is_success);
                 if !sent {
-                    return Closed::QueueClosed;
+                    return Closed::WriterGone;
                 }
             }
             if line.capacity() > KEEP_LINE_BUF {
