@@ -153,3 +153,27 @@ async fn bad_params_name_the_field() {
     assert_eq!(r["error"]["code"], errors::INVALID_SPEC, "{r}");
     assert!(r["error"]["message"].as_str().unwrap().contains("vcpus"), "{r}");
 }
+
+#[test]
+fn docs_cover_every_method_limit_and_code() {
+    use clap::Args;
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.md")).unwrap();
+    for def in rpc::api::API {
+        assert!(
+            doc.contains(&format!("### {}", def.name)),
+            "docs/api.md lacks a section for {}",
+            def.name
+        );
+    }
+    let cmd = Limits::augment_args(clap::Command::new("frontend"));
+    for arg in cmd.get_arguments() {
+        let flag = format!("`--{}`", arg.get_long().unwrap());
+        assert!(doc.contains(&flag), "docs/api.md does not document {flag}");
+    }
+    for (code, _) in errors::APPLICATION_CODES {
+        assert!(
+            doc.contains(&format!("| {code} |")),
+            "docs/api.md lacks error code {code}"
+        );
+    }
+}

@@ -23,8 +23,9 @@ pub struct Limits {
     /// Seconds one outgoing message may take to be written to a client that does not read.
     #[arg(long = "rpc-write-timeout", value_parser = parse_secs, default_value = "10")]
     pub write_timeout: Duration,
-    /// Messages (responses and subscription notifications) queued per connection. A subscription
-    /// whose notification does not fit is dropped.
+    /// Messages (responses and subscription notifications) queued per connection. When it is
+    /// full, responses and notifications wait for the client to read; a client that reads
+    /// nothing for `write_timeout` is disconnected, which ends its subscriptions.
     #[arg(long = "rpc-max-queued-messages", default_value_t = 64)]
     pub max_queued_messages: usize,
     /// Largest response in bytes; a bigger result is replaced by an error.

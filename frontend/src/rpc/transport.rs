@@ -7,7 +7,9 @@
 //!
 //! Each connection is two halves joined by a bounded queue: the reader parses lines and runs
 //! them one after another, sending responses into the queue; the writer drains the queue onto
-//! the socket. Subscriptions push their notifications into the same queue.
+//! the socket. Subscriptions push their notifications into the same queue, so a subscriber that
+//! does not read stalls its producers instead of growing memory, and is disconnected once one
+//! message has waited `write_timeout` to be written.
 
 use std::io;
 use std::sync::{Arc, OnceLock};
@@ -74,7 +76,7 @@ enum Closed {
 /// good. Running out of descriptors or memory only pauses accepting.
 pub async fn serve(listener: UnixListener, methods: Methods, limits: Limits) -> io::Result<()> {
     let limits = Arc::new(limits);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = Arc::new(Semaphore::new(limits.max_connections.min(Semaphore::MAX_PERMITS)));
     let mut next_id = 0usize;
     let mut backoff = MIN_ACCEPT_BACKOFF;
     loop {
