@@ -171,6 +171,7 @@ impl Connection {
             gid = self.peer.map(|p| p.gid),
             "client connected"
         );
+        let limits = Arc::clone(&self.limits);
         let (rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::channel(self.limits.max_queued_messages.max(1));
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -187,13 +188,13 @@ impl Connection {
             closed = &mut reader => {
                 // Flush what is already queued (an error for a too-long line, say), then stop.
                 let _ = stop_tx.send(());
-                let _ = writer.await;
+                let _ = timeout(limits.write_timeout, writer).await;
                 closed
             }
             closed = &mut writer => closed,
         };
         match closed {
-            Closed::Eof => tracing::info!("client disconnected"),
+            Closed::Eof | Closed::Idle => tracing::info!(reason = %closed, "client disconnected"),
             reason => tracing::warn!(%reason, "connection closed"),
         }
     }

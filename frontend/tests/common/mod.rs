@@ -136,6 +136,12 @@ impl Client {
         wr.write_all(b"\n").await.expect("write");
     }
 
+    /// Like `send`, but reports a closed connection instead of failing.
+    pub async fn try_send(&mut self, line: &[u8]) -> bool {
+        let wr = self.wr.as_mut().expect("the writing half");
+        wr.write_all(line).await.is_ok() && wr.write_all(b"\n").await.is_ok()
+    }
+
     /// The next line, or `None` at end of input (or a reset connection).
     pub async fn recv_line(&mut self) -> Option<String> {
         let mut line = String::new();
