@@ -10,6 +10,7 @@ pub mod rpc;
 pub struct Config {
     pub state_dir: PathBuf,
     pub console_dir: PathBuf,
+    pub limits: rpc::Limits,
 }
 
 pub fn init_logging(format: &str) {
@@ -32,6 +33,8 @@ pub fn run(cfg: Config, listen: OwnedFd, broker: OwnedFd) -> std::io::Result<()>
         .worker_threads(2)
         .enable_all()
         .build()?;
+    rpc::limits::raise_nofile_limit(cfg.limits.max_connections);
+    let methods = rpc::methods().map_err(std::io::Error::other)?;
     rt.block_on(async move {
         let std_listener = std::os::unix::net::UnixListener::from(listen);
         std_listener.set_nonblocking(true)?;
@@ -39,7 +42,7 @@ pub fn run(cfg: Config, listen: OwnedFd, broker: OwnedFd) -> std::io::Result<()>
         let broker = broker_hangup(broker);
         tracing::info!(state_dir = %cfg.state_dir.display(), "frontend serving");
         tokio::select! {
-            r = rpc::serve(listener, rpc::methods()) => r,
+            r = rpc::serve(listener, methods, cfg.limits) => r,
             () = broker => {
                 tracing::warn!("broker channel closed; exiting");
                 Ok(())

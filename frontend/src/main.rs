@@ -26,6 +26,8 @@ struct Args {
     console_dir: PathBuf,
     #[arg(long, default_value = "text")]
     log_format: String,
+    #[command(flatten)]
+    limits: my_hypervisor_frontend::rpc::Limits,
 }
 
 fn main() -> ExitCode {
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
     let cfg = my_hypervisor_frontend::Config {
         state_dir: args.state_dir,
         console_dir: args.console_dir,
+        limits: args.limits,
     };
     match my_hypervisor_frontend::run(cfg, listen, broker) {
         Ok(()) => ExitCode::SUCCESS,

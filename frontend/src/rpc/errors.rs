@@ -1,0 +1,165 @@
+//! Every error code the API answers with, in one place.
+//!
+//! Spec codes (-32700..-32600) come from JSON-RPC 2.0. Transport codes are the ones jsonrpsee
+//! defines for limits. Application codes live in -32020..-32029, clear of the codes jsonrpsee
+//! itself uses in -32000..-32011.
+
+use jsonrpsee::types::ErrorObjectOwned;
+use serde::de::DeserializeOwned;
+
+pub use jsonrpsee::types::error::{
+    INTERNAL_ERROR_CODE, INVALID_PARAMS_CODE, INVALID_REQUEST_CODE, METHOD_NOT_FOUND_CODE,
+    OVERSIZED_REQUEST_CODE, OVERSIZED_RESPONSE_CODE, PARSE_ERROR_CODE, TOO_BIG_BATCH_REQUEST_CODE,
+    TOO_BIG_BATCH_RESPONSE_CODE, TOO_MANY_SUBSCRIPTIONS_CODE,
+};
+
+/// The VM id names no VM.
+pub const NO_SUCH_VM: i32 = -32020;
+/// The VM's state machine does not allow the requested transition from its current state.
+pub const ILLEGAL_TRANSITION: i32 = -32021;
+/// Another operation on the same VM is in progress.
+pub const BUSY: i32 = -32022;
+/// cloud-hypervisor (or the broker that starts it) reported a failure.
+pub const VMM_ERROR: i32 = -32023;
+/// The VM spec is well-formed JSON but not acceptable (a field is out of range or malformed).
+pub const INVALID_SPEC: i32 = -32024;
+/// The operation needs a running VM.
+pub const NOT_RUNNING: i32 = -32025;
+/// The method is defined but its backend is not available.
+pub const NOT_READY: i32 = -32026;
+
+/// An application error: maps one-to-one onto the codes above.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("no such VM: {vm_id:?}")]
+    NoSuchVm { vm_id: String },
+    #[error("VM {vm_id:?} cannot go from {from} to {to}")]
+    IllegalTransition { vm_id: String, from: String, to: String },
+    #[error("VM {vm_id:?} is busy: {detail}")]
+    Busy { vm_id: String, detail: String },
+    #[error("VMM error for VM {vm_id:?}: {detail}")]
+    Vmm { vm_id: String, detail: String },
+    #[error("invalid spec: field `{field}`: {detail}")]
+    InvalidSpec { field: String, detail: String },
+    #[error("VM {vm_id:?} is not running")]
+    NotRunning { vm_id: String },
+    #[error("method {method} is not ready: its backend is not built yet")]
+    NotReady { method: &'static str },
+}
+
+impl ApiError {
+    pub fn code(&self) -> i32 {
+        match self {
+            ApiError::NoSuchVm { .. } => NO_SUCH_VM,
+            ApiError::IllegalTransition { .. } => ILLEGAL_TRANSITION,
+            ApiError::Busy { .. } => BUSY,
+            ApiError::Vmm { .. } => VMM_ERROR,
+            ApiError::InvalidSpec { .. } => INVALID_SPEC,
+            ApiError::NotRunning { .. } => NOT_RUNNING,
+            ApiError::NotReady { .. } => NOT_READY,
+        }
+    }
+
+    pub fn invalid_spec(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        ApiError::InvalidSpec {
+            field: field.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+impl From<ApiError> for ErrorObjectOwned {
+    fn from(e: ApiError) -> Self {
+        ErrorObjectOwned::owned(e.code(), e.to_string(), None::<()>)
+    }
+}
+
+/// Every application code with a short name, for the docs and rpc.discover.
+pub const APPLICATION_CODES: &[(i32, &str)] = &[
+    (NO_SUCH_VM, "no such VM"),
+    (ILLEGAL_TRANSITION, "illegal transition"),
+    (BUSY, "busy"),
+    (VMM_ERROR, "VMM error"),
+    (INVALID_SPEC, "invalid spec"),
+    (NOT_RUNNING, "not running"),
+    (NOT_READY, "not ready"),
+];
+
+/// Parses by-name params into `T`. Absent params count as `{}`. The error message names the
+/// offending field (as a path such as `disks[0].readonly`) and what was wrong with it.
+pub fn parse_params<T: DeserializeOwned>(
+    method: &str,
+    params: &jsonrpsee::types::Params<'_>,
+) -> Result<T, ErrorObjectOwned> {
+    let raw = params.as_str().unwrap_or("{}");
+    let de = &mut serde_json::Deserializer::from_str(raw);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // serde_json appends the position in the params text; the field path says more.
+        let what = match inner.rsplit_once(" at line ") {
+            Some((what, pos)) if pos.contains(" column ") => what,
+            _ => &inner,
+        };
+        let message = if path == "." {
+            format!("invalid params for {method}: {what}")
+        } else {
+            format!("invalid params for {method}: field `{path}`: {what}")
+        };
+        ErrorObjectOwned::owned(INVALID_PARAMS_CODE, message, None::<()>)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn application_codes_are_in_range_and_distinct() {
+        let mut seen = std::collections::HashSet::new();
+        for (code, _) in APPLICATION_CODES {
+            assert!((-32099..=-32000).contains(code), "{code}");
+            assert!(seen.insert(*code), "duplicate {code}");
+            assert!(
+                !(-32011..=-32000).contains(code),
+                "{code} clashes with a jsonrpsee code"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_params_name_the_field() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct P {
+            vm_id: String,
+            disks: Vec<D>,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct D {
+            readonly: bool,
+        }
+        let raw = r#"{"vm_id":"a","disks":[{"readonly":"yes"}]}"#;
+        let params = jsonrpsee::types::Params::new(Some(raw));
+        let e = parse_params::<P>("m", &params).unwrap_err();
+        assert_eq!(e.code(), INVALID_PARAMS_CODE);
+        assert_eq!(
+            e.message(),
+            "invalid params for m: field `disks[0].readonly`: invalid type: string \"yes\", expected a boolean"
+        );
+        let e = parse_params::<P>("m", &jsonrpsee::types::Params::new(None)).unwrap_err();
+        assert_eq!(e.message(), "invalid params for m: missing field `vm_id`");
+    }
+
+    #[test]
+    fn not_ready_names_the_method() {
+        let e: ErrorObjectOwned = ApiError::NotReady {
+            method: "compute.vm.start",
+        }
+        .into();
+        assert_eq!(e.code(), NOT_READY);
+        assert!(e.message().contains("compute.vm.start"));
+        assert!(e.message().contains("not built yet"));
+    }
+}

@@ -1,0 +1,18 @@
+//! The JSON-RPC API: method table and handlers ([`api`]), error codes ([`errors`]), transport
+//! limits ([`limits`]) and the line-delimited transport itself ([`transport`]).
+
+pub mod api;
+pub mod errors;
+pub mod limits;
+pub mod transport;
+
+use jsonrpsee::Methods;
+use jsonrpsee::core::RegisterMethodError;
+
+pub use limits::Limits;
+pub use transport::{Peer, serve};
+
+/// Every method the API serves.
+pub fn methods() -> Result<Methods, RegisterMethodError> {
+    Ok(api::rpc_module()?.into())
+}
