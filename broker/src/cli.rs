@@ -99,10 +99,7 @@ pub fn resolve(args: &Args) -> Result<Config, String> {
             let u = User::from_name(&args.frontend_user)
                 .map_err(|e| format!("looking up user {:?}: {e}", args.frontend_user))?
                 .ok_or_else(|| format!("no user named {:?}", args.frontend_user))?;
-            Ids {
-                uid: u.uid.as_raw(),
-                gid: u.gid.as_raw(),
-            }
+            Ids { uid: u.uid.as_raw(), gid: u.gid.as_raw() }
         }
     };
     let vm_uids = layout::parse_uid_range(&args.vm_uid_range).map_err(|e| e.to_string())?;
@@ -122,14 +119,9 @@ pub fn resolve(args: &Args) -> Result<Config, String> {
         Some(p) => p.clone(),
         None => sibling("my_hypervisor-frontend")?,
     };
-    for p in [
-        &args.rpc_socket,
-        &args.state_dir,
-        &args.console_dir,
-        &args.run_dir,
-    ]
-    .into_iter()
-    .chain(&args.image_roots)
+    for p in [&args.rpc_socket, &args.state_dir, &args.console_dir, &args.run_dir]
+        .into_iter()
+        .chain(&args.image_roots)
     {
         if !p.is_absolute() {
             return Err(format!("{} must be an absolute path", p.display()));
@@ -139,13 +131,7 @@ pub fn resolve(args: &Args) -> Result<Config, String> {
         Some(p) => p.clone(),
         None => sibling("my_hypervisor-vmm-launcher")?,
     };
-    Ok(Config {
-        frontend,
-        vm_uids,
-        launcher_bin,
-        rpc_gid,
-        frontend_bin,
-    })
+    Ok(Config { frontend, vm_uids, launcher_bin, rpc_gid, frontend_bin })
 }
 
 /// A binary installed beside the daemon's own.

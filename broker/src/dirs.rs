@@ -35,12 +35,8 @@ pub fn ensure_dir(path: &Path, role: DirRole, frontend: Ids) -> Result<(), Strin
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
         Err(e) => return Err(err(path, "create", e)),
     };
-    let fd: OwnedFd = open(
-        path,
-        OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| err(path, "open (a symlink is refused)", e))?;
+    let fd: OwnedFd = open(path, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| err(path, "open (a symlink is refused)", e))?;
     let st = fstat(fd.as_fd()).map_err(|e| err(path, "fstat", e))?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
         return Err(err(path, "check", "not a directory"));
@@ -48,12 +44,8 @@ pub fn ensure_dir(path: &Path, role: DirRole, frontend: Ids) -> Result<(), Strin
     if !created && enforce == Enforce::CreateOnly {
         return Ok(());
     }
-    fchown(
-        fd.as_fd(),
-        Some(Uid::from_raw(ids.uid)),
-        Some(Gid::from_raw(ids.gid)),
-    )
-    .map_err(|e| err(path, "chown", e))?;
+    fchown(fd.as_fd(), Some(Uid::from_raw(ids.uid)), Some(Gid::from_raw(ids.gid)))
+        .map_err(|e| err(path, "chown", e))?;
     fchmod(fd.as_fd(), Mode::from_bits_truncate(mode)).map_err(|e| err(path, "chmod", e))?;
     tracing::info!(path = %path.display(), uid = ids.uid, gid = ids.gid, mode = format!("{mode:o}"), "directory ready");
     Ok(())

@@ -55,13 +55,9 @@ pub fn grant(
         .ok_or_else(|| format!("{path} is not under any image root"))?;
     let writable = matches!(image.role, ImageRole::Disk { readonly: false });
     let access = if writable { OFlag::O_RDWR } else { OFlag::O_RDONLY };
-    let how = OpenHow::new()
-        .flags(access | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NOFOLLOW)
-        .resolve(
-            ResolveFlag::RESOLVE_BENEATH
-                | ResolveFlag::RESOLVE_NO_SYMLINKS
-                | ResolveFlag::RESOLVE_NO_MAGICLINKS,
-        );
+    let how = OpenHow::new().flags(access | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NOFOLLOW).resolve(
+        ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+    );
     let fd = openat2(root.1.as_fd(), rel, how)
         .map_err(|e| format!("{path}: open beneath {}: {e}", root.0.display()))?;
     let st = fstat(fd.as_fd()).map_err(|e| format!("{path}: fstat: {e}"))?;
@@ -77,33 +73,18 @@ pub fn grant(
     check_traversable(Path::new(path))?;
     let undo = if writable {
         if st.st_mode & 0o600 != 0o600 {
-            return Err(format!(
-                "{path}: a writable disk must be readable and writable by its owner"
-            ));
+            return Err(format!("{path}: a writable disk must be readable and writable by its owner"));
         }
-        fchown(
-            fd.as_fd(),
-            Some(Uid::from_raw(vm_uid)),
-            Some(Gid::from_raw(vm_uid)),
-        )
-        .map_err(|e| format!("{path}: chown to the VM uid: {e}"))?;
-        Undo::Chown {
-            uid: st.st_uid,
-            gid: st.st_gid,
-        }
+        fchown(fd.as_fd(), Some(Uid::from_raw(vm_uid)), Some(Gid::from_raw(vm_uid)))
+            .map_err(|e| format!("{path}: chown to the VM uid: {e}"))?;
+        Undo::Chown { uid: st.st_uid, gid: st.st_gid }
     } else if st.st_mode & 0o004 != 0 {
         Undo::Nothing
     } else {
         acl::add_reader(&fd, st.st_mode, vm_uid).map_err(|e| format!("{path}: grant read by ACL: {e}"))?;
         Undo::AclEntry { uid: vm_uid }
     };
-    Ok(Grant {
-        path: path.to_string(),
-        role: image.role,
-        inode,
-        fd,
-        undo,
-    })
+    Ok(Grant { path: path.to_string(), role: image.role, inode, fd, undo })
 }
 
 /// Creates the VM's runtime dir (new, owned by `uid`, 0700) and grants every image. On any
@@ -122,19 +103,12 @@ pub fn prepare(b: &Broker, vm: &str, uid: u32, images: &[Image]) -> Result<Vm, R
         fchown(dir.as_fd(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))?;
         for image in images {
             let held = |inode, writable: bool| {
-                let mut all = b
-                    .vms
-                    .iter()
-                    .flat_map(|(id, v)| v.grants.iter().map(move |g| (id, g)));
-                all.find(|(_, g)| g.inode == inode && (writable || g.writable()))
-                    .map(|(id, _)| id.clone())
+                let mut all = b.vms.iter().flat_map(|(id, v)| v.grants.iter().map(move |g| (id, g)));
+                all.find(|(_, g)| g.inode == inode && (writable || g.writable())).map(|(id, _)| id.clone())
             };
             let g = grant(&b.image_roots, uid, image, |inode, w| {
                 held(inode, w).or_else(|| {
-                    grants
-                        .iter()
-                        .find(|g| g.inode == inode && (w || g.writable()))
-                        .map(|_| vm.to_string())
+                    grants.iter().find(|g| g.inode == inode && (w || g.writable())).map(|_| vm.to_string())
                 })
             })?;
             grants.push(g);
@@ -142,13 +116,7 @@ pub fn prepare(b: &Broker, vm: &str, uid: u32, images: &[Image]) -> Result<Vm, R
         Ok::<_, Refusal>(dir)
     })();
     match result {
-        Ok(dir) => Ok(Vm {
-            uid,
-            dir,
-            grants,
-            taps: vec![],
-            vmm: Vmm::NotSpawned,
-        }),
+        Ok(dir) => Ok(Vm { uid, dir, grants, taps: vec![], vmm: Vmm::NotSpawned }),
         Err(e) => {
             grants.iter().for_each(|g| drop(revoke(g)));
             let _ = unlinkat(b.run_fd.as_fd(), vm, UnlinkatFlags::RemoveDir);
@@ -173,10 +141,8 @@ pub fn revoke(g: &Grant) -> Result<(), String> {
 /// nor in its group, which is what a VM uid is.
 fn check_traversable(path: &Path) -> Result<(), String> {
     for dir in path.ancestors().skip(1) {
-        let mode = std::fs::metadata(dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?
-            .permissions()
-            .mode();
+        let mode =
+            std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?.permissions().mode();
         if mode & 0o001 == 0 {
             return Err(format!(
                 "{} is not searchable by the VM uid (mode {:o}); {} cannot be reached",
@@ -211,11 +177,7 @@ mod acl {
         let n = unsafe { libc::fgetxattr(fd.as_raw_fd(), NAME.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENODATA) {
-                Ok(None)
-            } else {
-                Err(e)
-            };
+            return if e.raw_os_error() == Some(libc::ENODATA) { Ok(None) } else { Err(e) };
         }
         let body = buf.get(4..n as usize).unwrap_or_default();
         Ok(Some(
@@ -238,28 +200,18 @@ mod acl {
         }
         // SAFETY: the buffer is valid for its length.
         let r = unsafe { libc::fsetxattr(fd.as_raw_fd(), NAME.as_ptr(), buf.as_ptr().cast(), buf.len(), 0) };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
     }
 
     pub fn add_reader(fd: &OwnedFd, mode: u32, uid: u32) -> std::io::Result<()> {
         let perm = |shift: u32| ((mode >> shift) & 7) as u16;
         let mut entries = read(fd)?.unwrap_or_else(|| {
-            vec![
-                (USER_OBJ, perm(6), NO_ID),
-                (GROUP_OBJ, perm(3), NO_ID),
-                (OTHER, perm(0), NO_ID),
-            ]
+            vec![(USER_OBJ, perm(6), NO_ID), (GROUP_OBJ, perm(3), NO_ID), (OTHER, perm(0), NO_ID)]
         });
         entries.retain(|&(tag, _, id)| !(tag == USER && id == uid));
         entries.push((USER, READ, uid));
-        let group_class = entries
-            .iter()
-            .filter(|e| matches!(e.0, USER | GROUP | GROUP_OBJ))
-            .fold(0, |m, e| m | e.1);
+        let group_class =
+            entries.iter().filter(|e| matches!(e.0, USER | GROUP | GROUP_OBJ)).fold(0, |m, e| m | e.1);
         entries.retain(|e| e.0 != MASK);
         entries.push((MASK, group_class, NO_ID));
         write(fd, entries)
@@ -280,14 +232,8 @@ mod acl {
             return Err(std::io::Error::last_os_error());
         }
         let st = fstat(fd.as_fd())?;
-        let group = entries
-            .iter()
-            .find(|e| e.0 == GROUP_OBJ)
-            .map_or(0, |e| u32::from(e.1));
-        fchmod(
-            fd.as_fd(),
-            Mode::from_bits_truncate((st.st_mode & !0o070 & 0o7777) | group << 3),
-        )?;
+        let group = entries.iter().find(|e| e.0 == GROUP_OBJ).map_or(0, |e| u32::from(e.1));
+        fchmod(fd.as_fd(), Mode::from_bits_truncate((st.st_mode & !0o070 & 0o7777) | group << 3))?;
         Ok(())
     }
 }

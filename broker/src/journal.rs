@@ -62,16 +62,7 @@ pub fn save(b: &Broker) -> Result<(), String> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    f.write_all(&bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| format!("write journal: {e}"))?;
+    f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(|e| format!("write journal: {e}"))?;
     std::fs::rename(&tmp, b.run_dir.join(FILE)).map_err(|e| format!("rename journal: {e}"))?;
-    std::fs::File::open(&b.run_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| format!("sync run dir: {e}"))
-}
-
-#[cfg(test)]
-pub fn load(bytes: &[u8]) -> Result<Vec<Entry>, postcard::Error> {
-    postcard::from_bytes(bytes)
+    std::fs::File::open(&b.run_dir).and_then(|d| d.sync_all()).map_err(|e| format!("sync run dir: {e}"))
 }

@@ -17,18 +17,13 @@ pub fn check() -> Result<(i32, Vec<(String, bool)>), String> {
     // SAFETY: KVM_GET_API_VERSION takes no argument and only returns an int.
     let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION, 0) };
     if version != KVM_API_VERSION {
-        return Err(format!(
-            "KVM API version is {version}, expected {KVM_API_VERSION}"
-        ));
+        return Err(format!("KVM API version is {version}, expected {KVM_API_VERSION}"));
     }
     let caps = KVM_EXTENSIONS
         .iter()
         // SAFETY: KVM_CHECK_EXTENSION takes an integer capability number and returns an int.
         .map(|&(name, cap)| {
-            (
-                name.to_string(),
-                unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CHECK_EXTENSION, cap) } > 0,
-            )
+            (name.to_string(), unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CHECK_EXTENSION, cap) } > 0)
         })
         .collect();
     Ok((version, caps))

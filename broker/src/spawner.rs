@@ -30,11 +30,7 @@ pub enum Order {
     /// fds: the RPC listener and the frontend's end of a new broker channel.
     Frontend,
     /// fds: the VMM log (stdout and stderr), then the VMM's own fds from fd 3 up.
-    Vmm {
-        vm: String,
-        uid: u32,
-        ch_argv: Vec<String>,
-    },
+    Vmm { vm: String, uid: u32, ch_argv: Vec<String> },
 }
 
 pub type Outcome = Result<u32, String>;
@@ -58,12 +54,7 @@ pub fn serve(chan: OwnedFd, cfg: SpawnerConfig) -> Result<(), String> {
         if let Err(e) = &outcome {
             tracing::error!(error = %e, "spawn failed");
         }
-        let reply = Envelope {
-            version: PROTOCOL_VERSION,
-            id: env.id,
-            fds: 0,
-            body: outcome,
-        };
+        let reply = Envelope { version: PROTOCOL_VERSION, id: env.id, fds: 0, body: outcome };
         send(&chan, reply, &[]).map_err(|e| format!("reply: {e}"))?;
     }
 }
@@ -74,10 +65,7 @@ fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Outcome {
             let [listen, chan] = <[OwnedFd; 2]>::try_from(fds).map_err(|_| "frontend order needs 2 fds")?;
             let mut cmd = Command::new(&cfg.frontend_bin);
             cmd.args(&cfg.frontend_args).stdin(Stdio::null());
-            let keep = vec![
-                (listen.as_raw_fd(), FRONTEND_LISTEN_FD),
-                (chan.as_raw_fd(), FRONTEND_BROKER_FD),
-            ];
+            let keep = vec![(listen.as_raw_fd(), FRONTEND_LISTEN_FD), (chan.as_raw_fd(), FRONTEND_BROKER_FD)];
             start_detached(cmd, keep, cfg.frontend)
         }
         Order::Vmm { vm, uid, ch_argv } => {
@@ -90,11 +78,7 @@ fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Outcome {
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().map_err(|e| e.to_string())?)
                 .stderr(log);
-            let keep = rest
-                .iter()
-                .enumerate()
-                .map(|(i, fd)| (fd.as_raw_fd(), 3 + i as i32))
-                .collect();
+            let keep = rest.iter().enumerate().map(|(i, fd)| (fd.as_raw_fd(), 3 + i as i32)).collect();
             start_detached(cmd, keep, Ids { uid, gid: uid })
         }
     }
@@ -144,12 +128,7 @@ fn start_detached(mut cmd: Command, keep: Vec<(i32, i32)>, ids: Ids) -> Outcome 
 /// The broker's side: hands one order and its fds to the helper and waits for the outcome.
 pub fn order(chan: &OwnedFd, order: Order, fds: &[OwnedFd]) -> Outcome {
     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let env = Envelope {
-        version: PROTOCOL_VERSION,
-        id: 0,
-        fds: 0,
-        body: order,
-    };
+    let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: order };
     send(chan, env, &raw).map_err(|e| format!("spawn helper: {e}"))?;
     let (reply, _) = recv::<Outcome>(chan).map_err(|e| format!("spawn helper: {e}"))?;
     reply.body

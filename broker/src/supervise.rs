@@ -39,6 +39,7 @@ struct Frontend {
     uid: u32,
     started: Instant,
     channel: OwnedFd,
+    serving: bool,
 }
 
 pub fn run(args: &Args) -> Result<(), String> {
@@ -47,10 +48,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     }
     umask(Mode::from_bits_truncate(0o022));
     let cfg = resolve(args)?;
-    let socket_parent = args
-        .rpc_socket
-        .parent()
-        .ok_or("the rpc socket needs a parent dir")?;
+    let socket_parent = args.rpc_socket.parent().ok_or("the rpc socket needs a parent dir")?;
     ensure_dir(socket_parent, DirRole::SocketParent, cfg.frontend)?;
     ensure_dir(&args.state_dir, DirRole::State, cfg.frontend)?;
     ensure_dir(&args.console_dir, DirRole::Console, cfg.frontend)?;
@@ -60,45 +58,29 @@ pub fn run(args: &Args) -> Result<(), String> {
     }
     let listener = bind_rpc_socket(&args.rpc_socket, cfg.rpc_gid)?;
     let dir_fd = |p: &std::path::Path| {
-        open(
-            p,
-            OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| format!("{}: {e}", p.display()))
+        open(p, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| format!("{}: {e}", p.display()))
     };
-    let image_roots = args
-        .image_roots
-        .iter()
-        .map(|r| Ok((r.clone(), dir_fd(r)?)))
-        .collect::<Result<_, String>>()?;
+    let image_roots =
+        args.image_roots.iter().map(|r| Ok((r.clone(), dir_fd(r)?))).collect::<Result<_, String>>()?;
     let run_fd = dir_fd(&args.run_dir)?;
 
     // Every process the spawn helper starts is re-parented to the broker, which reaps it.
     // SAFETY: plain prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-        return Err(format!(
-            "become a child subreaper: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(format!("become a child subreaper: {}", std::io::Error::last_os_error()));
     }
     let mut signals = SigSet::empty();
     for s in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         signals.add(s);
     }
-    signals
-        .thread_block()
-        .map_err(|e| format!("block signals: {e}"))?;
+    signals.thread_block().map_err(|e| format!("block signals: {e}"))?;
     let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("signalfd: {e}"))?;
 
     let spawner = start_spawner(args, &cfg)?;
     keep_only(BROKER_CAPS).map_err(|e| format!("drop capabilities: {e}"))?;
-    let mode = if args.seccomp_log {
-        seccomp::Mode::Log
-    } else {
-        seccomp::Mode::Kill
-    };
+    let mode = if args.seccomp_log { seccomp::Mode::Log } else { seccomp::Mode::Kill };
     apply_broker_filter(mode).map_err(|e| format!("seccomp: {e}"))?;
     tracing::info!(caps = ?BROKER_CAPS, seccomp = ?mode, "broker confined");
 
@@ -125,7 +107,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             None => PollTimeout::NONE,
         };
         let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
-        if let Some(f) = &frontend {
+        if let Some(f) = frontend.as_ref().filter(|f| f.serving) {
             fds.push(PollFd::new(f.channel.as_fd(), PollFlags::POLLIN));
         }
         match poll(&mut fds, timeout) {
@@ -135,12 +117,14 @@ pub fn run(args: &Args) -> Result<(), String> {
         let sig_ready = fds[0].any().unwrap_or(false);
         let chan_ready = fds.get(1).and_then(|f| f.any()).unwrap_or(false);
         drop(fds);
-        if chan_ready && let Some(f) = &frontend {
-            if let Err(e) = serve_one(&mut b, f) {
-                tracing::warn!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, verdict = "drop-channel", reason = %e, "broker channel dropped; the frontend will be restarted");
-                let _ = kill(f.pid, Signal::SIGKILL);
-                // Its channel closes when it is reaped and replaced.
-            }
+        if chan_ready
+            && let Some(f) = &mut frontend
+            && let Err(e) = serve_one(&mut b, f)
+        {
+            tracing::warn!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, verdict = "drop-channel", reason = %e, "broker channel dropped; the frontend will be restarted");
+            let _ = kill(f.pid, Signal::SIGKILL);
+            // Nothing more is read from it; it closes when the frontend is reaped and replaced.
+            f.serving = false;
         }
         if sig_ready {
             while let Ok(Some(info)) = sigfd.read_signal() {
@@ -217,10 +201,7 @@ fn serve_one(b: &mut Broker, f: &Frontend) -> Result<(), WireError> {
     let (env, fds) = recv::<Request>(&f.channel)?;
     if !fds.is_empty() {
         // Requests never carry fds; the envelope declared them, so decoding let them through.
-        return Err(WireError::FdCount {
-            declared: env.fds,
-            received: 0,
-        });
+        return Err(WireError::FdCount { declared: env.fds, received: 0 });
     }
     let req = env.body;
     let (reply, fds) = match dispatch(b, &req) {
@@ -241,33 +222,18 @@ fn serve_one(b: &mut Broker, f: &Frontend) -> Result<(), WireError> {
     }
     debug_assert_eq!(usize::from(reply.fd_count()), fds.len());
     let raw: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
-    let env = Envelope {
-        version: PROTOCOL_VERSION,
-        id: env.id,
-        fds: 0,
-        body: FromBroker::Reply(reply),
-    };
+    let env = Envelope { version: PROTOCOL_VERSION, id: env.id, fds: 0, body: FromBroker::Reply(reply) };
     send(&f.channel, env, &raw)
 }
 
 /// Forks the spawn helper while the broker still has every capability and no filter. It
 /// keeps the capabilities it needs to start unprivileged programs and nothing else.
 fn start_spawner(args: &Args, cfg: &Config) -> Result<OwnedFd, String> {
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| format!("socketpair: {e}"))?;
-    let mut frontend_args: Vec<std::ffi::OsString> = vec![
-        "--listen-fd".into(),
-        spawner::FRONTEND_LISTEN_FD.to_string().into(),
-    ];
-    frontend_args.extend([
-        "--broker-fd".into(),
-        spawner::FRONTEND_BROKER_FD.to_string().into(),
-    ]);
+    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+        .map_err(|e| format!("socketpair: {e}"))?;
+    let mut frontend_args: Vec<std::ffi::OsString> =
+        vec!["--listen-fd".into(), spawner::FRONTEND_LISTEN_FD.to_string().into()];
+    frontend_args.extend(["--broker-fd".into(), spawner::FRONTEND_BROKER_FD.to_string().into()]);
     frontend_args.extend(["--state-dir".into(), args.state_dir.clone().into()]);
     frontend_args.extend(["--console-dir".into(), args.console_dir.clone().into()]);
     frontend_args.extend(["--log-format".into(), args.log_format.as_str().into()]);
@@ -301,29 +267,11 @@ fn start_spawner(args: &Args, cfg: &Config) -> Result<OwnedFd, String> {
 /// no_new_privs, an empty environment, and exactly two inherited fds: the RPC listener and
 /// its end of a fresh SOCK_SEQPACKET broker channel.
 fn start_frontend(b: &Broker, cfg: &Config, listener: &UnixListener) -> Result<Frontend, String> {
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| format!("socketpair: {e}"))?;
-    let listen = listener
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|e| format!("dup listener: {e}"))?;
+    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+        .map_err(|e| format!("socketpair: {e}"))?;
+    let listen = listener.as_fd().try_clone_to_owned().map_err(|e| format!("dup listener: {e}"))?;
     let pid = spawner::order(&b.spawner, Order::Frontend, &[listen, theirs])?;
     let pid = Pid::from_raw(pid as i32);
-    tracing::info!(
-        pid = pid.as_raw(),
-        uid = cfg.frontend.uid,
-        gid = cfg.frontend.gid,
-        "frontend started"
-    );
-    Ok(Frontend {
-        pid,
-        uid: cfg.frontend.uid,
-        started: Instant::now(),
-        channel: ours,
-    })
+    tracing::info!(pid = pid.as_raw(), uid = cfg.frontend.uid, gid = cfg.frontend.gid, "frontend started");
+    Ok(Frontend { pid, uid: cfg.frontend.uid, started: Instant::now(), channel: ours, serving: true })
 }

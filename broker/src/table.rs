@@ -58,16 +58,8 @@ pub struct Tap {
 
 pub enum Vmm {
     NotSpawned,
-    Alive {
-        pid: u32,
-        pidfd: OwnedFd,
-        outputs: vmm::Outputs,
-    },
-    Exited {
-        pid: u32,
-        status: ExitStatus,
-        outputs: vmm::Outputs,
-    },
+    Alive { pid: u32, pidfd: OwnedFd, outputs: vmm::Outputs },
+    Exited { pid: u32, status: ExitStatus, outputs: vmm::Outputs },
 }
 
 /// Why a request was refused; nothing was changed.
@@ -89,17 +81,13 @@ fn refuse<T>(why: impl Into<String>) -> Result<T, Refusal> {
 impl Broker {
     fn vm(&mut self, id: &str) -> Result<&mut Vm, Refusal> {
         check_vm_id(id)?;
-        self.vms
-            .get_mut(id)
-            .ok_or_else(|| Refusal(format!("VM {id} was never prepared")))
+        self.vms.get_mut(id).ok_or_else(|| Refusal(format!("VM {id} was never prepared")))
     }
 
     fn unspawned(&mut self, id: &str) -> Result<&mut Vm, Refusal> {
         let vm = self.vm(id)?;
         if !matches!(vm.vmm, Vmm::NotSpawned) {
-            return refuse(format!(
-                "VM {id} was already spawned; a VM is spawned at most once per prepare"
-            ));
+            return refuse(format!("VM {id} was already spawned; a VM is spawned at most once per prepare"));
         }
         Ok(vm)
     }
@@ -118,13 +106,7 @@ pub fn dispatch(b: &mut Broker, req: &Request) -> Outcome {
     match req {
         Request::KvmCheck => {
             let (api_version, extensions) = kvm::check()?;
-            Ok((
-                Reply::Kvm {
-                    api_version,
-                    extensions,
-                },
-                vec![],
-            ))
+            Ok((Reply::Kvm { api_version, extensions }, vec![]))
         }
         Request::Prepare { vm, images } => {
             check_vm_id(vm)?;
@@ -143,10 +125,7 @@ pub fn dispatch(b: &mut Broker, req: &Request) -> Outcome {
                 .find(|u| b.vms.values().all(|v| v.uid != *u))
                 .ok_or("every uid in the VM uid range is in use")?;
             let record = images::prepare(b, vm, uid, images)?;
-            let reply = Reply::Prepared {
-                uid,
-                run_dir: b.run_dir.join(vm).to_string_lossy().into_owned(),
-            };
+            let reply = Reply::Prepared { uid, run_dir: b.run_dir.join(vm).to_string_lossy().into_owned() };
             b.vms.insert(vm.clone(), record);
             Ok((reply, vec![]))
         }
@@ -162,16 +141,11 @@ pub fn dispatch(b: &mut Broker, req: &Request) -> Outcome {
                 .into());
             }
             mac.as_deref().map(check_mac).transpose()?;
-            mtu.map(|m| check_range("mtu", m.into(), MIN_MTU.into(), MAX_MTU.into()))
-                .transpose()?;
+            mtu.map(|m| check_range("mtu", m.into(), MIN_MTU.into(), MAX_MTU.into())).transpose()?;
             bridge.as_deref().map(check_ifname).transpose()?;
             let name = my_hypervisor_policy::vmm::tap_name(v.uid, v.taps.len());
             let fd = crate::tap::create(&name, *mtu, bridge.as_deref())?;
-            v.taps.push(Tap {
-                name: name.clone(),
-                mac: mac.clone(),
-                fd,
-            });
+            v.taps.push(Tap { name: name.clone(), mac: mac.clone(), fd });
             Ok((Reply::Tap { name }, vec![]))
         }
         Request::Spawn { vm, config } => {
@@ -204,13 +178,7 @@ pub fn dispatch(b: &mut Broker, req: &Request) -> Outcome {
                         Vmm::Alive { pid, .. } => (Some(pid), true, None),
                         Vmm::Exited { pid, status, .. } => (Some(pid), false, Some(status)),
                     };
-                    HeldVm {
-                        vm: id.clone(),
-                        uid: v.uid,
-                        pid,
-                        alive,
-                        exit,
-                    }
+                    HeldVm { vm: id.clone(), uid: v.uid, pid, alive, exit }
                 })
                 .collect();
             Ok((Reply::Inventory { vms }, vec![]))

@@ -21,10 +21,7 @@ struct IfReq {
 
 impl IfReq {
     fn new(name: &str) -> IfReq {
-        let mut r = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            data: [0; 24],
-        };
+        let mut r = IfReq { name: [0; libc::IFNAMSIZ], data: [0; 24] };
         r.name[..name.len()].copy_from_slice(name.as_bytes());
         r
     }
@@ -66,13 +63,8 @@ pub fn create(name: &str, mtu: Option<u32>, bridge: Option<&str>) -> Result<Owne
     let mut ifr = IfReq::new(name);
     ifr.set_short(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
     ioctl(&tun, TUNSETIFF, &mut ifr, "TUNSETIFF")?;
-    let ctl = socket(
-        AddressFamily::Unix,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|e| format!("control socket: {e}"))?;
+    let ctl = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| format!("control socket: {e}"))?;
     if let Some(mtu) = mtu {
         let mut r = IfReq::new(name);
         r.set_int(mtu as i32);

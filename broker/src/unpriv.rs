@@ -45,19 +45,14 @@ pub fn place_fds(fds: &[(RawFd, RawFd)]) -> io::Result<()> {
 /// signals it reads from a signalfd) and nothing ignored (ignored signals survive exec).
 pub fn reset_signals() -> io::Result<()> {
     for sig in nix::sys::signal::Signal::iterator() {
-        if matches!(
-            sig,
-            nix::sys::signal::Signal::SIGKILL | nix::sys::signal::Signal::SIGSTOP
-        ) {
+        if matches!(sig, nix::sys::signal::Signal::SIGKILL | nix::sys::signal::Signal::SIGSTOP) {
             continue;
         }
         // SAFETY: installing SIG_DFL involves no handler code.
         unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) }
             .map_err(io::Error::from)?;
     }
-    nix::sys::signal::SigSet::empty()
-        .thread_set_mask()
-        .map_err(io::Error::from)
+    nix::sys::signal::SigSet::empty().thread_set_mask().map_err(io::Error::from)
 }
 
 /// Becomes `ids` with no supplementary groups, every capability set empty (bounding and
@@ -74,19 +69,11 @@ pub fn drop_privileges(ids: Ids) -> io::Result<()> {
     for set in [CapSet::Effective, CapSet::Permitted] {
         caps::clear(None, set).map_err(|e| io_err("clear capabilities", e))?;
     }
-    for set in [
-        CapSet::Effective,
-        CapSet::Permitted,
-        CapSet::Inheritable,
-        CapSet::Ambient,
-        CapSet::Bounding,
-    ] {
+    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable, CapSet::Ambient, CapSet::Bounding]
+    {
         let held = caps::read(None, set).map_err(|e| io_err("read capabilities", e))?;
         if !held.is_empty() {
-            return Err(io_err(
-                "drop capabilities",
-                format!("{set:?} still holds {held:?}"),
-            ));
+            return Err(io_err("drop capabilities", format!("{set:?} still holds {held:?}")));
         }
     }
     // SAFETY: plain prctl call with integer arguments.

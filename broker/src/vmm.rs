@@ -51,17 +51,15 @@ fn find_cloud_hypervisor(configured: Option<&Path>) -> Result<PathBuf, Refusal> 
     let found = match configured {
         Some(p) => Some(p.to_path_buf()),
         None => std::env::var_os("PATH").and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|d| d.join("cloud-hypervisor"))
-                .find(|p| p.is_file())
+            std::env::split_paths(&path).map(|d| d.join("cloud-hypervisor")).find(|p| p.is_file())
         }),
     };
     match found {
         Some(p) if p.is_file() => Ok(p),
         Some(p) => Err(Refusal(format!("cloud-hypervisor not found at {}", p.display()))),
-        None => Err(Refusal(
-            "cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor".into(),
-        )),
+        None => {
+            Err(Refusal("cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor".into()))
+        }
     }
 }
 
@@ -94,41 +92,25 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
     let (events_w, events_r) = create_output(&vm.dir, EVENT_FILE)?;
     let api = UnixListener::bind(run_dir.join(API_SOCKET)).map_err(|e| format!("bind api socket: {e}"))?;
     let ids = (Some(Uid::from_raw(vm.uid)), Some(Gid::from_raw(vm.uid)));
-    fchownat(
-        vm.dir.as_fd(),
-        API_SOCKET,
-        ids.0,
-        ids.1,
-        AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .map_err(|e| format!("chown api socket: {e}"))?;
+    fchownat(vm.dir.as_fd(), API_SOCKET, ids.0, ids.1, AtFlags::AT_SYMLINK_NOFOLLOW)
+        .map_err(|e| format!("chown api socket: {e}"))?;
     let mut fds: Vec<OwnedFd> = vec![log_w, api.into(), events_w];
     for t in &vm.taps {
         fds.push(t.fd.try_clone()?);
     }
     let mut ch_argv = vec![ch.to_string_lossy().into_owned()];
     ch_argv.extend(plan.args());
-    let order = Order::Vmm {
-        vm: id.to_string(),
-        uid: vm.uid,
-        ch_argv,
-    };
+    let order = Order::Vmm { vm: id.to_string(), uid: vm.uid, ch_argv };
     let pid = spawner::order(&b.spawner, order, &fds)?;
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1. The pid is our
     // child (re-parented to this subreaper) and not yet reaped, so it cannot be reused.
     let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if raw < 0 {
-        return Err(Refusal(format!(
-            "pidfd_open {pid}: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(Refusal(format!("pidfd_open {pid}: {}", std::io::Error::last_os_error())));
     }
     // SAFETY: the kernel just returned this new fd to us.
     let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
-    let outputs = Outputs {
-        events: events_r,
-        log: log_r,
-    };
+    let outputs = Outputs { events: events_r, log: log_r };
     let fds = outputs.reopen()?;
     vm.vmm = Vmm::Alive { pid, pidfd, outputs };
     Ok((Reply::Spawned { pid }, fds))
@@ -142,26 +124,14 @@ pub fn connect(vm: &Vm, role: SocketRole) -> Outcome {
         SocketRole::Serial => SERIAL_SOCKET,
         SocketRole::Vsock => VSOCK_SOCKET,
     };
-    let node = openat(
-        vm.dir.as_fd(),
-        name,
-        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| format!("{name}: {e}"))?;
+    let node =
+        openat(vm.dir.as_fd(), name, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| format!("{name}: {e}"))?;
     let st = fstat(node.as_fd())?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK || st.st_uid != vm.uid {
-        return Err(Refusal(format!(
-            "{name} is not a socket owned by the VM uid {}",
-            vm.uid
-        )));
+        return Err(Refusal(format!("{name} is not a socket owned by the VM uid {}", vm.uid)));
     }
-    let sock = socket::socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let sock = socket::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     socket::connect(
         sock.as_raw_fd(),
         &UnixAddr::new(format!("/proc/self/fd/{}", node.as_raw_fd()).as_str())?,
@@ -181,13 +151,7 @@ pub fn signal(vm: &Vm, sig: VmmSignal) -> Result<(), Refusal> {
     };
     // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo and no flags.
     let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            sig,
-            std::ptr::null::<u8>(),
-            0,
-        )
+        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0)
     };
     if r < 0 {
         return Err(Refusal(format!("signal: {}", std::io::Error::last_os_error())));
@@ -205,19 +169,12 @@ pub fn exit_status(ws: WaitStatus) -> Option<(u32, ExitStatus)> {
 
 /// Records the exit of a reaped child if it was a VMM; returns the event for the frontend.
 pub fn reaped(b: &mut Broker, pid: u32, status: ExitStatus) -> Option<Event> {
-    let (id, vm) = b
-        .vms
-        .iter_mut()
-        .find(|(_, v)| matches!(v.vmm, Vmm::Alive { pid: p, .. } if p == pid))?;
+    let (id, vm) = b.vms.iter_mut().find(|(_, v)| matches!(v.vmm, Vmm::Alive { pid: p, .. } if p == pid))?;
     let Vmm::Alive { outputs, .. } = std::mem::replace(&mut vm.vmm, Vmm::NotSpawned) else {
         return None;
     };
     vm.vmm = Vmm::Exited { pid, status, outputs };
-    Some(Event::VmmExited {
-        vm: id.clone(),
-        pid,
-        status,
-    })
+    Some(Event::VmmExited { vm: id.clone(), pid, status })
 }
 
 /// Kills the VMM if alive, closes the taps, undoes the image grants and removes the runtime
@@ -234,9 +191,5 @@ pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => errors.push(format!("remove runtime dir: {e}")),
         _ => {}
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(Refusal(errors.join("; ")))
-    }
+    if errors.is_empty() { Ok(()) } else { Err(Refusal(errors.join("; "))) }
 }

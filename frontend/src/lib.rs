@@ -20,19 +20,12 @@ pub fn init_logging(format: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        b.json().init()
-    } else {
-        b.init()
-    }
+    if format == "json" { b.json().init() } else { b.init() }
 }
 
 /// Serves the API until the broker channel closes (the broker is gone) or serving fails.
 pub fn run(cfg: Config, listen: OwnedFd, broker: OwnedFd) -> std::io::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rpc::limits::raise_nofile_limit(cfg.limits.max_connections);
     let methods = rpc::methods().map_err(std::io::Error::other)?;
     rt.block_on(async move {

@@ -12,10 +12,7 @@ use my_hypervisor_frontend::rpc::Limits;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
 
 fn nofile() -> libc::rlimit {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into the struct we own, passed by valid pointer.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
     lim
@@ -46,25 +43,14 @@ async fn accept_backs_off_when_out_of_descriptors() {
     let addr = UnixAddr::new(&server.path).unwrap();
     // Client sockets are made before the limit drops; connecting them needs no new descriptor.
     let clients: Vec<OwnedFd> = (0..4)
-        .map(|_| {
-            socket(
-                AddressFamily::Unix,
-                SockType::Stream,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .unwrap()
-        })
+        .map(|_| socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap())
         .collect();
     tokio::time::sleep(Duration::from_millis(50)).await;
 
     let saved = nofile();
     // Counting opens the directory, which holds one descriptor while it is read.
     let in_use = open_fds().saturating_sub(1);
-    set_nofile(libc::rlimit {
-        rlim_cur: in_use,
-        rlim_max: saved.rlim_max,
-    });
+    set_nofile(libc::rlimit { rlim_cur: in_use, rlim_max: saved.rlim_max });
     for fd in &clients {
         connect(std::os::fd::AsRawFd::as_raw_fd(fd), &addr).unwrap();
     }
@@ -73,10 +59,7 @@ async fn accept_backs_off_when_out_of_descriptors() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let used = cpu_time() - before;
     set_nofile(saved);
-    assert!(
-        used < Duration::from_millis(300),
-        "accept loop used {used:?} of CPU in 1 s while out of fds"
-    );
+    assert!(used < Duration::from_millis(300), "accept loop used {used:?} of CPU in 1 s while out of fds");
 
     // With descriptors back, the waiting clients are served.
     let started = Instant::now();
@@ -86,8 +69,7 @@ async fn accept_backs_off_when_out_of_descriptors() {
             .map(|fd| {
                 let mut s = std::os::unix::net::UnixStream::from(fd);
                 s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                s.write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"sum\",\"params\":[1,2],\"id\":1}\n")
-                    .unwrap();
+                s.write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"sum\",\"params\":[1,2],\"id\":1}\n").unwrap();
                 let mut line = String::new();
                 BufReader::new(&s).read_line(&mut line).unwrap();
                 line

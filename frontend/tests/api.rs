@@ -26,10 +26,7 @@ async fn discover_lists_exactly_the_served_methods() {
     let (_server, mut c) = client().await;
     let r = call(&mut c, "rpc.discover", json!({})).await;
     let doc = &r["result"];
-    assert!(
-        doc["openrpc"].as_str().is_some_and(|v| v.starts_with("1.")),
-        "{doc}"
-    );
+    assert!(doc["openrpc"].as_str().is_some_and(|v| v.starts_with("1.")), "{doc}");
     let described: BTreeSet<String> = doc["methods"]
         .as_array()
         .expect("methods array")
@@ -88,11 +85,7 @@ async fn every_vm_method_is_not_ready_yet() {
         assert_eq!(r["error"]["code"], errors::NOT_READY, "{}: {r}", def.name);
         let msg = r["error"]["message"].as_str().unwrap();
         assert!(msg.contains(def.name) && msg.contains("not built yet"), "{msg}");
-        assert!(
-            def.errors.contains(&errors::NOT_READY),
-            "{} does not document not-ready",
-            def.name
-        );
+        assert!(def.errors.contains(&errors::NOT_READY), "{} does not document not-ready", def.name);
     }
 }
 
@@ -100,51 +93,23 @@ async fn every_vm_method_is_not_ready_yet() {
 async fn bad_params_name_the_field() {
     let (_server, mut c) = client().await;
     let cases = [
-        (
-            "compute.vm.start",
-            json!({}),
-            errors::INVALID_PARAMS_CODE,
-            "vm_id",
-        ),
-        (
-            "compute.vm.start",
-            json!({"vm_id": "Not_Valid"}),
-            errors::INVALID_PARAMS_CODE,
-            "vm_id",
-        ),
+        ("compute.vm.start", json!({}), errors::INVALID_PARAMS_CODE, "vm_id"),
+        ("compute.vm.start", json!({"vm_id": "Not_Valid"}), errors::INVALID_PARAMS_CODE, "vm_id"),
         (
             "compute.vm.stop",
             json!({"vm_id": "a", "timeout_secs": "soon"}),
             errors::INVALID_PARAMS_CODE,
             "timeout_secs",
         ),
-        (
-            "compute.vm.list",
-            json!({"all": true}),
-            errors::INVALID_PARAMS_CODE,
-            "all",
-        ),
-        (
-            "compute.vm.exec",
-            json!({"vm_id": "a", "argv": []}),
-            errors::INVALID_PARAMS_CODE,
-            "argv",
-        ),
-        (
-            "compute.vm.create",
-            json!({"id": "a"}),
-            errors::INVALID_PARAMS_CODE,
-            "vcpus",
-        ),
+        ("compute.vm.list", json!({"all": true}), errors::INVALID_PARAMS_CODE, "all"),
+        ("compute.vm.exec", json!({"vm_id": "a", "argv": []}), errors::INVALID_PARAMS_CODE, "argv"),
+        ("compute.vm.create", json!({"id": "a"}), errors::INVALID_PARAMS_CODE, "vcpus"),
     ];
     for (method, params, code, field) in cases {
         let r = call(&mut c, method, params.clone()).await;
         assert_eq!(r["error"]["code"], code, "{method} {params}: {r}");
         let msg = r["error"]["message"].as_str().unwrap();
-        assert!(
-            msg.contains(field),
-            "{method} {params}: message does not mention {field}: {msg}"
-        );
+        assert!(msg.contains(field), "{method} {params}: message does not mention {field}: {msg}");
     }
 
     let mut spec = valid_params("compute.vm.create");
@@ -159,11 +124,7 @@ fn docs_cover_every_method_limit_and_code() {
     use clap::Args;
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.md")).unwrap();
     for def in rpc::api::API {
-        assert!(
-            doc.contains(&format!("### {}", def.name)),
-            "docs/api.md lacks a section for {}",
-            def.name
-        );
+        assert!(doc.contains(&format!("### {}", def.name)), "docs/api.md lacks a section for {}", def.name);
     }
     let cmd = Limits::augment_args(clap::Command::new("frontend"));
     for arg in cmd.get_arguments() {
@@ -171,9 +132,6 @@ fn docs_cover_every_method_limit_and_code() {
         assert!(doc.contains(&flag), "docs/api.md does not document {flag}");
     }
     for (code, _) in errors::APPLICATION_CODES {
-        assert!(
-            doc.contains(&format!("| {code} |")),
-            "docs/api.md lacks error code {code}"
-        );
+        assert!(doc.contains(&format!("| {code} |")), "docs/api.md lacks error code {code}");
     }
 }

@@ -29,16 +29,8 @@ fn examples() -> Vec<(&'static str, &'static str, Option<Value>)> {
             r#"{"jsonrpc": "2.0", "method": "subtract", "params": {"minuend": 42, "subtrahend": 23}, "id": 4}"#,
             Some(json!({"jsonrpc": "2.0", "result": 19, "id": 4})),
         ),
-        (
-            "notification update",
-            r#"{"jsonrpc": "2.0", "method": "update", "params": [1,2,3,4,5]}"#,
-            None,
-        ),
-        (
-            "notification foobar",
-            r#"{"jsonrpc": "2.0", "method": "foobar"}"#,
-            None,
-        ),
+        ("notification update", r#"{"jsonrpc": "2.0", "method": "update", "params": [1,2,3,4,5]}"#, None),
+        ("notification foobar", r#"{"jsonrpc": "2.0", "method": "foobar"}"#, None),
         (
             "non-existent method",
             r#"{"jsonrpc": "2.0", "method": "foobar", "id": "1"}"#,
@@ -137,19 +129,13 @@ async fn specification_examples() {
                 let got = c.recv().await;
                 assert_eq!(normalize(&got), normalize(&expected), "{name}: got {got}");
                 if let Some(err) = got.get("error") {
-                    assert!(
-                        err["message"].as_str().is_some_and(|m| !m.is_empty()),
-                        "{name}: {got}"
-                    );
+                    assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}: {got}");
                 }
             }
             None => {
                 c.send(SENTINEL.as_bytes()).await;
                 let got = c.recv().await;
-                assert_eq!(
-                    got["id"], "sentinel",
-                    "{name}: the server replied to a notification: {got}"
-                );
+                assert_eq!(got["id"], "sentinel", "{name}: the server replied to a notification: {got}");
             }
         }
     }
@@ -160,10 +146,8 @@ async fn each_connection_gets_its_own_replies() {
     let server = start(spec_methods(), Limits::default());
     let mut a = Client::connect(&server).await;
     let mut b = Client::connect(&server).await;
-    a.send(br#"{"jsonrpc":"2.0","method":"subtract","params":[10,1],"id":1}"#)
-        .await;
-    b.send(br#"{"jsonrpc":"2.0","method":"subtract","params":[20,1],"id":1}"#)
-        .await;
+    a.send(br#"{"jsonrpc":"2.0","method":"subtract","params":[10,1],"id":1}"#).await;
+    b.send(br#"{"jsonrpc":"2.0","method":"subtract","params":[20,1],"id":1}"#).await;
     assert_eq!(b.recv().await["result"], 19);
     assert_eq!(a.recv().await["result"], 9);
 }
@@ -172,31 +156,17 @@ async fn each_connection_gets_its_own_replies() {
 async fn invalid_params_and_request_details() {
     let server = start(spec_methods(), Limits::default());
     let mut c = Client::connect(&server).await;
-    let r = c
-        .call(r#"{"jsonrpc":"2.0","method":"subtract","params":["a"],"id":1}"#)
-        .await;
+    let r = c.call(r#"{"jsonrpc":"2.0","method":"subtract","params":["a"],"id":1}"#).await;
     assert_eq!(r["error"]["code"], -32602, "{r}");
     // Wrong protocol version: an invalid request that keeps its id.
-    let r = c
-        .call(r#"{"jsonrpc":"1.0","method":"subtract","params":[1,2],"id":9}"#)
-        .await;
-    assert_eq!(
-        normalize(&r),
-        json!({"jsonrpc":"2.0","error":{"code":-32600},"id":9})
-    );
+    let r = c.call(r#"{"jsonrpc":"1.0","method":"subtract","params":[1,2],"id":9}"#).await;
+    assert_eq!(normalize(&r), json!({"jsonrpc":"2.0","error":{"code":-32600},"id":9}));
     // An id that is not a string or number is not a notification.
-    let r = c
-        .call(r#"{"jsonrpc":"2.0","method":"subtract","params":[1,2],"id":{}}"#)
-        .await;
-    assert_eq!(
-        normalize(&r),
-        json!({"jsonrpc":"2.0","error":{"code":-32600},"id":null})
-    );
+    let r = c.call(r#"{"jsonrpc":"2.0","method":"subtract","params":[1,2],"id":{}}"#).await;
+    assert_eq!(normalize(&r), json!({"jsonrpc":"2.0","error":{"code":-32600},"id":null}));
     // Blank lines are skipped; CRLF line ends are accepted.
     c.send(b"").await;
-    let r = c
-        .call("{\"jsonrpc\":\"2.0\",\"method\":\"get_data\",\"id\":2}\r")
-        .await;
+    let r = c.call("{\"jsonrpc\":\"2.0\",\"method\":\"get_data\",\"id\":2}\r").await;
     assert_eq!(r["result"], json!(["hello", 5]));
 }
 
@@ -204,9 +174,7 @@ async fn invalid_params_and_request_details() {
 async fn subscriptions_share_the_connection() {
     let server = start(spec_methods(), Limits::default());
     let mut c = Client::connect(&server).await;
-    let r = c
-        .call(r#"{"jsonrpc":"2.0","method":"test_subscribe","params":[3, 4],"id":1}"#)
-        .await;
+    let r = c.call(r#"{"jsonrpc":"2.0","method":"test_subscribe","params":[3, 4],"id":1}"#).await;
     let sub_id = r["result"].clone();
     assert!(sub_id.is_number() || sub_id.is_string(), "{r}");
     for seq in 0..3 {
@@ -216,14 +184,10 @@ async fn subscriptions_share_the_connection() {
         assert_eq!(n["params"]["result"]["seq"], seq, "{n}");
     }
     // Requests still work on the same connection afterwards.
-    let r = c
-        .call(r#"{"jsonrpc":"2.0","method":"sum","params":[1,2],"id":2}"#)
-        .await;
+    let r = c.call(r#"{"jsonrpc":"2.0","method":"sum","params":[1,2],"id":2}"#).await;
     assert_eq!(r["result"], 3);
     // A long-running subscription can be cancelled.
-    let r = c
-        .call(r#"{"jsonrpc":"2.0","method":"test_subscribe","params":[1000000000, 4],"id":3}"#)
-        .await;
+    let r = c.call(r#"{"jsonrpc":"2.0","method":"test_subscribe","params":[1000000000, 4],"id":3}"#).await;
     let sub_id = r["result"].clone();
     let unsub = json!({"jsonrpc":"2.0","method":"test_unsubscribe","params":[sub_id],"id":4}).to_string();
     c.send(unsub.as_bytes()).await;
@@ -239,18 +203,12 @@ async fn subscriptions_share_the_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_per_connection_are_limited() {
-    let limits = Limits {
-        max_subscriptions: 1,
-        ..Limits::default()
-    };
+    let limits = Limits { max_subscriptions: 1, ..Limits::default() };
     let server = start(spec_methods(), limits);
     let mut c = Client::connect(&server).await;
-    let r = c
-        .call(r#"{"jsonrpc":"2.0","method":"test_subscribe","params":[1000000000, 4],"id":1}"#)
-        .await;
+    let r = c.call(r#"{"jsonrpc":"2.0","method":"test_subscribe","params":[1000000000, 4],"id":1}"#).await;
     assert!(r.get("result").is_some(), "{r}");
-    c.send(br#"{"jsonrpc":"2.0","method":"test_subscribe","params":[1, 4],"id":2}"#)
-        .await;
+    c.send(br#"{"jsonrpc":"2.0","method":"test_subscribe","params":[1, 4],"id":2}"#).await;
     loop {
         let m = c.recv().await;
         if m.get("id") == Some(&json!(2)) {

@@ -39,10 +39,7 @@ async fn line_of_16_mib_is_refused_without_buffering_it() {
     let reply = c.recv().await;
     assert_eq!(reply["id"], json!(null), "{reply}");
     assert_eq!(reply["error"]["code"], -32007, "{reply}");
-    assert!(
-        c.closed_within(Duration::from_secs(5)).await,
-        "connection left open"
-    );
+    assert!(c.closed_within(Duration::from_secs(5)).await, "connection left open");
     let wrote_everything = writer.await.unwrap();
     assert!(!wrote_everything, "the server kept reading past the line limit");
 
@@ -57,28 +54,16 @@ async fn invalid_utf8_is_a_parse_error() {
     let _serial = SERIAL.lock().await;
     let server = start(spec_methods(), Limits::default());
     let mut c = Client::connect(&server).await;
-    c.send(b"{\"jsonrpc\":\"2.0\",\"method\":\"sum\",\"params\":[1],\"id\":\"\xff\xfe\"}")
-        .await;
+    c.send(b"{\"jsonrpc\":\"2.0\",\"method\":\"sum\",\"params\":[1],\"id\":\"\xff\xfe\"}").await;
     let r = c.recv().await;
-    assert_eq!(
-        (r["error"]["code"].clone(), r["id"].clone()),
-        (json!(-32700), json!(null)),
-        "{r}"
-    );
-    c.send(b"[{\"jsonrpc\":\"2.0\",\"method\":\"\xc3\x28\",\"id\":1}]")
-        .await;
+    assert_eq!((r["error"]["code"].clone(), r["id"].clone()), (json!(-32700), json!(null)), "{r}");
+    c.send(b"[{\"jsonrpc\":\"2.0\",\"method\":\"\xc3\x28\",\"id\":1}]").await;
     let r = c.recv().await;
-    assert_eq!(
-        (r["error"]["code"].clone(), r["id"].clone()),
-        (json!(-32700), json!(null)),
-        "{r}"
-    );
+    assert_eq!((r["error"]["code"].clone(), r["id"].clone()), (json!(-32700), json!(null)), "{r}");
     c.send(&[0xff; 100]).await;
     assert_eq!(c.recv().await["error"]["code"], -32700);
     // The same connection keeps working.
-    let r = c
-        .call(r#"{"jsonrpc":"2.0","method":"sum","params":[1,2],"id":1}"#)
-        .await;
+    let r = c.call(r#"{"jsonrpc":"2.0","method":"sum","params":[1,2],"id":1}"#).await;
     assert_eq!(r["result"], 3);
     assert_serving(&server).await;
 }
@@ -89,14 +74,8 @@ async fn a_thousand_idle_connections() {
     const N: usize = 1000;
     // Client and server ends both live in this process.
     let soft = my_hypervisor_frontend::rpc::limits::raise_nofile_limit(2 * N + 100).unwrap_or(0);
-    assert!(
-        soft >= (2 * N + 100) as u64,
-        "RLIMIT_NOFILE {soft} is too low for this test"
-    );
-    let limits = Limits {
-        max_connections: N + 10,
-        ..Limits::default()
-    };
+    assert!(soft >= (2 * N + 100) as u64, "RLIMIT_NOFILE {soft} is too low for this test");
+    let limits = Limits { max_connections: N + 10, ..Limits::default() };
     let server = start(spec_methods(), limits);
     let rss = RssPeak::start();
 
@@ -107,11 +86,7 @@ async fn a_thousand_idle_connections() {
     assert_serving(&server).await;
     // Every idle connection was accepted and is still served.
     for (i, c) in idle.iter_mut().enumerate() {
-        let r = c
-            .call(&format!(
-                r#"{{"jsonrpc":"2.0","method":"sum","params":[{i},1],"id":{i}}}"#
-            ))
-            .await;
+        let r = c.call(&format!(r#"{{"jsonrpc":"2.0","method":"sum","params":[{i},1],"id":{i}}}"#)).await;
         assert_eq!(r["result"], i + 1, "{r}");
     }
     let grew = rss.finish();
@@ -126,34 +101,22 @@ async fn a_thousand_idle_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_limit_are_closed_at_once() {
     let _serial = SERIAL.lock().await;
-    let limits = Limits {
-        max_connections: 3,
-        ..Limits::default()
-    };
+    let limits = Limits { max_connections: 3, ..Limits::default() };
     let server = start(spec_methods(), limits);
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut c = Client::connect(&server).await;
-        assert_eq!(
-            c.call(r#"{"jsonrpc":"2.0","method":"sum","params":[1],"id":1}"#)
-                .await["result"],
-            1
-        );
+        assert_eq!(c.call(r#"{"jsonrpc":"2.0","method":"sum","params":[1],"id":1}"#).await["result"], 1);
         held.push(c);
     }
     let mut extra = Client::connect(&server).await;
-    assert!(
-        extra.closed_within(Duration::from_secs(2)).await,
-        "fourth connection was not closed"
-    );
+    assert!(extra.closed_within(Duration::from_secs(2)).await, "fourth connection was not closed");
     // Once a slot frees up, new clients are served again.
     held.pop();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let mut c = Client::connect(&server).await;
-        let sent = c
-            .try_send(br#"{"jsonrpc":"2.0","method":"sum","params":[2],"id":1}"#)
-            .await;
+        let sent = c.try_send(br#"{"jsonrpc":"2.0","method":"sum","params":[2],"id":1}"#).await;
         if let Some(line) = c.recv_line().await.filter(|_| sent) {
             assert!(line.contains("\"result\":2"), "{line}");
             break;
@@ -193,10 +156,7 @@ async fn one_byte_a_second_is_cut_off() {
     }
     let elapsed = started.elapsed();
     assert!(cut_off, "a line dribbled over {elapsed:?} was accepted");
-    assert!(
-        elapsed >= Duration::from_millis(1400),
-        "cut off too early: {elapsed:?}"
-    );
+    assert!(elapsed >= Duration::from_millis(1400), "cut off too early: {elapsed:?}");
     assert!(elapsed < Duration::from_secs(4), "cut off too late: {elapsed:?}");
     assert_serving(&server).await;
     let grew = rss.finish();
@@ -207,60 +167,38 @@ async fn one_byte_a_second_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_time_out() {
     let _serial = SERIAL.lock().await;
-    let limits = Limits {
-        idle_timeout: Duration::from_millis(500),
-        ..Limits::default()
-    };
+    let limits = Limits { idle_timeout: Duration::from_millis(500), ..Limits::default() };
     let server = start(spec_methods(), limits);
     let mut c = Client::connect(&server).await;
     let started = Instant::now();
-    assert!(
-        c.closed_within(Duration::from_secs(3)).await,
-        "idle connection left open"
-    );
-    assert!(
-        started.elapsed() >= Duration::from_millis(450),
-        "closed too early: {:?}",
-        started.elapsed()
-    );
+    assert!(c.closed_within(Duration::from_secs(3)).await, "idle connection left open");
+    assert!(started.elapsed() >= Duration::from_millis(450), "closed too early: {:?}", started.elapsed());
 
     // An active subscription keeps a quiet connection open past the idle timeout; once it
     // ends, the idle timeout applies again.
     let mut sub = Client::connect(&server).await;
-    let r = sub
-        .call(r#"{"jsonrpc":"2.0","method":"test_subscribe","params":[1, 1, 1500],"id":1}"#)
-        .await;
+    let r = sub.call(r#"{"jsonrpc":"2.0","method":"test_subscribe","params":[1, 1, 1500],"id":1}"#).await;
     assert!(r.get("result").is_some(), "{r}");
     let n = sub.recv().await;
     assert_eq!(n["method"], "test_notification", "{n}");
-    assert!(
-        sub.closed_within(Duration::from_secs(2)).await,
-        "a finished subscription kept the connection"
-    );
+    assert!(sub.closed_within(Duration::from_secs(2)).await, "a finished subscription kept the connection");
     assert_serving(&server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_never_reads_is_cut_off() {
     let _serial = SERIAL.lock().await;
-    let limits = Limits {
-        write_timeout: Duration::from_secs(1),
-        ..Limits::default()
-    };
+    let limits = Limits { write_timeout: Duration::from_secs(1), ..Limits::default() };
     let server = start(spec_methods(), limits);
     let rss = RssPeak::start();
     common::SUB_ENDED.store(false, std::sync::atomic::Ordering::SeqCst);
 
     let mut c = Client::connect(&server).await;
     // Ask for an endless stream of 4 KiB notifications, then never read.
-    c.send(br#"{"jsonrpc":"2.0","method":"test_subscribe","params":[1000000000000, 4096],"id":1}"#)
-        .await;
+    c.send(br#"{"jsonrpc":"2.0","method":"test_subscribe","params":[1000000000000, 4096],"id":1}"#).await;
     let started = Instant::now();
     while !common::SUB_ENDED.load(std::sync::atomic::Ordering::SeqCst) {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the subscription was never cut off"
-        );
+        assert!(started.elapsed() < Duration::from_secs(10), "the subscription was never cut off");
         assert_serving(&server).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

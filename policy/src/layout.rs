@@ -103,19 +103,14 @@ pub fn parse_uid_range(s: &str) -> Result<RangeInclusive<u32>, IdError> {
 pub fn check_identities(frontend: Ids, vm_range: &RangeInclusive<u32>) -> Result<(), IdError> {
     let reserved = |id: u32| id == 0 || id == 65534;
     if reserved(frontend.uid) || reserved(frontend.gid) {
-        return Err(IdError::Reserved {
-            what: "the frontend user",
-        });
+        return Err(IdError::Reserved { what: "the frontend user" });
     }
     if vm_range.clone().any(reserved) {
         return Err(IdError::Reserved { what: "a VM uid" });
     }
     for id in [frontend.uid, frontend.gid] {
         if vm_range.contains(&id) {
-            return Err(IdError::Overlap {
-                range: vm_range.clone(),
-                id,
-            });
+            return Err(IdError::Overlap { range: vm_range.clone(), id });
         }
     }
     Ok(())

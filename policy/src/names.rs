@@ -22,14 +22,8 @@ pub enum NameError {
 pub fn check_vm_id(id: &str) -> Result<(), NameError> {
     let ok = !id.is_empty()
         && id.len() <= VM_ID_MAX
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(NameError::BadVmId(id.to_string()))
-    }
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok { Ok(()) } else { Err(NameError::BadVmId(id.to_string())) }
 }
 
 /// Checks the text of a path that ends up in a cloud-hypervisor option: absolute, bounded,
@@ -39,10 +33,7 @@ pub fn check_path_text(path: &str) -> Result<(), NameError> {
     if path.is_empty() || path.len() > PATH_MAX_LEN {
         return Err(NameError::PathLength(path.to_string()));
     }
-    if let Some(c) = path
-        .chars()
-        .find(|c| matches!(c, ',' | '=' | '"') || c.is_control())
-    {
+    if let Some(c) = path.chars().find(|c| matches!(c, ',' | '=' | '"') || c.is_control()) {
         return Err(NameError::ForbiddenChar(path.to_string(), c));
     }
     let Some(rest) = path.strip_prefix('/') else {

@@ -18,11 +18,7 @@ pub enum Mode {
 /// A syscall allowed outright, or only when argument `arg` equals one of `values`.
 pub enum Allow {
     Any(i64),
-    ArgIn {
-        nr: i64,
-        arg: u8,
-        values: &'static [u64],
-    },
+    ArgIn { nr: i64, arg: u8, values: &'static [u64] },
 }
 
 /// The ioctls the broker issues: the KVM check, and tap set-up (linux/kvm.h, if_tun.h,
@@ -97,16 +93,8 @@ pub fn broker_allow_list() -> Vec<Allow> {
         Any(libc::SYS_readlink),
         Any(libc::SYS_readlinkat),
         // Sockets: Unix only (VMM sockets, the ioctl control socket).
-        ArgIn {
-            nr: libc::SYS_socket,
-            arg: 0,
-            values: &[libc::AF_UNIX as u64],
-        },
-        ArgIn {
-            nr: libc::SYS_socketpair,
-            arg: 0,
-            values: &[libc::AF_UNIX as u64],
-        },
+        ArgIn { nr: libc::SYS_socket, arg: 0, values: &[libc::AF_UNIX as u64] },
+        ArgIn { nr: libc::SYS_socketpair, arg: 0, values: &[libc::AF_UNIX as u64] },
         Any(libc::SYS_connect),
         Any(libc::SYS_bind),
         Any(libc::SYS_listen),
@@ -114,11 +102,7 @@ pub fn broker_allow_list() -> Vec<Allow> {
         Any(libc::SYS_pidfd_open),
         Any(libc::SYS_pidfd_send_signal),
         Any(libc::SYS_kill),
-        ArgIn {
-            nr: libc::SYS_ioctl,
-            arg: 1,
-            values: BROKER_IOCTLS,
-        },
+        ArgIn { nr: libc::SYS_ioctl, arg: 1, values: BROKER_IOCTLS },
     ]
 }
 
@@ -181,10 +165,7 @@ mod tests {
             libc::SYS_mount,
             libc::SYS_ptrace,
         ] {
-            assert!(
-                !nrs.contains(&forbidden),
-                "syscall {forbidden} must not be allowed"
-            );
+            assert!(!nrs.contains(&forbidden), "syscall {forbidden} must not be allowed");
         }
     }
 }

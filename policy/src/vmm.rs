@@ -48,12 +48,7 @@ pub const LOG_FILE: &str = "vmm.log";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FieldError {
     #[error("{field} must be between {min} and {max}, got {got}")]
-    Range {
-        field: &'static str,
-        min: u64,
-        max: u64,
-        got: u64,
-    },
+    Range { field: &'static str, min: u64, max: u64, got: u64 },
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
     #[error(transparent)]
@@ -61,11 +56,7 @@ pub enum FieldError {
 }
 
 pub fn check_range(field: &'static str, got: u64, min: u64, max: u64) -> Result<(), FieldError> {
-    if (min..=max).contains(&got) {
-        Ok(())
-    } else {
-        Err(FieldError::Range { field, min, max, got })
-    }
+    if (min..=max).contains(&got) { Ok(()) } else { Err(FieldError::Range { field, min, max, got }) }
 }
 
 pub fn check_cmdline(cmdline: &str) -> Result<(), FieldError> {
@@ -81,10 +72,8 @@ pub fn check_cmdline(cmdline: &str) -> Result<(), FieldError> {
 /// A unicast MAC in `aa:bb:cc:dd:ee:ff` form.
 pub fn check_mac(mac: &str) -> Result<(), FieldError> {
     let parts: Vec<&str> = mac.split(':').collect();
-    let hex = parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    let hex =
+        parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
     let multicast = hex && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 1);
     if !hex || multicast {
         return Err(FieldError::Invalid {
@@ -101,9 +90,7 @@ pub fn check_ifname(name: &str) -> Result<(), FieldError> {
         && name.len() <= MAX_IFNAME
         && name != "."
         && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
     if ok {
         Ok(())
     } else {
@@ -155,13 +142,8 @@ impl VmmPlan {
                 reason: "initramfs and cmdline need a kernel".into(),
             });
         }
-        let paths = [&self.kernel, &self.initramfs, &self.firmware]
-            .into_iter()
-            .flatten();
-        for p in paths
-            .chain(self.disks.iter().map(|d| &d.0))
-            .chain([&self.run_dir])
-        {
+        let paths = [&self.kernel, &self.initramfs, &self.firmware].into_iter().flatten();
+        for p in paths.chain(self.disks.iter().map(|d| &d.0)).chain([&self.run_dir]) {
             check_path_text(p)?;
         }
         if let Some(c) = &self.cmdline {
@@ -194,28 +176,19 @@ impl VmmPlan {
         push("--cpus", format!("boot={}", self.vcpus));
         push("--memory", format!("size={}M", self.memory_mib));
         for (path, ro) in &self.disks {
-            push(
-                "--disk",
-                format!("path={path}{}", if *ro { ",readonly=on" } else { "" }),
-            );
+            push("--disk", format!("path={path}{}", if *ro { ",readonly=on" } else { "" }));
         }
         for (i, mac) in self.nets.iter().enumerate() {
             let fd = VMM_FIRST_TAP_FD + i as i32;
             push(
                 "--net",
-                format!(
-                    "fd={fd}{}",
-                    mac.as_ref().map(|m| format!(",mac={m}")).unwrap_or_default()
-                ),
+                format!("fd={fd}{}", mac.as_ref().map(|m| format!(",mac={m}")).unwrap_or_default()),
             );
         }
         push("--serial", format!("socket={}/{SERIAL_SOCKET}", self.run_dir));
         push("--console", "off".into());
         if self.vsock {
-            push(
-                "--vsock",
-                format!("cid={GUEST_CID},socket={}/{VSOCK_SOCKET}", self.run_dir),
-            );
+            push("--vsock", format!("cid={GUEST_CID},socket={}/{VSOCK_SOCKET}", self.run_dir));
         }
         push("--seccomp", "true".into());
         a.push("--pvpanic".into());
@@ -291,12 +264,7 @@ mod tests {
     #[test]
     fn names() {
         assert!(check_mac("52:54:00:ab:CD:ef").is_ok());
-        for m in [
-            "52:54:00:ab:cd",
-            "52-54-00-ab-cd-ef",
-            "zz:54:00:ab:cd:ef",
-            "ff:ff:ff:ff:ff:ff",
-        ] {
+        for m in ["52:54:00:ab:cd", "52-54-00-ab-cd-ef", "zz:54:00:ab:cd:ef", "ff:ff:ff:ff:ff:ff"] {
             assert!(check_mac(m).is_err(), "{m}");
         }
         assert!(check_ifname("br0").is_ok());

@@ -16,19 +16,12 @@ use serde_json::Value;
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test> -> target/<profile>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf()
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
 }
 
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`",
-        p.display()
-    );
+    assert!(p.exists(), "{} is missing: run the tests with `cargo test --workspace`", p.display());
     p
 }
 
@@ -38,10 +31,7 @@ pub fn have_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test}: CI must run the tests as root"
-    );
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{test}: CI must run the tests as root");
     eprintln!("SKIP {test}: needs root (it starts the daemon, which drops to other uids)");
     false
 }
@@ -53,10 +43,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            Instant::now() < end,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -94,10 +81,7 @@ pub fn owner_mode(p: &Path) -> (u32, u32, u32) {
 
 /// A scratch dir that other uids may traverse (the frontend and VMMs must reach below it).
 pub fn scratch_root() -> tempfile::TempDir {
-    let root = tempfile::Builder::new()
-        .prefix("myhv-test")
-        .tempdir()
-        .expect("tempdir");
+    let root = tempfile::Builder::new().prefix("myhv-test").tempdir().expect("tempdir");
     std::fs::set_permissions(root.path(), PermissionsExt::from_mode(0o755)).expect("chmod");
     root
 }
@@ -117,14 +101,9 @@ impl Daemon {
     /// Starts the daemon under `root`; its stderr goes to `<root>/daemon.log`.
     pub fn start_in(root: tempfile::TempDir, extra: &[&str]) -> Daemon {
         let log = std::fs::File::create(root.path().join("daemon.log")).expect("log file");
-        let child = Self::command(root.path(), extra)
-            .stderr(log)
-            .spawn()
-            .expect("start daemon");
+        let child = Self::command(root.path(), extra).stderr(log).spawn().expect("start daemon");
         let d = Daemon { child, root };
-        wait_for("the rpc socket", Duration::from_secs(10), || {
-            d.rpc_socket().exists().then_some(())
-        });
+        wait_for("the rpc socket", Duration::from_secs(10), || d.rpc_socket().exists().then_some(()));
         d
     }
 
@@ -203,12 +182,8 @@ pub struct RpcClient {
 impl RpcClient {
     pub fn connect(path: &Path) -> RpcClient {
         let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        RpcClient {
-            reader: BufReader::new(s.try_clone().expect("clone")),
-            writer: s,
-        }
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        RpcClient { reader: BufReader::new(s.try_clone().expect("clone")), writer: s }
     }
 
     pub fn send_line(&mut self, line: &str) {

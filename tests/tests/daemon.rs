@@ -41,23 +41,11 @@ fn frontend_runs_unprivileged_and_is_restarted() {
     for want in ["0", "1", "2", "3", "4"] {
         assert!(fds.iter().any(|f| f == want), "fd {want} in {fds:?}");
     }
-    assert_eq!(
-        std::fs::read(format!("/proc/{pid}/environ")).expect("environ"),
-        b"",
-        "empty environment"
-    );
+    assert_eq!(std::fs::read(format!("/proc/{pid}/environ")).expect("environ"), b"", "empty environment");
 
     assert_eq!(owner_mode(&d.rpc_socket()), (0, 0, 0o600), "rpc socket");
-    assert_eq!(
-        owner_mode(&d.path("run/vms")),
-        (FRONTEND_UID, FRONTEND_UID, 0o700),
-        "state dir"
-    );
-    assert_eq!(
-        owner_mode(&d.path("run/console")),
-        (FRONTEND_UID, FRONTEND_UID, 0o700),
-        "console dir"
-    );
+    assert_eq!(owner_mode(&d.path("run/vms")), (FRONTEND_UID, FRONTEND_UID, 0o700), "state dir");
+    assert_eq!(owner_mode(&d.path("run/console")), (FRONTEND_UID, FRONTEND_UID, 0o700), "console dir");
     assert_eq!(owner_mode(&d.path("run/vmm")), (0, 0, 0o711), "run dir");
     assert_eq!(owner_mode(&d.path("images")), (0, 0, 0o755), "image root");
     assert_serves(&d);
@@ -83,22 +71,12 @@ fn existing_dirs_are_repaired_and_group_grant_applies() {
     std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     // A state dir left world-writable and owned by root must come back as documented.
     std::fs::create_dir_all(root.join("run/vms")).expect("mkdir");
-    std::fs::set_permissions(
-        root.join("run/vms"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .expect("chmod");
-    let child = Daemon::command(root, &["--rpc-group", "4242"])
-        .spawn()
-        .expect("spawn");
+    std::fs::set_permissions(root.join("run/vms"), std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod");
+    let child = Daemon::command(root, &["--rpc-group", "4242"]).spawn().expect("spawn");
     let d = Daemon { child, root: scratch };
-    wait_for("the rpc socket", Duration::from_secs(10), || {
-        d.rpc_socket().exists().then_some(())
-    });
-    assert_eq!(
-        owner_mode(&d.path("run/vms")),
-        (FRONTEND_UID, FRONTEND_UID, 0o700)
-    );
+    wait_for("the rpc socket", Duration::from_secs(10), || d.rpc_socket().exists().then_some(()));
+    assert_eq!(owner_mode(&d.path("run/vms")), (FRONTEND_UID, FRONTEND_UID, 0o700));
     assert_eq!(owner_mode(&d.rpc_socket()), (0, 4242, 0o660));
     assert_serves(&d);
 }

@@ -38,12 +38,7 @@ pub enum Request {
     /// Allocate a uid, create the runtime dir and grant the VM its images.
     Prepare { vm: String, images: Vec<Image> },
     /// Create a tap for a prepared VM; the broker names it and keeps its fd for the spawn.
-    CreateTap {
-        vm: String,
-        mac: Option<String>,
-        mtu: Option<u32>,
-        bridge: Option<String>,
-    },
+    CreateTap { vm: String, mac: Option<String>, mtu: Option<u32>, bridge: Option<String> },
     /// Start the VMM of a prepared VM, once. Reply: [`Reply::Spawned`] with 2 fds.
     Spawn { vm: String, config: VmmConfig },
     /// A connected stream to one of the VMM's sockets. Reply: [`Reply::Connected`] with 1 fd.
@@ -159,11 +154,7 @@ pub struct HeldVm {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     /// A VMM the broker spawned has exited and been reaped.
-    VmmExited {
-        vm: String,
-        pid: u32,
-        status: ExitStatus,
-    },
+    VmmExited { vm: String, pid: u32, status: ExitStatus },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -52,10 +52,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], nfds: usize) -> Result<Envelope
         return Err(WireError::Version(env.version));
     }
     if usize::from(env.fds) != nfds {
-        return Err(WireError::FdCount {
-            declared: env.fds,
-            received: nfds,
-        });
+        return Err(WireError::FdCount { declared: env.fds, received: nfds });
     }
     Ok(env)
 }
@@ -69,13 +66,7 @@ pub fn send<T: Serialize>(sock: impl AsFd, mut env: Envelope<T>, fds: &[RawFd]) 
     let cmsg = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
     loop {
-        match sendmsg::<()>(
-            sock.as_fd().as_raw_fd(),
-            &iov,
-            cmsgs,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
+        match sendmsg::<()>(sock.as_fd().as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Ok(_) => return Ok(()),
             Err(nix::errno::Errno::EINTR) => continue,
             Err(nix::errno::Errno::EAGAIN) => return Err(WireError::WouldBlock),
@@ -138,22 +129,11 @@ mod tests {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 
     fn pair() -> (OwnedFd, OwnedFd) {
-        socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap()
+        socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap()
     }
 
     fn env<T>(body: T) -> Envelope<T> {
-        Envelope {
-            version: PROTOCOL_VERSION,
-            id: 9,
-            fds: 0,
-            body,
-        }
+        Envelope { version: PROTOCOL_VERSION, id: 9, fds: 0, body }
     }
 
     #[test]
@@ -179,33 +159,16 @@ mod tests {
         let good = encode(&env(Request::Inventory)).unwrap();
         let mut trailing = good.clone();
         trailing.push(0);
-        assert!(matches!(
-            decode::<Request>(&trailing, 0),
-            Err(WireError::Trailing(1))
-        ));
-        assert!(matches!(
-            decode::<Request>(&good[..good.len() - 1], 0),
-            Err(WireError::Decode(_))
-        ));
-        assert!(matches!(
-            decode::<Request>(&good, 1),
-            Err(WireError::FdCount { .. })
-        ));
+        assert!(matches!(decode::<Request>(&trailing, 0), Err(WireError::Trailing(1))));
+        assert!(matches!(decode::<Request>(&good[..good.len() - 1], 0), Err(WireError::Decode(_))));
+        assert!(matches!(decode::<Request>(&good, 1), Err(WireError::FdCount { .. })));
         let mut unknown = good.clone();
         *unknown.last_mut().unwrap() = 200; // variant index past the last request
-        assert!(matches!(
-            decode::<Request>(&unknown, 0),
-            Err(WireError::Decode(_))
-        ));
+        assert!(matches!(decode::<Request>(&unknown, 0), Err(WireError::Decode(_))));
         let mut old = env(Request::Inventory);
         old.version = 0;
-        assert!(matches!(
-            decode::<Request>(&encode(&old).unwrap(), 0),
-            Err(WireError::Version(0))
-        ));
-        let huge = env(Request::Release {
-            vm: "x".repeat(MAX_MESSAGE),
-        });
+        assert!(matches!(decode::<Request>(&encode(&old).unwrap(), 0), Err(WireError::Version(0))));
+        let huge = env(Request::Release { vm: "x".repeat(MAX_MESSAGE) });
         assert!(matches!(encode(&huge), Err(WireError::TooLarge(_))));
     }
 

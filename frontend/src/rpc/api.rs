@@ -68,14 +68,7 @@ pub const API: &[MethodDef] = &[
         summary: "Shut a running VM down; after `timeout_secs` it is killed.",
         params: stop_params,
         result: vm_state_schema,
-        errors: &[
-            NO_SUCH_VM,
-            ILLEGAL_TRANSITION,
-            BUSY,
-            VMM_ERROR,
-            NOT_RUNNING,
-            NOT_READY,
-        ],
+        errors: &[NO_SUCH_VM, ILLEGAL_TRANSITION, BUSY, VMM_ERROR, NOT_RUNNING, NOT_READY],
     },
     MethodDef {
         name: "compute.vm.remove",
@@ -201,19 +194,14 @@ pub struct VmId(pub String);
 impl VmId {
     pub fn is_valid(s: &str) -> bool {
         (1..=64).contains(&s.len())
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     }
 
     fn check(&self, method: &str) -> Result<(), ErrorObjectOwned> {
         if Self::is_valid(&self.0) {
             Ok(())
         } else {
-            Err(invalid_field(
-                method,
-                "vm_id",
-                "must be 1 to 64 characters of [a-z0-9-]",
-            ))
+            Err(invalid_field(method, "vm_id", "must be 1 to 64 characters of [a-z0-9-]"))
         }
     }
 }
@@ -261,10 +249,7 @@ impl VmSpec {
     /// Checks what the types cannot. Paths are checked by the backend, which knows the policy.
     pub fn validate(&self) -> Result<(), ApiError> {
         if !VmId::is_valid(&self.id) {
-            return Err(ApiError::invalid_spec(
-                "id",
-                "must be 1 to 64 characters of [a-z0-9-]",
-            ));
+            return Err(ApiError::invalid_spec("id", "must be 1 to 64 characters of [a-z0-9-]"));
         }
         if self.vcpus == 0 {
             return Err(ApiError::invalid_spec("vcpus", "must be at least 1"));
@@ -291,10 +276,7 @@ impl VmSpec {
 
 fn is_mac(s: &str) -> bool {
     let parts: Vec<&str> = s.split(':').collect();
-    parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -393,10 +375,8 @@ fn stop_params() -> Value {
 }
 
 fn vm_spec_schema() -> Value {
-    let disk = object(
-        json!({"path": {"type": "string"}, "readonly": {"type": "boolean"}}),
-        &["path", "readonly"],
-    );
+    let disk =
+        object(json!({"path": {"type": "string"}, "readonly": {"type": "boolean"}}), &["path", "readonly"]);
     let net = object(
         json!({
             "bridge": {"type": "string"},
@@ -420,16 +400,7 @@ fn vm_spec_schema() -> Value {
             "agent": {"type": "boolean", "description": "Whether the guest runs the exec agent (needs vsock)"},
             "labels": {"type": "object", "additionalProperties": {"type": "string"}},
         }),
-        &[
-            "id",
-            "vcpus",
-            "memory_mib",
-            "kernel",
-            "disks",
-            "nets",
-            "vsock",
-            "labels",
-        ],
+        &["id", "vcpus", "memory_mib", "kernel", "disks", "nets", "vsock", "labels"],
     )
 }
 
@@ -469,17 +440,11 @@ fn exec_params() -> Value {
 }
 
 fn vm_state_schema() -> Value {
-    object(
-        json!({"vm_id": vm_id_schema(), "state": state_schema()}),
-        &["vm_id", "state"],
-    )
+    object(json!({"vm_id": vm_id_schema(), "state": state_schema()}), &["vm_id", "state"])
 }
 
 fn removed_schema() -> Value {
-    object(
-        json!({"vm_id": vm_id_schema(), "removed": {"type": "boolean"}}),
-        &["vm_id", "removed"],
-    )
+    object(json!({"vm_id": vm_id_schema(), "removed": {"type": "boolean"}}), &["vm_id", "removed"])
 }
 
 fn vm_status_schema() -> Value {
@@ -594,10 +559,7 @@ fn describe(def: &MethodDef) -> Value {
         .errors
         .iter()
         .map(|code| {
-            let name = errors::APPLICATION_CODES
-                .iter()
-                .find(|(c, _)| c == code)
-                .map_or("", |(_, n)| *n);
+            let name = errors::APPLICATION_CODES.iter().find(|(c, _)| c == code).map_or("", |(_, n)| *n);
             json!({"code": code, "message": name})
         })
         .collect();
@@ -641,11 +603,7 @@ mod tests {
     fn every_application_code_used_is_defined() {
         for def in API {
             for code in def.errors {
-                assert!(
-                    errors::APPLICATION_CODES.iter().any(|(c, _)| c == code),
-                    "{}: {code}",
-                    def.name
-                );
+                assert!(errors::APPLICATION_CODES.iter().any(|(c, _)| c == code), "{}: {code}", def.name);
             }
         }
     }

@@ -61,10 +61,7 @@ impl ApiError {
     }
 
     pub fn invalid_spec(field: impl Into<String>, detail: impl Into<String>) -> Self {
-        ApiError::InvalidSpec {
-            field: field.into(),
-            detail: detail.into(),
-        }
+        ApiError::InvalidSpec { field: field.into(), detail: detail.into() }
     }
 }
 
@@ -120,10 +117,7 @@ mod tests {
         for (code, _) in APPLICATION_CODES {
             assert!((-32099..=-32000).contains(code), "{code}");
             assert!(seen.insert(*code), "duplicate {code}");
-            assert!(
-                !(-32011..=-32000).contains(code),
-                "{code} clashes with a jsonrpsee code"
-            );
+            assert!(!(-32011..=-32000).contains(code), "{code} clashes with a jsonrpsee code");
         }
     }
 
@@ -154,10 +148,7 @@ mod tests {
 
     #[test]
     fn not_ready_names_the_method() {
-        let e: ErrorObjectOwned = ApiError::NotReady {
-            method: "compute.vm.start",
-        }
-        .into();
+        let e: ErrorObjectOwned = ApiError::NotReady { method: "compute.vm.start" }.into();
         assert_eq!(e.code(), NOT_READY);
         assert!(e.message().contains("compute.vm.start"));
         assert!(e.message().contains("not built yet"));

@@ -53,9 +53,7 @@ impl Default for Limits {
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
+    let secs: f64 = s.parse().map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?} is not a valid duration: {e}"))
 }
 
@@ -66,20 +64,14 @@ const FD_RESERVE: u64 = 64;
 /// Raises the soft RLIMIT_NOFILE to the hard limit so that `max_connections` clients fit
 /// (each one costs a descriptor). Logs when that cannot be done. Returns the new soft limit.
 pub fn raise_nofile_limit(max_connections: usize) -> Option<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into the rlimit struct we own and pass by valid pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read RLIMIT_NOFILE");
         return None;
     }
     if lim.rlim_cur < lim.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
-        };
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
         // SAFETY: setrlimit only reads the rlimit struct passed by valid pointer.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
             lim = raised;

@@ -111,12 +111,7 @@ pub async fn serve(listener: UnixListener, methods: Methods, limits: Limits) -> 
             );
             continue;
         };
-        let conn = Connection {
-            id: conn_id,
-            peer,
-            methods: methods.clone(),
-            limits: Arc::clone(&limits),
-        };
+        let conn = Connection { id: conn_id, peer, methods: methods.clone(), limits: Arc::clone(&limits) };
         let span = tracing::info_span!("rpc", conn = conn_id.0);
         tokio::spawn(
             async move {
@@ -129,10 +124,7 @@ pub async fn serve(listener: UnixListener, methods: Methods, limits: Limits) -> 
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
 fn is_per_connection(e: &io::Error) -> bool {
@@ -144,11 +136,7 @@ fn is_per_connection(e: &io::Error) -> bool {
 
 fn peer_of(stream: &UnixStream) -> Option<Peer> {
     match stream.peer_cred() {
-        Ok(c) => Some(Peer {
-            pid: c.pid(),
-            uid: c.uid(),
-            gid: c.gid(),
-        }),
+        Ok(c) => Some(Peer { pid: c.pid(), uid: c.uid(), gid: c.gid() }),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read peer credentials");
             None
@@ -270,17 +258,11 @@ impl Reader {
             return Some(parse_error());
         };
         if items.is_empty() {
-            return Some(MethodResponse::error(
-                Id::Null,
-                ErrorObject::from(ErrorCode::InvalidRequest),
-            ));
+            return Some(MethodResponse::error(Id::Null, ErrorObject::from(ErrorCode::InvalidRequest)));
         }
         let limits = &self.conn.limits;
         if items.len() > limits.max_batch_len {
-            return Some(MethodResponse::error(
-                Id::Null,
-                reject_too_big_batch_request(limits.max_batch_len),
-            ));
+            return Some(MethodResponse::error(Id::Null, reject_too_big_batch_request(limits.max_batch_len)));
         }
         let mut batch = BatchResponseBuilder::new_with_limit(limits.max_response_bytes as usize);
         for item in items {
@@ -308,10 +290,7 @@ impl Reader {
             return None;
         }
         let id = serde_json::from_str::<InvalidRequest<'_>>(text).map_or(Id::Null, |r| r.id);
-        Some(MethodResponse::error(
-            id,
-            ErrorObject::from(ErrorCode::InvalidRequest),
-        ))
+        Some(MethodResponse::error(id, ErrorObject::from(ErrorCode::InvalidRequest)))
     }
 
     /// Runs a notification's method and discards its result. Subscribing through a
@@ -465,11 +444,7 @@ mod tests {
     use super::*;
 
     fn limits(max_line_bytes: usize) -> Limits {
-        Limits {
-            max_line_bytes,
-            line_timeout: Duration::from_millis(200),
-            ..Limits::default()
-        }
+        Limits { max_line_bytes, line_timeout: Duration::from_millis(200), ..Limits::default() }
     }
 
     #[tokio::test]

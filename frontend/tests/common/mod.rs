@@ -48,17 +48,12 @@ pub fn start(methods: Methods, limits: Limits) -> Server {
 pub fn spec_methods() -> Methods {
     let mut m = RpcModule::new(());
     m.register_method("subtract", |p, _, _| subtract(&p)).unwrap();
-    m.register_method("sum", |p, _, _| {
-        p.parse::<Vec<i64>>().map(|v| v.iter().sum::<i64>())
-    })
-    .unwrap();
-    m.register_method("get_data", |_, _, _| json!(["hello", 5]))
-        .unwrap();
+    m.register_method("sum", |p, _, _| p.parse::<Vec<i64>>().map(|v| v.iter().sum::<i64>())).unwrap();
+    m.register_method("get_data", |_, _, _| json!(["hello", 5])).unwrap();
     for name in ["update", "notify_hello", "notify_sum"] {
         m.register_method(name, |_, _, _| ()).unwrap();
     }
-    m.register_subscription("test_subscribe", "test_notification", "test_unsubscribe", emit)
-        .unwrap();
+    m.register_subscription("test_subscribe", "test_notification", "test_unsubscribe", emit).unwrap();
     m.into()
 }
 
@@ -124,10 +119,7 @@ impl Client {
     pub async fn connect(server: &Server) -> Client {
         let s = UnixStream::connect(&server.path).await.expect("connect");
         let (rd, wr) = s.into_split();
-        Client {
-            rd: BufReader::new(rd),
-            wr: Some(wr),
-        }
+        Client { rd: BufReader::new(rd), wr: Some(wr) }
     }
 
     pub async fn send(&mut self, line: &[u8]) {
@@ -181,9 +173,7 @@ impl Client {
 /// A server that answers: a quick check that the server still serves other clients.
 pub async fn assert_serving(server: &Server) {
     let mut c = Client::connect(server).await;
-    let r = c
-        .call(r#"{"jsonrpc":"2.0","method":"subtract","params":[42,23],"id":7}"#)
-        .await;
+    let r = c.call(r#"{"jsonrpc":"2.0","method":"subtract","params":[42,23],"id":7}"#).await;
     assert_eq!(r, json!({"jsonrpc": "2.0", "result": 19, "id": 7}));
 }
 
@@ -216,12 +206,7 @@ impl RssPeak {
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
-        RssPeak {
-            baseline,
-            peak,
-            stop,
-            thread: Some(thread),
-        }
+        RssPeak { baseline, peak, stop, thread: Some(thread) }
     }
 
     /// Peak growth over the baseline, in MiB.

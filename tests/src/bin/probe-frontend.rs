@@ -11,14 +11,8 @@ use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let state_dir = args
-        .iter()
-        .position(|a| a == "--state-dir")
-        .map(|i| PathBuf::from(&args[i + 1]));
-    let root = state_dir
-        .as_deref()
-        .and_then(|p| p.parent()?.parent())
-        .expect("--state-dir <root>/run/vms");
+    let state_dir = args.iter().position(|a| a == "--state-dir").map(|i| PathBuf::from(&args[i + 1]));
+    let root = state_dir.as_deref().and_then(|p| p.parent()?.parent()).expect("--state-dir <root>/run/vms");
     let mut s = UnixStream::connect(root.join("probe.sock")).expect("connect to the test");
     let fds = [4];
     sendmsg::<()>(
