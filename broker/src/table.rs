@@ -3,17 +3,20 @@
 //! request type is a closed enum, and a datagram that does not decode to exactly one of
 //! these ends the channel.
 //!
-//! | request     | requires                          | checks, in order                                            |
-//! |-------------|-----------------------------------|-------------------------------------------------------------|
-//! | KvmCheck    | —                                 | /dev/kvm opens read-write; KVM_GET_API_VERSION is 12        |
-//! | Prepare     | VM unknown                        | id; image count and roles; a free uid; runtime dir is new; each image: path text, under an image root, openat2 beneath it without symlinks, regular file, dirs above searchable, a writable disk held by no other VM and owner-rw |
-//! | CreateTap   | VM prepared, not spawned          | id; at most MAX_NETS taps; mac; mtu range; bridge name      |
-//! | Spawn       | VM prepared, not spawned          | id; cloud-hypervisor found; the whole plan re-checked       |
-//! | Connect     | VMM spawned and alive             | id; node opened O_PATH|O_NOFOLLOW is a socket owned by the VM uid |
-//! | OpenOutputs | VMM spawned                       | id                                                          |
-//! | Signal      | VMM spawned and alive             | id; signal is TERM, KILL or CONT (the type allows no other) |
-//! | Release     | —                                 | id; unknown VMs are already released                        |
-//! | Inventory   | —                                 | —                                                           |
+//! "(policy)" checks are stateless and run first, for every request, in
+//! `my_hypervisor_policy::request::check`; the rest need the broker's records.
+//!
+//! | request     | requires                 | checks, in order                                                     |
+//! |-------------|--------------------------|----------------------------------------------------------------------|
+//! | KvmCheck    | —                        | /dev/kvm opens read-write; KVM_GET_API_VERSION is 12                 |
+//! | Prepare     | VM unknown               | (policy) id, 1..=11 images, at most 8 disks, one kernel/initramfs/firmware, path text; a free uid; runtime dir is new; each image: under an image root, openat2 beneath it without symlinks, regular file, dirs above searchable, a writable disk held by no other VM and owner-rw |
+//! | CreateTap   | VM prepared, not spawned | (policy) id, mac, mtu range, bridge name; at most MAX_NETS taps      |
+//! | Spawn       | VM prepared, not spawned | (policy) id, vcpus, memory, cmdline; cloud-hypervisor found; the whole plan re-checked |
+//! | Connect     | VMM spawned and alive    | (policy) id; node opened O_PATH|O_NOFOLLOW is a socket owned by the VM uid |
+//! | OpenOutputs | VMM spawned              | (policy) id                                                          |
+//! | Signal      | VMM spawned and alive    | (policy) id; TERM, KILL or CONT only (the type allows no other)      |
+//! | Release     | —                        | (policy) id; a VM the broker does not hold is already released       |
+//! | Inventory   | —                        | —                                                                    |
 //!
 //! Every request, allowed or refused, is one audit line (see `serve`).
 
@@ -22,11 +25,9 @@ use std::ops::RangeInclusive;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
-use my_hypervisor_broker_proto::{ExitStatus, HeldVm, ImageRole, Reply, Request};
-use my_hypervisor_policy::check_vm_id;
-use my_hypervisor_policy::vmm::{
-    FieldError, MAX_DISKS, MAX_MTU, MAX_NETS, MIN_MTU, check_ifname, check_mac, check_range,
-};
+use my_hypervisor_broker_proto::{ExitStatus, HeldVm, Reply, Request};
+use my_hypervisor_policy::request;
+use my_hypervisor_policy::vmm::{FieldError, MAX_NETS};
 
 use crate::images::Grant;
 use crate::{images, kvm, vmm};
@@ -80,7 +81,6 @@ fn refuse<T>(why: impl Into<String>) -> Result<T, Refusal> {
 
 impl Broker {
     fn vm(&mut self, id: &str) -> Result<&mut Vm, Refusal> {
-        check_vm_id(id)?;
         self.vms.get_mut(id).ok_or_else(|| Refusal(format!("VM {id} was never prepared")))
     }
 
@@ -103,21 +103,16 @@ impl Broker {
 }
 
 pub fn dispatch(b: &mut Broker, req: &Request) -> Outcome {
+    // Every field of every request first (the "(policy)" checks above).
+    request::check(req)?;
     match req {
         Request::KvmCheck => {
             let (api_version, extensions) = kvm::check()?;
             Ok((Reply::Kvm { api_version, extensions }, vec![]))
         }
         Request::Prepare { vm, images } => {
-            check_vm_id(vm)?;
             if b.vms.contains_key(vm) {
                 return refuse(format!("VM {vm} is already prepared"));
-            }
-            check_range("images", images.len() as u64, 1, MAX_DISKS as u64 + 3)?;
-            for role in [ImageRole::Kernel, ImageRole::Initramfs, ImageRole::Firmware] {
-                if images.iter().filter(|i| i.role == role).count() > 1 {
-                    return refuse(format!("more than one {role:?} image"));
-                }
             }
             let uid = b
                 .vm_uids
@@ -140,9 +135,6 @@ pub fn dispatch(b: &mut Broker, req: &Request) -> Outcome {
                 }
                 .into());
             }
-            mac.as_deref().map(check_mac).transpose()?;
-            mtu.map(|m| check_range("mtu", m.into(), MIN_MTU.into(), MAX_MTU.into())).transpose()?;
-            bridge.as_deref().map(check_ifname).transpose()?;
             let name = my_hypervisor_policy::vmm::tap_name(v.uid, v.taps.len());
             let fd = crate::tap::create(&name, *mtu, bridge.as_deref())?;
             v.taps.push(Tap { name: name.clone(), mac: mac.clone(), fd });
@@ -164,7 +156,6 @@ pub fn dispatch(b: &mut Broker, req: &Request) -> Outcome {
             Ok((Reply::Signalled, vec![]))
         }
         Request::Release { vm } => {
-            check_vm_id(vm)?;
             vmm::release(b, vm)?;
             Ok((Reply::Released, vec![]))
         }

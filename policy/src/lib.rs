@@ -4,6 +4,7 @@
 
 pub mod layout;
 pub mod names;
+pub mod request;
 pub mod seccomp;
 pub mod vmm;
 

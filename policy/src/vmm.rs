@@ -21,18 +21,24 @@ pub const VMM_FIRST_TAP_FD: i32 = 5;
 /// Guest CID of every VM: each VM has its own hybrid-vsock muxer, so CIDs never meet.
 pub const GUEST_CID: u32 = 3;
 
-/// The KVM extensions cloud-hypervisor checks for on x86_64 before it creates a VM, with
-/// their numbers from linux/kvm.h. The broker's KVM check reports each one.
+/// The KVM extensions cloud-hypervisor (v50-v53, x86_64) requires before it creates a VM
+/// (`check_required_kvm_extensions`), with their numbers from linux/kvm.h. The broker's KVM
+/// check reports each one.
 pub const KVM_EXTENSIONS: &[(&str, u64)] = &[
     ("KVM_CAP_IRQCHIP", 0),
     ("KVM_CAP_USER_MEMORY", 3),
     ("KVM_CAP_SET_TSS_ADDR", 4),
     ("KVM_CAP_EXT_CPUID", 7),
+    ("KVM_CAP_MP_STATE", 14),
+    ("KVM_CAP_USER_NMI", 22),
     ("KVM_CAP_IRQ_ROUTING", 25),
     ("KVM_CAP_IRQFD", 32),
-    ("KVM_CAP_SET_IDENTITY_MAP_ADDR", 37),
     ("KVM_CAP_IOEVENTFD", 36),
-    ("KVM_CAP_SIGNAL_MSI", 77),
+    ("KVM_CAP_SET_IDENTITY_MAP_ADDR", 37),
+    ("KVM_CAP_ADJUST_CLOCK", 39),
+    ("KVM_CAP_VCPU_EVENTS", 41),
+    ("KVM_CAP_XSAVE", 55),
+    ("KVM_CAP_GET_TSC_KHZ", 61),
     ("KVM_CAP_TSC_DEADLINE_TIMER", 72),
     ("KVM_CAP_SPLIT_IRQCHIP", 121),
     ("KVM_CAP_IMMEDIATE_EXIT", 136),
