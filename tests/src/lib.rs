@@ -12,7 +12,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-/// The directory cargo put the workspace's binaries in (`cargo test --workspace` builds them).
+/// The directory cargo put the workspace's binaries in (`cargo build --workspace` builds them).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test> -> target/<profile>
@@ -21,7 +21,7 @@ pub fn bin_dir() -> PathBuf {
 
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} is missing: run the tests with `cargo test --workspace`", p.display());
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
     p
 }
 
