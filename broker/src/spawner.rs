@@ -6,15 +6,18 @@
 //! Each program is started from a short-lived intermediate child, so that it is re-parented
 //! to the broker (a child subreaper), which reaps it and reports its exit.
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use my_hypervisor_broker_proto::{Envelope, PROTOCOL_VERSION, WireError, recv, send};
 use my_hypervisor_policy::layout::Ids;
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, fork, pipe};
 use serde::{Deserialize, Serialize};
@@ -36,10 +39,26 @@ pub enum Order {
 pub type Outcome = Result<u32, String>;
 
 pub struct SpawnerConfig {
-    pub frontend_bin: PathBuf,
+    pub frontend: Program,
     pub frontend_args: Vec<OsString>,
-    pub frontend: Ids,
-    pub launcher: PathBuf,
+    pub frontend_ids: Ids,
+    pub launcher: Program,
+}
+
+/// A program the helper starts, pinned at daemon start: it is exec'd through this handle
+/// (execveat with AT_EMPTY_PATH), so the unprivileged uid needs no search permission on the
+/// directories above it, and replacing the file later changes nothing.
+pub struct Program {
+    pub path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl Program {
+    pub fn open(path: PathBuf) -> Result<Program, String> {
+        let fd = nix::fcntl::open(&path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Program { path, fd })
+    }
 }
 
 /// The helper's loop; returns when the broker closes the channel.
@@ -63,38 +82,57 @@ fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Outcome {
     match order {
         Order::Frontend => {
             let [listen, chan] = <[OwnedFd; 2]>::try_from(fds).map_err(|_| "frontend order needs 2 fds")?;
-            let mut cmd = Command::new(&cfg.frontend_bin);
+            let mut cmd = Command::new(&cfg.frontend.path);
             cmd.args(&cfg.frontend_args).stdin(Stdio::null());
             let keep = vec![(listen.as_raw_fd(), FRONTEND_LISTEN_FD), (chan.as_raw_fd(), FRONTEND_BROKER_FD)];
-            start_detached(cmd, keep, cfg.frontend)
+            start_detached(cmd, &cfg.frontend, keep, cfg.frontend_ids)
         }
         Order::Vmm { vm, uid, ch_argv } => {
             let mut fds = fds.into_iter();
             let log = fds.next().ok_or("vmm order needs a log fd")?;
             let rest: Vec<OwnedFd> = fds.collect();
-            let mut cmd = Command::new(&cfg.launcher);
+            let mut cmd = Command::new(&cfg.launcher.path);
             cmd.args(["--vm", &vm, "--"])
                 .args(&ch_argv)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().map_err(|e| e.to_string())?)
                 .stderr(log);
             let keep = rest.iter().enumerate().map(|(i, fd)| (fd.as_raw_fd(), 3 + i as i32)).collect();
-            start_detached(cmd, keep, Ids { uid, gid: uid })
+            start_detached(cmd, &cfg.launcher, keep, Ids { uid, gid: uid })
         }
     }
 }
 
-/// Starts `cmd` as `ids` with exactly `keep` (plus stdio) inherited, from an intermediate
-/// child that exits at once. Returns the program's pid once it has exec'd.
-fn start_detached(mut cmd: Command, keep: Vec<(i32, i32)>, ids: Ids) -> Outcome {
+/// Starts `prog` (with `cmd`'s arguments and stdio) as `ids` with exactly `keep` (plus
+/// stdio) inherited, from an intermediate child that exits at once. Returns the program's
+/// pid once it has exec'd.
+fn start_detached(mut cmd: Command, prog: &Program, keep: Vec<(i32, i32)>, ids: Ids) -> Outcome {
     cmd.env_clear();
+    let argv: Vec<CString> = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| CString::new(a.as_bytes()).map_err(|_| "NUL in an argument".to_string()))
+        .collect::<Result<_, _>>()?;
+    let exe = prog.fd.as_raw_fd();
     // SAFETY: the spawn helper is single-threaded, so the forked child may allocate; the
-    // closure only moves fds and drops privileges before exec.
+    // closure only moves fds and drops privileges, then execs through the pinned handle. If
+    // that exec fails, the error goes back to the parent like any exec error.
     unsafe {
         cmd.pre_exec(move || {
             reset_signals()?;
             place_fds(&keep)?;
-            drop_privileges(ids)
+            drop_privileges(ids)?;
+            let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+            ptrs.push(std::ptr::null());
+            let env: [*const libc::c_char; 1] = [std::ptr::null()];
+            libc::syscall(
+                libc::SYS_execveat,
+                exe,
+                c"".as_ptr(),
+                ptrs.as_ptr(),
+                env.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            );
+            Err(std::io::Error::last_os_error())
         });
     }
     let (r, w) = pipe().map_err(|e| format!("pipe: {e}"))?;

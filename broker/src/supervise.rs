@@ -23,7 +23,7 @@ use nix::unistd::{ForkResult, Pid, fork, geteuid};
 use crate::cli::{Args, Config, resolve};
 use crate::confine::{BROKER_CAPS, SPAWNER_CAPS, apply_broker_filter, keep_only};
 use crate::dirs::{bind_rpc_socket, ensure_dir};
-use crate::spawner::{self, Order, SpawnerConfig};
+use crate::spawner::{self, Order, Program, SpawnerConfig};
 use crate::table::{Broker, dispatch};
 use crate::{journal, vmm};
 
@@ -238,10 +238,10 @@ fn start_spawner(args: &Args, cfg: &Config) -> Result<OwnedFd, String> {
     frontend_args.extend(["--console-dir".into(), args.console_dir.clone().into()]);
     frontend_args.extend(["--log-format".into(), args.log_format.as_str().into()]);
     let sc = SpawnerConfig {
-        frontend_bin: cfg.frontend_bin.clone(),
+        frontend: Program::open(cfg.frontend_bin.clone())?,
         frontend_args,
-        frontend: cfg.frontend,
-        launcher: cfg.launcher_bin.clone(),
+        frontend_ids: cfg.frontend,
+        launcher: Program::open(cfg.launcher_bin.clone())?,
     };
     // SAFETY: no thread exists yet, so the child may do anything the parent could.
     match unsafe { fork() }.map_err(|e| format!("fork spawn helper: {e}"))? {

@@ -25,6 +25,22 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// `name` hard-linked (or copied) into `<root>/bin`, a directory every uid may traverse: the
+/// frontend and the VMMs run as other uids and must reach the binaries they exec, wherever
+/// the checkout lives and whatever its parents' modes.
+pub fn staged_bin(root: &Path, name: &str) -> PathBuf {
+    let dir = root.join("bin");
+    if !dir.exists() {
+        std::fs::create_dir(&dir).expect("bin dir");
+        std::fs::set_permissions(&dir, PermissionsExt::from_mode(0o755)).expect("chmod");
+    }
+    let to = dir.join(name);
+    if !to.exists() && std::fs::hard_link(bin(name), &to).is_err() {
+        std::fs::copy(bin(name), &to).expect("copy binary");
+    }
+    to
+}
+
 /// True when the test may use root; otherwise prints why it skips. A CI run (CI=true) as
 /// non-root fails instead, so nothing skips silently there.
 pub fn have_root(test: &str) -> bool {
@@ -113,7 +129,10 @@ impl Daemon {
     }
 
     pub fn command(root: &Path, extra: &[&str]) -> Command {
-        let mut cmd = Command::new(bin("my_hypervisor-daemon"));
+        for sibling in ["my_hypervisor-frontend", "my_hypervisor-vmm-launcher"] {
+            staged_bin(root, sibling);
+        }
+        let mut cmd = Command::new(staged_bin(root, "my_hypervisor-daemon"));
         cmd.arg("--rpc-socket")
             .arg(root.join("run/rpc.sock"))
             .arg("--state-dir")

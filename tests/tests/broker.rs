@@ -13,7 +13,7 @@ use my_hypervisor_broker_proto::{
     Envelope, Event, FromBroker, Image, ImageRole, PROTOCOL_VERSION, Reply, Request, SocketRole, VmmConfig,
     VmmSignal, encode, recv, send,
 };
-use my_hypervisor_tests::{Daemon, bin, have_root, proc_status, scratch_root, wait_for};
+use my_hypervisor_tests::{Daemon, have_root, proc_status, scratch_root, staged_bin, wait_for};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 
 const VM_UID: u32 = 61001;
@@ -34,8 +34,8 @@ impl Harness {
         let rendezvous = UnixListener::bind(root.path().join("probe.sock")).expect("bind");
         std::fs::set_permissions(root.path().join("probe.sock"), PermissionsExt::from_mode(0o777))
             .expect("chmod");
-        let probe = bin("probe-frontend");
-        let stub = bin("stub-vmm");
+        let probe = staged_bin(root.path(), "probe-frontend");
+        let stub = staged_bin(root.path(), "stub-vmm");
         let d = Daemon::start_in(
             root,
             &["--frontend-bin", probe.to_str().unwrap(), "--cloud-hypervisor", stub.to_str().unwrap()],
