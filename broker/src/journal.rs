@@ -35,18 +35,16 @@ pub fn save(b: &Broker) -> Result<(), String> {
         .vms
         .iter()
         .map(|(id, v)| {
-            let pid = match &v.vmm {
-                Vmm::Alive { pid, .. } => Some(*pid),
-                _ => None,
+            let (pid, exe) = match &v.vmm {
+                Vmm::Alive { pid, exe, .. } => (Some(*pid), Some(exe.clone())),
+                _ => (None, None),
             };
             Entry {
                 vm: id.clone(),
                 uid: v.uid,
                 pid,
                 start_time: pid.and_then(start_time),
-                exe: pid
-                    .and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok())
-                    .map(|p| p.to_string_lossy().into_owned()),
+                exe,
                 taps: v.taps.iter().map(|t| t.name.clone()).collect(),
                 grants: v.grants.iter().map(|g| (g.path.clone(), g.writable())).collect(),
             }

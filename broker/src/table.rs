@@ -59,8 +59,18 @@ pub struct Tap {
 
 pub enum Vmm {
     NotSpawned,
-    Alive { pid: u32, pidfd: OwnedFd, outputs: vmm::Outputs },
-    Exited { pid: u32, status: ExitStatus, outputs: vmm::Outputs },
+    /// `exe` is the cloud-hypervisor binary the launcher was told to exec.
+    Alive {
+        pid: u32,
+        pidfd: OwnedFd,
+        exe: String,
+        outputs: vmm::Outputs,
+    },
+    Exited {
+        pid: u32,
+        status: ExitStatus,
+        outputs: vmm::Outputs,
+    },
 }
 
 /// Why a request was refused; nothing was changed.

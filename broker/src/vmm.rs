@@ -8,14 +8,17 @@ use std::path::{Path, PathBuf};
 use my_hypervisor_broker_proto::{Event, ExitStatus, ImageRole, Reply, SocketRole, VmmConfig, VmmSignal};
 use my_hypervisor_policy::vmm::{API_SOCKET, EVENT_FILE, LOG_FILE, SERIAL_SOCKET, VSOCK_SOCKET, VmmPlan};
 use nix::fcntl::{AtFlags, OFlag, openat};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
 use nix::sys::stat::{Mode, SFlag, fstat};
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{Gid, Pid, Uid, fchownat};
+use nix::unistd::{Gid, Pid, Uid, UnlinkatFlags, fchownat, unlinkat};
 
 use crate::images::revoke;
 use crate::spawner::{self, Order};
 use crate::table::{Broker, Outcome, Refusal, Vm, Vmm};
+
+const RELEASE_WAIT_MS: u16 = 5000;
 
 /// The broker's read-only handles on a VMM's event-monitor file and log.
 pub struct Outputs {
@@ -88,20 +91,32 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
         vsock: cfg.vsock,
     };
     plan.check()?;
-    let (log_w, log_r) = create_output(&vm.dir, LOG_FILE)?;
-    let (events_w, events_r) = create_output(&vm.dir, EVENT_FILE)?;
-    let api = UnixListener::bind(run_dir.join(API_SOCKET)).map_err(|e| format!("bind api socket: {e}"))?;
-    let ids = (Some(Uid::from_raw(vm.uid)), Some(Gid::from_raw(vm.uid)));
-    fchownat(vm.dir.as_fd(), API_SOCKET, ids.0, ids.1, AtFlags::AT_SYMLINK_NOFOLLOW)
-        .map_err(|e| format!("chown api socket: {e}"))?;
-    let mut fds: Vec<OwnedFd> = vec![log_w, api.into(), events_w];
-    for t in &vm.taps {
-        fds.push(t.fd.try_clone()?);
-    }
     let mut ch_argv = vec![ch.to_string_lossy().into_owned()];
     ch_argv.extend(plan.args());
-    let order = Order::Vmm { vm: id.to_string(), uid: vm.uid, ch_argv };
-    let pid = spawner::order(&b.spawner, order, &fds)?;
+    let exe = ch_argv[0].clone();
+    // On failure, remove what this attempt created, so that it can be tried again.
+    let cleanup = |dir: &OwnedFd| {
+        for name in [LOG_FILE, EVENT_FILE, API_SOCKET] {
+            let _ = unlinkat(dir.as_fd(), name, UnlinkatFlags::NoRemoveDir);
+        }
+    };
+    let started = (|| {
+        let (log_w, log_r) = create_output(&vm.dir, LOG_FILE)?;
+        let (events_w, events_r) = create_output(&vm.dir, EVENT_FILE)?;
+        let api =
+            UnixListener::bind(run_dir.join(API_SOCKET)).map_err(|e| format!("bind api socket: {e}"))?;
+        let ids = (Some(Uid::from_raw(vm.uid)), Some(Gid::from_raw(vm.uid)));
+        fchownat(vm.dir.as_fd(), API_SOCKET, ids.0, ids.1, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|e| format!("chown api socket: {e}"))?;
+        let mut fds: Vec<OwnedFd> = vec![log_w, api.into(), events_w];
+        for t in &vm.taps {
+            fds.push(t.fd.try_clone()?);
+        }
+        let order = Order::Vmm { vm: id.to_string(), uid: vm.uid, ch_argv };
+        let pid = spawner::order(&b.spawner, order, &fds)?;
+        Ok::<_, Refusal>((pid, Outputs { events: events_r, log: log_r }))
+    })();
+    let (pid, outputs) = started.inspect_err(|_| cleanup(&vm.dir))?;
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1. The pid is our
     // child (re-parented to this subreaper) and not yet reaped, so it cannot be reused.
     let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -110,9 +125,8 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
     }
     // SAFETY: the kernel just returned this new fd to us.
     let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
-    let outputs = Outputs { events: events_r, log: log_r };
     let fds = outputs.reopen()?;
-    vm.vmm = Vmm::Alive { pid, pidfd, outputs };
+    vm.vmm = Vmm::Alive { pid, pidfd, exe, outputs };
     Ok((Reply::Spawned { pid }, fds))
 }
 
@@ -181,9 +195,18 @@ pub fn reaped(b: &mut Broker, pid: u32, status: ExitStatus) -> Option<Event> {
 /// dir. A VM the broker does not hold is already released.
 pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
     let Some(vm) = b.vms.remove(id) else { return Ok(()) };
-    if let Vmm::Alive { pid, .. } = vm.vmm {
+    if let Vmm::Alive { pid, pidfd, .. } = &vm.vmm {
+        // A pidfd turns readable when its process exits; a VMM stuck in uninterruptible
+        // I/O must not stall the broker, so the VM stays held and release can be retried.
         signal(&vm, VmmSignal::Kill)?;
-        waitpid(Pid::from_raw(pid as i32), None).map_err(|e| format!("reap VMM {pid}: {e}"))?;
+        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        if !matches!(poll(&mut fds, PollTimeout::from(RELEASE_WAIT_MS)), Ok(n) if n > 0) {
+            let reason =
+                format!("VMM {pid} did not exit within {RELEASE_WAIT_MS} ms of SIGKILL; release again later");
+            b.vms.insert(id.to_string(), vm);
+            return Err(Refusal(reason));
+        }
+        waitpid(Pid::from_raw(*pid as i32), None).map_err(|e| format!("reap VMM {pid}: {e}"))?;
     }
     let mut errors: Vec<String> = vm.grants.iter().filter_map(|g| revoke(g).err()).collect();
     drop(vm);
