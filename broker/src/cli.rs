@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, ValueEnum};
 use my_hypervisor_policy::layout::{self, Ids};
+use my_hypervisor_policy::sandbox::hidden_in_vmm;
 use nix::unistd::{Group, User};
 
 #[derive(Debug, Parser)]
@@ -52,6 +53,21 @@ pub struct Args {
     /// audit log) instead of killing the broker.
     #[arg(long)]
     pub seccomp_log: bool,
+    /// What a VMM's seccomp filter does with a syscall outside its allow-list: kill (the
+    /// default), or, for debugging only, log it or fail it with EPERM.
+    #[arg(long, value_enum, default_value_t = VmmSeccomp::Kill)]
+    pub vmm_seccomp: VmmSeccomp,
+    /// Apply Landlock as far as an older kernel supports it, with a warning, instead of
+    /// refusing to start VMMs on a kernel without Landlock ABI 6.
+    #[arg(long)]
+    pub landlock_best_effort: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VmmSeccomp {
+    Kill,
+    Log,
+    Errno,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -126,6 +142,12 @@ pub fn resolve(args: &Args) -> Result<Config, String> {
         if !p.is_absolute() {
             return Err(format!("{} must be an absolute path", p.display()));
         }
+    }
+    if let Some(root) = args.image_roots.iter().find(|r| hidden_in_vmm(&r.to_string_lossy())) {
+        return Err(format!(
+            "image root {} lies where each VMM's mount namespace has an empty tmpfs",
+            root.display()
+        ));
     }
     let launcher_bin = match &args.launcher_bin {
         Some(p) => p.clone(),

@@ -22,7 +22,7 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, fork, pipe};
 use serde::{Deserialize, Serialize};
 
-use crate::unpriv::{drop_privileges, place_fds, reset_signals};
+use crate::unpriv::{drop_privileges, enter_vmm_namespaces, place_fds, reset_signals};
 
 /// The fd numbers the frontend finds its inheritance at.
 pub const FRONTEND_LISTEN_FD: i32 = 3;
@@ -32,8 +32,9 @@ pub const FRONTEND_BROKER_FD: i32 = 4;
 pub enum Order {
     /// fds: the RPC listener and the frontend's end of a new broker channel.
     Frontend,
-    /// fds: the VMM log (stdout and stderr), then the VMM's own fds from fd 3 up.
-    Vmm { vm: String, uid: u32, ch_argv: Vec<String> },
+    /// fds: the VMM log (stdout and stderr), then the VMM's own fds from fd 3 up. `spec` is
+    /// the VM's `SandboxSpec` as JSON, for the launcher.
+    Vmm { uid: u32, run_dir: String, spec: String, ch_argv: Vec<String> },
 }
 
 pub type Outcome = Result<u32, String>;
@@ -85,28 +86,34 @@ fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Outcome {
             let mut cmd = Command::new(&cfg.frontend.path);
             cmd.args(&cfg.frontend_args).stdin(Stdio::null());
             let keep = vec![(listen.as_raw_fd(), FRONTEND_LISTEN_FD), (chan.as_raw_fd(), FRONTEND_BROKER_FD)];
-            start_detached(cmd, &cfg.frontend, keep, cfg.frontend_ids)
+            start_detached(cmd, &cfg.frontend, keep, cfg.frontend_ids, None)
         }
-        Order::Vmm { vm, uid, ch_argv } => {
+        Order::Vmm { uid, run_dir, spec, ch_argv } => {
             let mut fds = fds.into_iter();
             let log = fds.next().ok_or("vmm order needs a log fd")?;
             let rest: Vec<OwnedFd> = fds.collect();
             let mut cmd = Command::new(&cfg.launcher.path);
-            cmd.args(["--vm", &vm, "--"])
+            cmd.args(["--spec", &spec, "--"])
                 .args(&ch_argv)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().map_err(|e| e.to_string())?)
                 .stderr(log);
             let keep = rest.iter().enumerate().map(|(i, fd)| (fd.as_raw_fd(), 3 + i as i32)).collect();
-            start_detached(cmd, &cfg.launcher, keep, Ids { uid, gid: uid })
+            start_detached(cmd, &cfg.launcher, keep, Ids { uid, gid: uid }, Some(run_dir))
         }
     }
 }
 
 /// Starts `prog` (with `cmd`'s arguments and stdio) as `ids` with exactly `keep` (plus
-/// stdio) inherited, from an intermediate child that exits at once. Returns the program's
-/// pid once it has exec'd.
-fn start_detached(mut cmd: Command, prog: &Program, keep: Vec<(i32, i32)>, ids: Ids) -> Outcome {
+/// stdio) inherited, from an intermediate child that exits at once; for a VMM (`vmm_dir`
+/// set), inside fresh namespaces first. Returns the program's pid once it has exec'd.
+fn start_detached(
+    mut cmd: Command,
+    prog: &Program,
+    keep: Vec<(i32, i32)>,
+    ids: Ids,
+    vmm_dir: Option<String>,
+) -> Outcome {
     cmd.env_clear();
     let argv: Vec<CString> = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
@@ -120,6 +127,9 @@ fn start_detached(mut cmd: Command, prog: &Program, keep: Vec<(i32, i32)>, ids: 
         cmd.pre_exec(move || {
             reset_signals()?;
             place_fds(&keep)?;
+            if let Some(dir) = &vmm_dir {
+                enter_vmm_namespaces(ids.uid, dir)?;
+            }
             drop_privileges(ids)?;
             let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
             ptrs.push(std::ptr::null());

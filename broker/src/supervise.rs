@@ -20,11 +20,11 @@ use nix::sys::stat::{Mode, umask};
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, geteuid};
 
-use crate::cli::{Args, Config, resolve};
+use crate::cli::{Args, Config, VmmSeccomp, resolve};
 use crate::confine::{BROKER_CAPS, SPAWNER_CAPS, apply_broker_filter, keep_only};
 use crate::dirs::{bind_rpc_socket, ensure_dir};
 use crate::spawner::{self, Order, Program, SpawnerConfig};
-use crate::table::{Broker, dispatch};
+use crate::table::{Broker, SandboxOptions, dispatch};
 use crate::{journal, vmm};
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
@@ -91,6 +91,14 @@ pub fn run(args: &Args) -> Result<(), String> {
         vm_uids: cfg.vm_uids.clone(),
         cloud_hypervisor: args.cloud_hypervisor.clone(),
         spawner,
+        sandbox: SandboxOptions {
+            seccomp: match args.vmm_seccomp {
+                VmmSeccomp::Kill => seccomp::Mode::Kill,
+                VmmSeccomp::Log => seccomp::Mode::Log,
+                VmmSeccomp::Errno => seccomp::Mode::Errno,
+            },
+            landlock_best_effort: args.landlock_best_effort,
+        },
         vms: BTreeMap::new(),
     };
     journal::save(&b)?;

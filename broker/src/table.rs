@@ -39,7 +39,15 @@ pub struct Broker {
     pub vm_uids: RangeInclusive<u32>,
     pub cloud_hypervisor: Option<PathBuf>,
     pub spawner: OwnedFd,
+    pub sandbox: SandboxOptions,
     pub vms: BTreeMap<String, Vm>,
+}
+
+/// Debugging switches for every VMM's sandbox (flags of the daemon).
+#[derive(Debug, Clone, Copy)]
+pub struct SandboxOptions {
+    pub seccomp: my_hypervisor_policy::seccomp::Mode,
+    pub landlock_best_effort: bool,
 }
 
 /// The broker's own record of a VM: what it granted, created and spawned.

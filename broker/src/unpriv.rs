@@ -3,10 +3,12 @@
 //! VMM launcher after its namespaces are set up.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use caps::CapSet;
 use my_hypervisor_policy::layout::Ids;
+use my_hypervisor_policy::sandbox::{COVERED_DIRS, DEV_NODES, hidden_in_vmm};
+use nix::fcntl::OFlag;
 use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
 
 fn io_err(what: &str, e: impl std::fmt::Display) -> io::Error {
@@ -53,6 +55,57 @@ pub fn reset_signals() -> io::Result<()> {
             .map_err(io::Error::from)?;
     }
     nix::sys::signal::SigSet::empty().thread_set_mask().map_err(io::Error::from)
+}
+
+/// The VMM's box, built as root in the child before it becomes the VM's uid: a new mount
+/// namespace with / made private, a fresh /dev holding only what `DEV_NODES` lists (made
+/// with mknod: bind mounts would change the host's nodes), empty tmpfs over `COVERED_DIRS`
+/// with the VM's runtime dir bind-mounted back, and a new, empty network namespace.
+pub fn enter_vmm_namespaces(uid: u32, run_dir: &str) -> io::Result<()> {
+    use nix::mount::{MsFlags, mount};
+    use nix::sched::{CloneFlags, unshare};
+    use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+    let step = |what: &'static str| move |e: nix::errno::Errno| io_err(what, e);
+    let dir = nix::fcntl::open(
+        run_dir,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(step("open runtime dir"))?;
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET)
+        .map_err(step("unshare mount and network namespaces"))?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(step("make / private"))?;
+    let tmpfs = |at: &str, flags: MsFlags, opts: &str| {
+        mount(Some("tmpfs"), at, Some("tmpfs"), flags | MsFlags::MS_NOSUID, Some(opts))
+            .map_err(step("mount tmpfs"))
+    };
+    tmpfs("/dev", MsFlags::MS_NOEXEC, "mode=0755,size=64k")?;
+    for (name, major, minor) in DEV_NODES {
+        let node = format!("/dev/{name}");
+        mknod(
+            node.as_str(),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o600),
+            makedev((*major).into(), (*minor).into()),
+        )
+        .map_err(step("mknod"))?;
+        nix::unistd::chown(node.as_str(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))
+            .map_err(step("chown dev node"))?;
+    }
+    std::fs::create_dir("/dev/shm")?;
+    for covered in COVERED_DIRS {
+        if std::path::Path::new(covered).exists() {
+            tmpfs(covered, MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, "mode=0755,size=1m")?;
+        }
+    }
+    if hidden_in_vmm(run_dir) {
+        std::fs::DirBuilder::new().recursive(true).create(run_dir)?;
+        let src = format!("/proc/self/fd/{}", dir.as_raw_fd());
+        mount(Some(src.as_str()), run_dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(step("bind-mount the runtime dir"))?;
+    }
+    Ok(())
 }
 
 /// Becomes `ids` with no supplementary groups, every capability set empty (bounding and

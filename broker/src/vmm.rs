@@ -6,7 +6,10 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use my_hypervisor_broker_proto::{Event, ExitStatus, ImageRole, Reply, SocketRole, VmmConfig, VmmSignal};
-use my_hypervisor_policy::vmm::{API_SOCKET, EVENT_FILE, LOG_FILE, SERIAL_SOCKET, VSOCK_SOCKET, VmmPlan};
+use my_hypervisor_policy::sandbox::{SandboxSpec, hidden_in_vmm};
+use my_hypervisor_policy::vmm::{
+    API_SOCKET, EVENT_FILE, LOG_FILE, SANDBOX_REPORT, SERIAL_SOCKET, VSOCK_SOCKET, VmmPlan,
+};
 use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
@@ -91,18 +94,34 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
         vsock: cfg.vsock,
     };
     plan.check()?;
-    let mut ch_argv = vec![ch.to_string_lossy().into_owned()];
+    let exe = ch.to_string_lossy().into_owned();
+    if hidden_in_vmm(&exe) {
+        return Err(Refusal(format!(
+            "cloud-hypervisor at {exe} would be hidden in the VMM's mount namespace"
+        )));
+    }
+    let mut ch_argv = vec![exe.clone()];
     ch_argv.extend(plan.args());
-    let exe = ch_argv[0].clone();
+    let spec = SandboxSpec {
+        vm: id.to_string(),
+        uid: vm.uid,
+        cloud_hypervisor: exe.clone(),
+        plan,
+        seccomp: b.sandbox.seccomp,
+        landlock_best_effort: b.sandbox.landlock_best_effort,
+    };
+    let report = spec.report();
     // On failure, remove what this attempt created, so that it can be tried again.
     let cleanup = |dir: &OwnedFd| {
-        for name in [LOG_FILE, EVENT_FILE, API_SOCKET] {
+        for name in [LOG_FILE, EVENT_FILE, SANDBOX_REPORT, API_SOCKET] {
             let _ = unlinkat(dir.as_fd(), name, UnlinkatFlags::NoRemoveDir);
         }
     };
     let started = (|| {
         let (log_w, log_r) = create_output(&vm.dir, LOG_FILE)?;
         let (events_w, events_r) = create_output(&vm.dir, EVENT_FILE)?;
+        let (report_w, _) = create_output(&vm.dir, SANDBOX_REPORT)?;
+        std::io::Write::write_all(&mut std::fs::File::from(report_w), report.as_bytes())?;
         let api =
             UnixListener::bind(run_dir.join(API_SOCKET)).map_err(|e| format!("bind api socket: {e}"))?;
         let ids = (Some(Uid::from_raw(vm.uid)), Some(Gid::from_raw(vm.uid)));
@@ -112,7 +131,12 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
         for t in &vm.taps {
             fds.push(t.fd.try_clone()?);
         }
-        let order = Order::Vmm { vm: id.to_string(), uid: vm.uid, ch_argv };
+        let order = Order::Vmm {
+            uid: vm.uid,
+            run_dir: spec.plan.run_dir.clone(),
+            spec: serde_json::to_string(&spec)?,
+            ch_argv,
+        };
         let pid = spawner::order(&b.spawner, order, &fds)?;
         Ok::<_, Refusal>((pid, Outputs { events: events_r, log: log_r }))
     })();
@@ -127,7 +151,7 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
     let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
     let fds = outputs.reopen()?;
     vm.vmm = Vmm::Alive { pid, pidfd, exe, outputs };
-    Ok((Reply::Spawned { pid }, fds))
+    Ok((Reply::Spawned { pid, sandbox: report }, fds))
 }
 
 /// Connects to one of the VMM's sockets through a handle on the node itself, never by

@@ -5,6 +5,7 @@
 pub mod layout;
 pub mod names;
 pub mod request;
+pub mod sandbox;
 pub mod seccomp;
 pub mod vmm;
 

@@ -8,17 +8,63 @@ use seccompiler::{
 };
 
 /// What happens on a syscall outside the list. `Kill` in production; `Log` (allow and log to
-/// the kernel audit log) serves debugging a missing entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// the kernel audit log) and `Errno` (fail with EPERM) serve debugging a missing entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Mode {
     Kill,
     Log,
+    Errno,
 }
 
-/// A syscall allowed outright, or only when argument `arg` equals one of `values`.
-pub enum Allow {
-    Any(i64),
-    ArgIn { nr: i64, arg: u8, values: &'static [u64] },
+impl Mode {
+    pub fn action(self) -> SeccompAction {
+        match self {
+            Mode::Kill => SeccompAction::KillProcess,
+            Mode::Log => SeccompAction::Log,
+            Mode::Errno => SeccompAction::Errno(libc::EPERM as u32),
+        }
+    }
+}
+
+/// One allowed syscall, by number and name.
+pub struct Allow {
+    pub nr: i64,
+    pub name: &'static str,
+    pub when: When,
+}
+
+/// When an allowed syscall is allowed.
+#[derive(Debug)]
+pub enum When {
+    Always,
+    /// Argument `arg` equals one of `values`.
+    ArgIn {
+        arg: u8,
+        values: &'static [u64],
+    },
+    /// Argument `arg` has none of the bits in `mask`.
+    ArgClear {
+        arg: u8,
+        mask: u64,
+    },
+}
+
+/// `sys!(SYS_read, SYS_write)`: those syscalls, allowed always.
+macro_rules! sys {
+    ($($name:ident),* $(,)?) => {
+        vec![$(Allow { nr: libc::$name, name: &stringify!($name)[4..], when: When::Always }),*]
+    };
+}
+
+/// `only!(SYS_socket, 0, [..])`: allowed when argument 0 is one of the values.
+macro_rules! only {
+    ($name:ident, $arg:expr, $values:expr) => {
+        Allow {
+            nr: libc::$name,
+            name: &stringify!($name)[4..],
+            when: When::ArgIn { arg: $arg, values: $values },
+        }
+    };
 }
 
 /// The ioctls the broker issues: the KVM check, and tap set-up (linux/kvm.h, if_tun.h,
@@ -33,127 +79,330 @@ const BROKER_IOCTLS: &[u64] = &[
     0x8933,      // SIOCGIFINDEX
     0x89a2,      // SIOCBRADDIF
 ];
+const UNIX_ONLY: &[u64] = &[libc::AF_UNIX as u64];
 
 /// The broker after start-up: it serves requests in one thread and never forks or execs
 /// (the spawn helper, forked before this filter goes on, does that).
 pub fn broker_allow_list() -> Vec<Allow> {
-    use Allow::*;
-    vec![
-        // Memory and the Rust runtime.
-        Any(libc::SYS_brk),
-        Any(libc::SYS_mmap),
-        Any(libc::SYS_munmap),
-        Any(libc::SYS_mremap),
-        Any(libc::SYS_mprotect),
-        Any(libc::SYS_madvise),
-        Any(libc::SYS_futex),
-        Any(libc::SYS_getrandom),
-        Any(libc::SYS_sigaltstack),
-        Any(libc::SYS_rt_sigaction),
-        Any(libc::SYS_rt_sigprocmask),
-        Any(libc::SYS_rt_sigreturn),
-        Any(libc::SYS_exit),
-        Any(libc::SYS_exit_group),
-        Any(libc::SYS_getpid),
-        Any(libc::SYS_gettid),
-        Any(libc::SYS_clock_gettime),
-        Any(libc::SYS_clock_nanosleep),
-        // The main loop: signalfd, poll, the channels and the logs.
-        Any(libc::SYS_poll),
-        Any(libc::SYS_ppoll),
-        Any(libc::SYS_read),
-        Any(libc::SYS_write),
-        Any(libc::SYS_writev),
-        Any(libc::SYS_close),
-        Any(libc::SYS_fcntl),
-        Any(libc::SYS_recvmsg),
-        Any(libc::SYS_sendmsg),
-        Any(libc::SYS_signalfd4),
-        Any(libc::SYS_wait4),
-        Any(libc::SYS_waitid),
-        // Files: images, runtime dirs, the journal.
-        Any(libc::SYS_openat),
-        Any(libc::SYS_openat2),
-        Any(libc::SYS_fstat),
-        Any(libc::SYS_newfstatat),
-        Any(libc::SYS_statx),
-        Any(libc::SYS_lseek),
-        Any(libc::SYS_getdents64),
-        Any(libc::SYS_mkdirat),
-        Any(libc::SYS_unlinkat),
-        Any(libc::SYS_renameat2),
-        Any(libc::SYS_rename),
-        Any(libc::SYS_fchown),
-        Any(libc::SYS_fchownat),
-        Any(libc::SYS_fchmod),
-        Any(libc::SYS_fsync),
-        Any(libc::SYS_fgetxattr),
-        Any(libc::SYS_fsetxattr),
-        Any(libc::SYS_fremovexattr),
-        Any(libc::SYS_readlink),
-        Any(libc::SYS_readlinkat),
-        // Sockets: Unix only (VMM sockets, the ioctl control socket).
-        ArgIn { nr: libc::SYS_socket, arg: 0, values: &[libc::AF_UNIX as u64] },
-        ArgIn { nr: libc::SYS_socketpair, arg: 0, values: &[libc::AF_UNIX as u64] },
-        Any(libc::SYS_connect),
-        Any(libc::SYS_bind),
-        Any(libc::SYS_listen),
-        // Processes the broker spawned: pidfds and signals.
-        Any(libc::SYS_pidfd_open),
-        Any(libc::SYS_pidfd_send_signal),
-        Any(libc::SYS_kill),
-        ArgIn { nr: libc::SYS_ioctl, arg: 1, values: BROKER_IOCTLS },
-    ]
+    let mut v = Vec::new();
+    // Memory and the Rust runtime.
+    v.extend(sys!(
+        SYS_brk,
+        SYS_mmap,
+        SYS_munmap,
+        SYS_mremap,
+        SYS_mprotect,
+        SYS_madvise,
+        SYS_futex,
+        SYS_getrandom,
+        SYS_sigaltstack,
+        SYS_rt_sigaction,
+        SYS_rt_sigprocmask,
+        SYS_rt_sigreturn,
+        SYS_exit,
+        SYS_exit_group,
+        SYS_getpid,
+        SYS_gettid,
+        SYS_clock_gettime,
+        SYS_clock_nanosleep,
+    ));
+    // The main loop: signalfd, poll, the channels and the logs.
+    v.extend(sys!(
+        SYS_poll,
+        SYS_ppoll,
+        SYS_read,
+        SYS_write,
+        SYS_writev,
+        SYS_close,
+        SYS_fcntl,
+        SYS_recvmsg,
+        SYS_sendmsg,
+        SYS_signalfd4,
+        SYS_wait4,
+        SYS_waitid,
+    ));
+    // Files: images, runtime dirs, the journal.
+    v.extend(sys!(
+        SYS_openat,
+        SYS_openat2,
+        SYS_fstat,
+        SYS_newfstatat,
+        SYS_statx,
+        SYS_lseek,
+        SYS_getdents64,
+        SYS_mkdirat,
+        SYS_unlinkat,
+        SYS_renameat2,
+        SYS_rename,
+        SYS_fchown,
+        SYS_fchownat,
+        SYS_fchmod,
+        SYS_fsync,
+        SYS_fgetxattr,
+        SYS_fsetxattr,
+        SYS_fremovexattr,
+        SYS_readlink,
+        SYS_readlinkat,
+    ));
+    // Sockets: Unix only (VMM sockets, the api listener, the ioctl control socket).
+    v.push(only!(SYS_socket, 0, UNIX_ONLY));
+    v.push(only!(SYS_socketpair, 0, UNIX_ONLY));
+    v.extend(sys!(SYS_connect, SYS_bind, SYS_listen));
+    // Processes the broker spawned: pidfds and signals.
+    v.extend(sys!(SYS_pidfd_open, SYS_pidfd_send_signal, SYS_kill));
+    v.push(only!(SYS_ioctl, 1, BROKER_IOCTLS));
+    v
 }
 
-/// Compiles an allow-list for x86_64 or aarch64; anything else gets `mode`'s action.
+/// Every namespace flag of clone(2): a VMM creates threads, never namespaces.
+pub const CLONE_NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
+    | libc::CLONE_NEWCGROUP
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET) as u64
+    | 0x80; // CLONE_NEWTIME
+
+/// prctl options cloud-hypervisor and the Rust runtime use: thread names, no_new_privs
+/// (before CH installs its per-thread filters) and core scheduling (v52+ vCPU threads).
+const VMM_PRCTL: &[u64] = &[
+    libc::PR_SET_NAME as u64,
+    libc::PR_GET_NAME as u64,
+    libc::PR_SET_NO_NEW_PRIVS as u64,
+    libc::PR_GET_NO_NEW_PRIVS as u64,
+    62, // PR_SCHED_CORE
+];
+const SOCKET_FAMILIES: &[u64] = &[libc::AF_UNIX as u64, libc::AF_INET as u64, libc::AF_INET6 as u64];
+
+/// The VMM's allow-list: a superset of cloud-hypervisor v50+'s per-thread filters (its
+/// `vmm/src/seccomp_filters.rs` and `virtio-devices/src/seccomp_filters.rs`), of what its
+/// unfiltered main thread and the dynamic loader call, and of its boot-time probes. CH keeps
+/// `--seccomp true` and stacks its own narrower per-thread filters on top. Namespaces,
+/// ptrace, mount, kexec, bpf, modules, keys and identity changes are absent, so they kill.
+pub fn vmm_allow_list() -> Vec<Allow> {
+    let mut v = Vec::new();
+    // The launcher's exec of cloud-hypervisor, then the dynamic loader and libc start-up.
+    // Landlock allows executing the CH binary and nothing else.
+    v.extend(sys!(
+        SYS_execve,
+        SYS_arch_prctl,
+        SYS_set_tid_address,
+        SYS_set_robust_list,
+        SYS_rseq,
+        SYS_prlimit64,
+        SYS_access,
+        SYS_faccessat,
+        SYS_faccessat2,
+        SYS_getuid,
+        SYS_geteuid,
+        SYS_getgid,
+        SYS_getegid,
+        SYS_uname,
+        SYS_sysinfo,
+    ));
+    // Memory, threads, time and signals (every CH thread).
+    v.extend(sys!(
+        SYS_brk,
+        SYS_mmap,
+        SYS_munmap,
+        SYS_mremap,
+        SYS_mprotect,
+        SYS_madvise,
+        SYS_mbind,
+        SYS_membarrier,
+        SYS_futex,
+        SYS_exit,
+        SYS_exit_group,
+        SYS_getpid,
+        SYS_gettid,
+        SYS_getpgid,
+        SYS_getpgrp,
+        SYS_setsid,
+        SYS_kill,
+        SYS_tgkill,
+        SYS_tkill,
+        SYS_wait4,
+        SYS_rt_sigaction,
+        SYS_rt_sigprocmask,
+        SYS_rt_sigreturn,
+        SYS_sigaltstack,
+        SYS_restart_syscall,
+        SYS_sched_yield,
+        SYS_sched_getaffinity,
+        SYS_sched_setaffinity,
+        SYS_clock_gettime,
+        SYS_clock_nanosleep,
+        SYS_nanosleep,
+        SYS_gettimeofday,
+        SYS_getrandom,
+        SYS_timerfd_create,
+        SYS_timerfd_settime,
+        SYS_eventfd2,
+        SYS_umask,
+    ));
+    // Threads only: clone without namespace flags; clone3 is allowed here and answered
+    // ENOSYS by the second filter (its flags sit in memory, out of a filter's reach).
+    v.push(Allow {
+        nr: libc::SYS_clone,
+        name: "clone",
+        when: When::ArgClear { arg: 0, mask: CLONE_NAMESPACE_FLAGS },
+    });
+    v.extend(sys!(SYS_clone3));
+    v.push(only!(SYS_prctl, 0, VMM_PRCTL));
+    // Files: images, its runtime dir, /dev/kvm, /dev/urandom (Landlock decides which). Device
+    // ioctls: Landlock's IoctlDev right allows them on /dev/kvm only.
+    v.extend(sys!(
+        SYS_open,
+        SYS_openat,
+        SYS_close,
+        SYS_close_range,
+        SYS_read,
+        SYS_write,
+        SYS_readv,
+        SYS_writev,
+        SYS_pread64,
+        SYS_pwrite64,
+        SYS_preadv,
+        SYS_pwritev,
+        SYS_lseek,
+        SYS_fstat,
+        SYS_stat,
+        SYS_newfstatat,
+        SYS_statx,
+        SYS_statfs,
+        SYS_fstatfs,
+        SYS_fallocate,
+        SYS_ftruncate,
+        SYS_fsync,
+        SYS_fdatasync,
+        SYS_fcntl,
+        SYS_dup,
+        SYS_dup2,
+        SYS_dup3,
+        SYS_pipe2,
+        SYS_getdents64,
+        SYS_getcwd,
+        SYS_readlink,
+        SYS_readlinkat,
+        SYS_unlink,
+        SYS_unlinkat,
+        SYS_memfd_create,
+        SYS_ioctl,
+    ));
+    // Event loops and sockets: the api, serial and vsock sockets. Inet sockets only ever see
+    // an empty network namespace, and Landlock denies every TCP bind and connect.
+    v.extend(sys!(
+        SYS_epoll_create1,
+        SYS_epoll_ctl,
+        SYS_epoll_wait,
+        SYS_epoll_pwait,
+        SYS_poll,
+        SYS_ppoll,
+        SYS_accept4,
+        SYS_bind,
+        SYS_listen,
+        SYS_connect,
+        SYS_shutdown,
+        SYS_sendmsg,
+        SYS_recvmsg,
+        SYS_sendto,
+        SYS_recvfrom,
+        SYS_setsockopt,
+        SYS_getsockopt,
+        SYS_getsockname,
+        SYS_socketpair,
+    ));
+    v.push(only!(SYS_socket, 0, SOCKET_FAMILIES));
+    // Disk I/O back-ends CH probes at the first disk open.
+    v.extend(sys!(
+        SYS_io_setup,
+        SYS_io_destroy,
+        SYS_io_submit,
+        SYS_io_getevents,
+        SYS_io_cancel,
+        SYS_io_uring_setup,
+        SYS_io_uring_enter,
+        SYS_io_uring_register,
+    ));
+    // CH installs its own per-thread filters, and Landlock if asked to.
+    v.extend(sys!(
+        SYS_seccomp,
+        SYS_landlock_create_ruleset,
+        SYS_landlock_add_rule,
+        SYS_landlock_restrict_self
+    ));
+    v
+}
+
+/// The second, stacked VMM filter: clone3 fails with ENOSYS, so that libc falls back to
+/// clone, whose flags the first filter checks. Everything else passes to the first filter.
+pub fn vmm_clone3_filter() -> Result<BpfProgram, seccompiler::BackendError> {
+    let rules = BTreeMap::from([(libc::SYS_clone3, vec![])]);
+    SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch()?)?
+        .try_into()
+}
+
+fn arch() -> Result<seccompiler::TargetArch, seccompiler::BackendError> {
+    std::env::consts::ARCH
+        .try_into()
+        .map_err(|_| seccompiler::BackendError::InvalidTargetArch(std::env::consts::ARCH.into()))
+}
+
+/// Compiles an allow-list for this machine's architecture (the filter checks the arch
+/// first); anything else gets `mode`'s action.
 pub fn compile(list: &[Allow], mode: Mode) -> Result<BpfProgram, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for a in list {
-        match a {
-            Allow::Any(nr) => {
-                rules.insert(*nr, vec![]);
+        let r = match a.when {
+            When::Always => vec![],
+            When::ArgIn { arg, values } => values
+                .iter()
+                .map(|v| {
+                    SeccompRule::new(vec![SeccompCondition::new(
+                        arg,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::Eq,
+                        *v,
+                    )?])
+                })
+                .collect::<Result<_, _>>()?,
+            When::ArgClear { arg, mask } => {
+                let c = SeccompCondition::new(arg, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(mask), 0)?;
+                vec![SeccompRule::new(vec![c])?]
             }
-            Allow::ArgIn { nr, arg, values } => {
-                let r: Result<Vec<_>, _> = values
-                    .iter()
-                    .map(|v| {
-                        SeccompRule::new(vec![SeccompCondition::new(
-                            *arg,
-                            SeccompCmpArgLen::Dword,
-                            SeccompCmpOp::Eq,
-                            *v,
-                        )?])
-                    })
-                    .collect();
-                rules.insert(*nr, r?);
-            }
-        }
+        };
+        rules.insert(a.nr, r);
     }
-    let mismatch = match mode {
-        Mode::Kill => SeccompAction::KillProcess,
-        Mode::Log => SeccompAction::Log,
-    };
-    let arch = std::env::consts::ARCH
-        .try_into()
-        .map_err(|_| seccompiler::BackendError::InvalidTargetArch(std::env::consts::ARCH.into()))?;
-    SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)?.try_into()
+    SeccompFilter::new(rules, mode.action(), SeccompAction::Allow, arch()?)?.try_into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn nrs(list: &[Allow]) -> Vec<i64> {
+        list.iter().map(|a| a.nr).collect()
+    }
+
     #[test]
-    fn broker_filter_compiles_and_has_no_spawn_syscalls() {
-        let list = broker_allow_list();
-        assert!(!compile(&list, Mode::Kill).unwrap().is_empty());
-        let nrs: Vec<i64> = list
-            .iter()
-            .map(|a| match a {
-                Allow::Any(n) | Allow::ArgIn { nr: n, .. } => *n,
-            })
-            .collect();
+    fn filters_compile_and_names_match() {
+        for list in [broker_allow_list(), vmm_allow_list()] {
+            assert!(!compile(&list, Mode::Kill).unwrap().is_empty());
+            let mut seen = nrs(&list);
+            seen.sort();
+            seen.dedup();
+            assert_eq!(seen.len(), list.len(), "no syscall is listed twice");
+        }
+        assert!(!vmm_clone3_filter().unwrap().is_empty());
+        let v = vmm_allow_list();
+        let read = v.iter().find(|a| a.nr == libc::SYS_read).unwrap();
+        assert_eq!(read.name, "read");
+    }
+
+    #[test]
+    fn dangerous_syscalls_are_absent() {
+        let broker = nrs(&broker_allow_list());
         for forbidden in [
             libc::SYS_execve,
             libc::SYS_execveat,
@@ -165,7 +414,35 @@ mod tests {
             libc::SYS_mount,
             libc::SYS_ptrace,
         ] {
-            assert!(!nrs.contains(&forbidden), "syscall {forbidden} must not be allowed");
+            assert!(!broker.contains(&forbidden), "broker must not allow syscall {forbidden}");
+        }
+        let vmm = nrs(&vmm_allow_list());
+        for forbidden in [
+            libc::SYS_ptrace,
+            libc::SYS_mount,
+            libc::SYS_umount2,
+            libc::SYS_unshare,
+            libc::SYS_setns,
+            libc::SYS_bpf,
+            libc::SYS_kexec_load,
+            libc::SYS_kexec_file_load,
+            libc::SYS_init_module,
+            libc::SYS_finit_module,
+            libc::SYS_delete_module,
+            libc::SYS_keyctl,
+            libc::SYS_add_key,
+            libc::SYS_request_key,
+            libc::SYS_setuid,
+            libc::SYS_setresuid,
+            libc::SYS_setgid,
+            libc::SYS_setgroups,
+            libc::SYS_chroot,
+            libc::SYS_pivot_root,
+            libc::SYS_process_vm_readv,
+            libc::SYS_process_vm_writev,
+            libc::SYS_perf_event_open,
+        ] {
+            assert!(!vmm.contains(&forbidden), "VMM must not allow syscall {forbidden}");
         }
     }
 }

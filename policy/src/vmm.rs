@@ -50,6 +50,8 @@ pub const SERIAL_SOCKET: &str = "serial.sock";
 pub const VSOCK_SOCKET: &str = "vsock.sock";
 pub const EVENT_FILE: &str = "events.json";
 pub const LOG_FILE: &str = "vmm.log";
+/// The VMM's effective sandbox, as stored by the broker at spawn.
+pub const SANDBOX_REPORT: &str = "sandbox.txt";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FieldError {
@@ -113,7 +115,7 @@ pub fn tap_name(vm_uid: u32, index: usize) -> String {
 }
 
 /// Everything cloud-hypervisor is started with. Paths are those the broker granted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmmPlan {
     pub run_dir: String,
     pub kernel: Option<String>,

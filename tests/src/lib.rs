@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: locating the built binaries, running the daemon
 //! in a scratch tree, reading /proc, and speaking line-delimited JSON-RPC.
 
+pub mod pvh;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
@@ -96,8 +98,11 @@ pub fn owner_mode(p: &Path) -> (u32, u32, u32) {
 }
 
 /// A scratch dir that other uids may traverse (the frontend and VMMs must reach below it).
+///
+/// It is under /var/tmp, not /tmp: each VMM's mount namespace covers /tmp with an empty
+/// tmpfs, so images and binaries there would be out of its sight.
 pub fn scratch_root() -> tempfile::TempDir {
-    let root = tempfile::Builder::new().prefix("myhv-test").tempdir().expect("tempdir");
+    let root = tempfile::Builder::new().prefix("myhv-test").tempdir_in("/var/tmp").expect("tempdir");
     std::fs::set_permissions(root.path(), PermissionsExt::from_mode(0o755)).expect("chmod");
     root
 }
@@ -118,8 +123,13 @@ impl Daemon {
     pub fn start_in(root: tempfile::TempDir, extra: &[&str]) -> Daemon {
         let log = std::fs::File::create(root.path().join("daemon.log")).expect("log file");
         let child = Self::command(root.path(), extra).stderr(log).spawn().expect("start daemon");
-        let d = Daemon { child, root };
-        wait_for("the rpc socket", Duration::from_secs(10), || d.rpc_socket().exists().then_some(()));
+        let mut d = Daemon { child, root };
+        wait_for("the rpc socket", Duration::from_secs(10), || {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("the daemon exited ({status}) before serving:\n{}", d.log());
+            }
+            d.rpc_socket().exists().then_some(())
+        });
         d
     }
 

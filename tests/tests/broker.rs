@@ -244,7 +244,8 @@ fn requests_refusals_and_release() {
     );
 
     let (reply, fds) = h.call(Request::Spawn { vm: "a".into(), config: config() });
-    let Reply::Spawned { pid } = reply else { panic!("{reply:?}") };
+    let Reply::Spawned { pid, sandbox } = reply else { panic!("{reply:?}") };
+    assert!(sandbox.starts_with("sandbox of VM a\n"), "{sandbox}");
     assert_eq!(fds.len(), 2, "event-monitor file and log, read-only");
     let st = proc_status(pid as i32).expect("VMM status");
     assert_eq!(st["Uid"].split_whitespace().next(), Some("61001"));

@@ -66,7 +66,7 @@ fn existing_dirs_are_repaired_and_group_grant_applies() {
     if !have_root("existing_dirs_are_repaired_and_group_grant_applies") {
         return;
     }
-    let scratch = tempfile::tempdir().expect("tempdir");
+    let scratch = my_hypervisor_tests::scratch_root();
     let root = scratch.path();
     std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     // A state dir left world-writable and owned by root must come back as documented.
@@ -86,7 +86,7 @@ fn fails_closed() {
     if !have_root("fails_closed") {
         return;
     }
-    let scratch = tempfile::tempdir().expect("tempdir");
+    let scratch = my_hypervisor_tests::scratch_root();
     let cases: [&[&str]; 4] = [
         &["--frontend-bin", "/nonexistent/frontend"],
         &["--frontend-user", "0:0"],
@@ -100,7 +100,7 @@ fn fails_closed() {
         assert!(err.contains("daemon stopped"), "{extra:?}: {err}");
     }
     // A symlink where a directory belongs is refused, not followed.
-    let scratch = tempfile::tempdir().expect("tempdir");
+    let scratch = my_hypervisor_tests::scratch_root();
     std::fs::create_dir_all(scratch.path().join("run")).expect("mkdir");
     std::os::unix::fs::symlink("/etc", scratch.path().join("run/vmm")).expect("symlink");
     let out = Daemon::command(scratch.path(), &[]).output().expect("run");

@@ -111,9 +111,11 @@ pub enum Reply {
     Tap {
         name: String,
     },
-    /// fds: the event-monitor file and the VMM's log, both read-only.
+    /// fds: the event-monitor file and the VMM's log, both read-only. `sandbox` is the VMM's
+    /// effective sandbox, as `my_hypervisor-vmm-launcher --explain` prints it.
     Spawned {
         pid: u32,
+        sandbox: String,
     },
     /// fd: a connected stream socket.
     Connected,

@@ -1,0 +1,152 @@
+//! The box each cloud-hypervisor runs in, as data: what the broker's spawn path sets up
+//! (namespaces, a private /dev, covered directories, the VM's uid), and what the launcher
+//! applies before it execs CH (rlimits, Landlock, seccomp). [`SandboxSpec::report`] is the
+//! text `my_hypervisor-vmm-launcher --explain` prints, and what the broker stores at spawn.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use landlock::{ABI, AccessFs, BitFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::seccomp::{self, When};
+use crate::vmm::{VMM_API_FD, VMM_EVENT_FD, VMM_FIRST_TAP_FD, VmmPlan};
+
+/// The Landlock ABI the rules target (Linux 6.12): filesystem rights with IoctlDev (V5),
+/// TCP bind and connect (V4), and scoping of abstract Unix sockets and signals (V6).
+pub const LANDLOCK_ABI: ABI = ABI::V6;
+
+/// Directories covered by an empty tmpfs in the VMM's mount namespace. Landlock before ABI
+/// 9 does not control connecting to Unix sockets by path, so the VMM must not see the host's
+/// sockets. The VM's own runtime dir is bind-mounted back; images and the CH binary may not
+/// live below these.
+pub const COVERED_DIRS: &[&str] = &["/run", "/var/run", "/tmp", "/dev/shm"];
+
+/// The VMM's /dev, a fresh tmpfs: (name, char major, minor), each owned by the VM uid.
+pub const DEV_NODES: &[(&str, u32, u32)] = &[("kvm", 10, 232), ("urandom", 1, 9), ("null", 1, 3)];
+
+/// Read-only and executable for the dynamic loader and the shared libraries a cargo-built CH
+/// links against (glibc and friends). Granting the system library dirs is simpler and
+/// sturdier than chasing each library; they hold no secrets and nothing there is writable.
+pub const SYSTEM_LIB_PATHS: &[&str] = &["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/etc/ld.so.cache"];
+
+/// (resource, soft = hard limit). No core dumps (guest memory), enough fds for CH (it grows
+/// its fd table to 4096 at start), and a cap on tasks for the VM's own uid. RLIMIT_FSIZE is
+/// left alone: it would also cap disk-image writes and kill CH with SIGXFSZ.
+pub const RLIMITS: &[(&str, u64)] = &[("RLIMIT_CORE", 0), ("RLIMIT_NOFILE", 4096), ("RLIMIT_NPROC", 1024)];
+
+/// Everything that determines a VM's sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    pub vm: String,
+    pub uid: u32,
+    /// The cloud-hypervisor binary.
+    pub cloud_hypervisor: String,
+    pub plan: VmmPlan,
+    pub seccomp: seccomp::Mode,
+    /// Landlock as a hard requirement (default), or best effort with a warning.
+    pub landlock_best_effort: bool,
+}
+
+/// A Landlock rule: a path and the rights granted beneath it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub path: String,
+    pub access: BitFlags<AccessFs>,
+    /// System paths may be absent on a host (e.g. /lib64); the VM's own paths may not.
+    pub optional: bool,
+}
+
+/// True if `path` lies in a directory the VMM's namespace covers.
+pub fn hidden_in_vmm(path: &str) -> bool {
+    COVERED_DIRS.iter().any(|d| Path::new(path).starts_with(d))
+}
+
+impl SandboxSpec {
+    /// The only files the VMM may touch, and how.
+    pub fn landlock_rules(&self) -> Vec<Rule> {
+        let read = BitFlags::from(AccessFs::ReadFile);
+        let exec = AccessFs::Execute | AccessFs::ReadFile;
+        let rule = |path: &str, access, optional| Rule { path: path.to_string(), access, optional };
+        let mut v = vec![rule(&self.cloud_hypervisor, exec, false)];
+        for p in SYSTEM_LIB_PATHS {
+            let access = if p.ends_with(".cache") { read } else { exec | AccessFs::ReadDir };
+            v.push(rule(p, access, true));
+        }
+        let p = &self.plan;
+        for image in [&p.kernel, &p.initramfs, &p.firmware].into_iter().flatten() {
+            v.push(rule(image, read, false));
+        }
+        for (disk, ro) in &p.disks {
+            v.push(rule(disk, if *ro { read } else { read | AccessFs::WriteFile }, false));
+        }
+        let dir = AccessFs::ReadFile
+            | AccessFs::WriteFile
+            | AccessFs::ReadDir
+            | AccessFs::MakeSock
+            | AccessFs::RemoveFile;
+        v.push(rule(&p.run_dir, dir, false));
+        v.push(rule("/dev/kvm", AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev, false));
+        v.push(rule("/dev/urandom", read, false));
+        v
+    }
+
+    /// The exact effective sandbox, as `--explain` prints it.
+    pub fn report(&self) -> String {
+        let mut r = String::new();
+        let w = &mut r;
+        let _ = writeln!(w, "sandbox of VM {}", self.vm);
+        let _ = writeln!(w, "\n[identity]\nuid {0} gid {0}, no supplementary groups", self.uid);
+        let _ = writeln!(
+            w,
+            "capabilities: effective, permitted, inheritable, ambient and bounding sets all empty"
+        );
+        let _ = writeln!(w, "no_new_privs: set; new session; umask 077; empty environment");
+        let _ = writeln!(w, "\n[namespaces]\nmount: new, / made MS_REC|MS_PRIVATE");
+        let _ = writeln!(w, "network: new and empty (taps arrive as fds)");
+        let nodes: Vec<String> =
+            DEV_NODES.iter().map(|(n, ma, mi)| format!("{n} (char {ma}:{mi})")).collect();
+        let _ = writeln!(w, "/dev: fresh tmpfs holding only {}, owned by uid {}", nodes.join(", "), self.uid);
+        let _ = writeln!(w, "covered by empty tmpfs: {}", COVERED_DIRS.join(", "));
+        let _ = writeln!(w, "bind-mounted back: {} (its runtime dir)", self.plan.run_dir);
+        let mode = if self.landlock_best_effort { "best effort" } else { "hard requirement" };
+        let _ = writeln!(w, "\n[landlock] ABI {} ({mode}); everything else denied", LANDLOCK_ABI as u32);
+        for rule in self.landlock_rules() {
+            let rights: Vec<String> = rule.access.iter().map(|a| format!("{a:?}")).collect();
+            let opt = if rule.optional { " (if present)" } else { "" };
+            let _ = writeln!(w, "{}{opt}: {}", rule.path, rights.join(" "));
+        }
+        let _ = writeln!(w, "network: TCP bind and connect denied");
+        let _ = writeln!(w, "scoped: abstract Unix sockets, signals");
+        let _ = writeln!(
+            w,
+            "\n[seccomp] default action: {:?}; architecture checked first",
+            self.seccomp.action()
+        );
+        let _ = writeln!(w, "filter 2 (stacked): clone3 -> ENOSYS, so that clone's flags are checked");
+        let mut list = seccomp::vmm_allow_list();
+        list.sort_by_key(|a| a.name);
+        for a in list {
+            let _ = match a.when {
+                When::Always => writeln!(w, "allow {}", a.name),
+                When::ArgIn { arg, values } => writeln!(w, "allow {} if arg{arg} in {values:#x?}", a.name),
+                When::ArgClear { arg, mask } => writeln!(w, "allow {} if arg{arg} & {mask:#x} == 0", a.name),
+            };
+        }
+        let _ = writeln!(w, "\n[rlimits]");
+        for (name, v) in RLIMITS {
+            let _ = writeln!(w, "{name} {v}");
+        }
+        let _ = writeln!(w, "\n[fds]\n0 /dev/null\n1, 2 {}/vmm.log (append)", self.plan.run_dir);
+        let _ = writeln!(
+            w,
+            "{VMM_API_FD} api socket (listening)\n{VMM_EVENT_FD} {}/events.json (append)",
+            self.plan.run_dir
+        );
+        for i in 0..self.plan.nets.len() {
+            let _ = writeln!(w, "{} tap {i}", VMM_FIRST_TAP_FD + i as i32);
+        }
+        let _ = writeln!(w, "\n[exec]\n{} {}", self.cloud_hypervisor, self.plan.args().join(" "));
+        r
+    }
+}
