@@ -19,7 +19,7 @@ use my_hypervisor_policy::layout::Ids;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use nix::sys::wait::waitpid;
-use nix::unistd::{ForkResult, fork, pipe};
+use nix::unistd::{ForkResult, fork, pipe2};
 use serde::{Deserialize, Serialize};
 
 use crate::unpriv::{drop_privileges, enter_vmm_namespaces, place_fds, reset_signals};
@@ -120,39 +120,43 @@ fn start_detached(
         .map(|a| CString::new(a.as_bytes()).map_err(|_| "NUL in an argument".to_string()))
         .collect::<Result<_, _>>()?;
     let exe = prog.fd.as_raw_fd();
+    // One line comes back on this pipe: the step that failed in the child, or the outcome
+    // of the spawn from the intermediate child. A successful exec closes it (CLOEXEC).
+    let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let report = w.as_raw_fd();
     // SAFETY: the spawn helper is single-threaded, so the forked child may allocate; the
-    // closure only moves fds and drops privileges, then execs through the pinned handle. If
-    // that exec fails, the error goes back to the parent like any exec error.
+    // closure only moves fds, builds the VMM's namespaces and drops privileges, then execs
+    // through the pinned handle. A failure is written to the report pipe with its step.
     unsafe {
         cmd.pre_exec(move || {
-            reset_signals()?;
-            place_fds(&keep)?;
-            if let Some(dir) = &vmm_dir {
-                enter_vmm_namespaces(ids.uid, dir)?;
+            let r = prepare_child(&keep, vmm_dir.as_deref(), ids).and_then(|()| {
+                let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+                ptrs.push(std::ptr::null());
+                let env: [*const libc::c_char; 1] = [std::ptr::null()];
+                libc::syscall(
+                    libc::SYS_execveat,
+                    exe,
+                    c"".as_ptr(),
+                    ptrs.as_ptr(),
+                    env.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                );
+                Err(std::io::Error::other(format!("exec: {}", std::io::Error::last_os_error())))
+            });
+            if let Err(e) = &r {
+                let line = format!("err {e}\n");
+                libc::write(report, line.as_ptr().cast(), line.len());
             }
-            drop_privileges(ids)?;
-            let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-            ptrs.push(std::ptr::null());
-            let env: [*const libc::c_char; 1] = [std::ptr::null()];
-            libc::syscall(
-                libc::SYS_execveat,
-                exe,
-                c"".as_ptr(),
-                ptrs.as_ptr(),
-                env.as_ptr(),
-                libc::AT_EMPTY_PATH,
-            );
-            Err(std::io::Error::last_os_error())
+            r
         });
     }
-    let (r, w) = pipe().map_err(|e| format!("pipe: {e}"))?;
     // SAFETY: single-threaded process; the child only spawns, writes one line and exits.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
             drop(r);
             let line = match cmd.spawn() {
-                Ok(child) => format!("ok {}", child.id()),
-                Err(e) => format!("err {}: {e}", cmd.get_program().to_string_lossy()),
+                Ok(child) => format!("ok {}\n", child.id()),
+                Err(e) => format!("err {}: {e}\n", cmd.get_program().to_string_lossy()),
             };
             let _ = nix::unistd::write(&w, line.as_bytes());
             // SAFETY: leave without running the parent's destructors or atexit handlers.
@@ -164,6 +168,7 @@ fn start_detached(
             let read = std::fs::File::from(r).read_to_string(&mut line);
             let _ = waitpid(child, None);
             read.map_err(|e| format!("read spawn result: {e}"))?;
+            let line = line.lines().next().unwrap_or_default();
             match line.split_once(' ') {
                 Some(("ok", pid)) => pid.parse().map_err(|e| format!("spawn result {line:?}: {e}")),
                 Some(("err", e)) => Err(e.to_string()),
@@ -171,6 +176,16 @@ fn start_detached(
             }
         }
     }
+}
+
+/// Everything between fork and exec, in order.
+fn prepare_child(keep: &[(i32, i32)], vmm_dir: Option<&str>, ids: Ids) -> std::io::Result<()> {
+    reset_signals()?;
+    place_fds(keep)?;
+    if let Some(dir) = vmm_dir {
+        enter_vmm_namespaces(ids.uid, dir)?;
+    }
+    drop_privileges(ids)
 }
 
 /// The broker's side: hands one order and its fds to the helper and waits for the outcome.

@@ -66,16 +66,13 @@ pub fn enter_vmm_namespaces(uid: u32, run_dir: &str) -> io::Result<()> {
     use nix::sched::{CloneFlags, unshare};
     use nix::sys::stat::{Mode, SFlag, makedev, mknod};
     let step = |what: &'static str| move |e: nix::errno::Errno| io_err(what, e);
-    let dir = nix::fcntl::open(
-        run_dir,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(step("open runtime dir"))?;
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET)
         .map_err(step("unshare mount and network namespaces"))?;
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(step("make / private"))?;
+    // Opened inside the new namespace, before /run is covered, to bind it back afterwards.
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let dir = nix::fcntl::open(run_dir, flags, Mode::empty()).map_err(step("open runtime dir"))?;
     let tmpfs = |at: &str, flags: MsFlags, opts: &str| {
         mount(Some("tmpfs"), at, Some("tmpfs"), flags | MsFlags::MS_NOSUID, Some(opts))
             .map_err(step("mount tmpfs"))
@@ -93,14 +90,15 @@ pub fn enter_vmm_namespaces(uid: u32, run_dir: &str) -> io::Result<()> {
         nix::unistd::chown(node.as_str(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))
             .map_err(step("chown dev node"))?;
     }
-    std::fs::create_dir("/dev/shm")?;
+    std::fs::create_dir("/dev/shm").map_err(|e| io_err("create /dev/shm", e))?;
     for covered in COVERED_DIRS {
         if std::path::Path::new(covered).exists() {
             tmpfs(covered, MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, "mode=0755,size=1m")?;
         }
     }
     if hidden_in_vmm(run_dir) {
-        std::fs::DirBuilder::new().recursive(true).create(run_dir)?;
+        let mkdir = std::fs::DirBuilder::new().recursive(true).create(run_dir);
+        mkdir.map_err(|e| io_err("create the runtime dir's mount point", e))?;
         let src = format!("/proc/self/fd/{}", dir.as_raw_fd());
         mount(Some(src.as_str()), run_dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
             .map_err(step("bind-mount the runtime dir"))?;

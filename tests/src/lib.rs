@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: locating the built binaries, running the daemon
 //! in a scratch tree, reading /proc, and speaking line-delimited JSON-RPC.
 
+pub mod harness;
 pub mod pvh;
 
 use std::io::{BufRead, BufReader, Write};
@@ -149,8 +150,11 @@ impl Daemon {
             .arg(root.join("run/vms"))
             .arg("--console-dir")
             .arg(root.join("run/console"))
-            .arg("--run-dir")
-            .arg(root.join("run/vmm"))
+            .args(if extra.contains(&"--run-dir") {
+                vec![]
+            } else {
+                vec!["--run-dir".into(), root.join("run/vmm")]
+            })
             .arg("--image-root")
             .arg(root.join("images"))
             .args(extra)

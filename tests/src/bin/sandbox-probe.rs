@@ -1,0 +1,100 @@
+//! A stand-in VMM for the escape tests. The daemon starts it exactly as it would start
+//! cloud-hypervisor (real spawn path, real launcher, the VM's own sandbox), with CH's argv.
+//! What it does is written in its "kernel" file:
+//! - `all <host-socket>`: try every escape that should fail with an error and every operation
+//!   a VMM needs, print one `RESULT <name> <outcome>` line each, then `READY`, and idle;
+//! - `<syscall>`: make that one forbidden syscall, which should kill it with SIGSYS; if it
+//!   returns, print `SURVIVED <syscall> <outcome>`.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+fn arg_after<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.windows(2).find(|w| w[0] == flag).map(|w| w[1].as_str())
+}
+
+fn outcome<T>(r: std::io::Result<T>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => format!(
+            "denied:{}",
+            e.raw_os_error().map_or("?".into(), |n| nix::errno::Errno::from_raw(n).to_string())
+        ),
+    }
+}
+
+/// A raw syscall's outcome, as `outcome` reports it.
+fn sys(r: libc::c_long) -> std::io::Result<libc::c_long> {
+    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(r) }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let kernel = arg_after(&args, "--kernel").expect("--kernel");
+    let serial = arg_after(&args, "--serial").and_then(|s| s.strip_prefix("socket=")).expect("--serial");
+    let run_dir = Path::new(serial).parent().expect("runtime dir");
+    let disk = arg_after(&args, "--disk")
+        .and_then(|d| d.strip_prefix("path="))
+        .map(|d| d.split(',').next().unwrap());
+    let what = std::fs::read_to_string(kernel).expect("read the kernel");
+    let mut words = what.split_whitespace();
+    let op = words.next().unwrap_or_default();
+    let out = &mut std::io::stdout();
+    let mut report = |name: &str, o: String| {
+        let _ = writeln!(out, "RESULT {name} {o}");
+        let _ = out.flush();
+    };
+    if op == "all" {
+        let host_socket = words.next().expect("a host socket path");
+        report("read-kernel", "ok".into());
+        report("read-etc-shadow", outcome(std::fs::read("/etc/shadow")));
+        let other = run_dir.parent().unwrap().join("other");
+        report("read-other-vm-dir", outcome(std::fs::read_dir(&other)));
+        report("write-beside-own-dir", outcome(std::fs::write(run_dir.parent().unwrap().join("x"), b"x")));
+        report("write-var-tmp", outcome(std::fs::write("/var/tmp/myhv-escape", b"x")));
+        report("open-dev-mem", outcome(std::fs::File::open("/dev/mem")));
+        report(
+            "open-disk-device",
+            outcome(std::fs::File::open("/dev/vda").or_else(|_| std::fs::File::open("/dev/sda"))),
+        );
+        report("exec-bin-sh", outcome(std::process::Command::new("/bin/sh").arg("-c").arg("true").status()));
+        report("connect-tcp", outcome(std::net::TcpStream::connect("127.0.0.1:22")));
+        report("connect-host-unix-socket", outcome(UnixStream::connect(host_socket)));
+        let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+        // SAFETY: KVM_CREATE_VM takes a machine type (0) and returns a new fd.
+        let vm = kvm.and_then(|k| sys(unsafe { libc::ioctl(k.as_raw_fd(), 0xAE01, 0) } as libc::c_long));
+        report("kvm-create-vm", outcome(vm));
+        let disk = disk.expect("a --disk");
+        report(
+            "write-own-disk",
+            outcome(
+                std::fs::OpenOptions::new().write(true).open(disk).and_then(|mut f| f.write_all(b"disk")),
+            ),
+        );
+        report("socket-in-own-dir", outcome(UnixListener::bind(run_dir.join("probe.sock"))));
+        let _ = writeln!(out, "READY");
+        let _ = out.flush();
+        loop {
+            std::thread::park();
+        }
+    }
+    // SAFETY: each is a plain syscall with harmless arguments; the filter should kill first.
+    let r = unsafe {
+        match op {
+            "ptrace" => libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0),
+            "mount" => {
+                libc::syscall(libc::SYS_mount, c"none".as_ptr(), c"/".as_ptr(), c"tmpfs".as_ptr(), 0, 0)
+            }
+            "unshare" => libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER),
+            "bpf" => libc::syscall(libc::SYS_bpf, 0, 0, 0),
+            "kexec_load" => libc::syscall(libc::SYS_kexec_load, 0, 0, 0, 0),
+            "init_module" => libc::syscall(libc::SYS_init_module, 0, 0, 0),
+            "keyctl" => libc::syscall(libc::SYS_keyctl, 0, 0, 0, 0, 0),
+            "setuid" => libc::syscall(libc::SYS_setuid, 0),
+            other => panic!("unknown op {other:?}"),
+        }
+    };
+    let _ = writeln!(out, "SURVIVED {op} {}", outcome(sys(r)));
+}

@@ -1,0 +1,262 @@
+//! The VMM sandbox, end to end: a probe started through the real spawn path and launcher,
+//! under a VM's policy, tries to escape; the `--explain` report against its golden file; and,
+//! with `MYHV_CLOUD_HYPERVISOR` set, a real cloud-hypervisor booting a tiny PVH guest.
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use my_hypervisor_broker_proto::{
+    ExitStatus, HeldVm, Image, ImageRole, Reply, Request, SocketRole, VmmConfig,
+};
+use my_hypervisor_tests::harness::Harness;
+use my_hypervisor_tests::{have_root, proc_status, pvh, staged_bin, wait_for};
+
+/// A directory under /run for the test's runtime dir, so the VMM's bind-mount of its own dir
+/// (/run is covered in its namespace) is exercised; removed at the end.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn new(tag: &str) -> RunDir {
+        RunDir(PathBuf::from(format!("/run/myhv-test-{tag}-{}", std::process::id())))
+    }
+    fn vmm(&self) -> String {
+        self.0.join("vmm").to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn image(path: &Path, role: ImageRole) -> Image {
+    Image { path: path.to_string_lossy().into_owned(), role }
+}
+
+fn config() -> VmmConfig {
+    VmmConfig { vcpus: 1, memory_mib: 64, cmdline: None, vsock: false }
+}
+
+/// Prepares `vm` with `kernel` holding `content` (and a writable disk), spawns it, and
+/// returns its uid, pid and log fd.
+fn start(h: &mut Harness, vm: &str, content: &[u8], disk: bool) -> (u32, u32, OwnedFd) {
+    let kernel = h.images().join(format!("{vm}.kernel"));
+    std::fs::write(&kernel, content).expect("kernel");
+    let mut images = vec![image(&kernel, ImageRole::Kernel)];
+    if disk {
+        let d = h.images().join(format!("{vm}.disk"));
+        std::fs::write(&d, b"").expect("disk");
+        std::fs::set_permissions(&d, PermissionsExt::from_mode(0o600)).expect("chmod");
+        images.push(image(&d, ImageRole::Disk { readonly: false }));
+    }
+    let (reply, _) = h.call(Request::Prepare { vm: vm.into(), images });
+    let Reply::Prepared { uid, .. } = reply else { panic!("prepare {vm}: {reply:?}") };
+    let (reply, fds) = h.call(Request::Spawn { vm: vm.into(), config: config() });
+    let Reply::Spawned { pid, .. } = reply else { panic!("spawn {vm}: {reply:?}") };
+    let log = fds.into_iter().nth(1).expect("log fd");
+    (uid, pid, log)
+}
+
+/// The log so far, read through the broker's read-only fd.
+fn read_log(log: &OwnedFd) -> String {
+    let mut f = std::fs::File::from(log.try_clone().expect("dup"));
+    let mut s = String::new();
+    use std::io::Seek;
+    let _ = f.seek(std::io::SeekFrom::Start(0));
+    let _ = f.read_to_string(&mut s);
+    s
+}
+
+fn held(h: &mut Harness, vm: &str) -> HeldVm {
+    let (reply, _) = h.call(Request::Inventory);
+    let Reply::Inventory { vms } = reply else { panic!("{reply:?}") };
+    vms.into_iter().find(|v| v.vm == vm).expect("held VM")
+}
+
+#[test]
+fn escapes_fail_and_needs_succeed() {
+    if !have_root("escapes_fail_and_needs_succeed") {
+        return;
+    }
+    let run = RunDir::new("escape");
+    let mut h = Harness::start_with("sandbox-probe", &["--run-dir", &run.vmm()]);
+    let host_socket = PathBuf::from(format!("/run/myhv-escape-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&host_socket);
+    let _listener = UnixListener::bind(&host_socket).expect("host socket");
+    std::fs::set_permissions(&host_socket, PermissionsExt::from_mode(0o777)).expect("chmod");
+
+    let (reply, _) = h.call(Request::Prepare {
+        vm: "other".into(),
+        images: vec![image(&h.images().join("other.kernel"), ImageRole::Kernel)],
+    });
+    assert!(matches!(reply, Reply::Refused { .. }), "the kernel does not exist yet: {reply:?}");
+    std::fs::write(h.images().join("other.kernel"), b"other").expect("write");
+    let (reply, _) = h.call(Request::Prepare {
+        vm: "other".into(),
+        images: vec![image(&h.images().join("other.kernel"), ImageRole::Kernel)],
+    });
+    assert!(matches!(reply, Reply::Prepared { .. }), "{reply:?}");
+
+    let content = format!("all {}", host_socket.display());
+    let (uid, pid, log) = start(&mut h, "a", content.as_bytes(), true);
+    let text = wait_for("the probe's report", Duration::from_secs(20), || {
+        let t = read_log(&log);
+        t.contains("READY").then_some(t)
+    });
+    let _ = std::fs::remove_file(&host_socket);
+    let result = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("RESULT {name} ")))
+            .unwrap_or_else(|| panic!("no result for {name} in:\n{text}"))
+            .to_string()
+    };
+    for denied in [
+        "read-etc-shadow",
+        "read-other-vm-dir",
+        "write-beside-own-dir",
+        "write-var-tmp",
+        "open-dev-mem",
+        "open-disk-device",
+        "exec-bin-sh",
+        "connect-tcp",
+        "connect-host-unix-socket",
+    ] {
+        let r = result(denied);
+        assert!(
+            ["denied:EACCES", "denied:EPERM", "denied:ENOENT"].iter().any(|d| r.starts_with(d)),
+            "{denied} must fail with EACCES, EPERM or ENOENT, got {r}\n{text}"
+        );
+    }
+    for allowed in ["read-kernel", "kvm-create-vm", "write-own-disk", "socket-in-own-dir"] {
+        assert_eq!(result(allowed), "ok", "{allowed}\n{text}");
+    }
+    assert!(text.contains("landlock ABI 6 FullyEnforced"), "{text}");
+
+    // From outside: the probe's identity, capabilities, no_new_privs and seccomp.
+    let st = proc_status(pid as i32).expect("probe status");
+    assert_eq!(st["Uid"].split_whitespace().collect::<Vec<_>>(), vec![uid.to_string(); 4]);
+    assert_eq!(st["Gid"].split_whitespace().collect::<Vec<_>>(), vec![uid.to_string(); 4]);
+    for set in ["CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh"] {
+        assert_eq!(st[set], "0000000000000000", "{set}");
+    }
+    assert_eq!(st["NoNewPrivs"], "1");
+    assert_eq!(st["Seccomp"], "2");
+    assert_eq!(st["Seccomp_filters"], "2", "the allow-list and the clone3 filter");
+    assert_eq!(h.call(Request::Release { vm: "a".into() }).0, Reply::Released);
+}
+
+#[test]
+fn forbidden_syscalls_kill_the_vmm() {
+    if !have_root("forbidden_syscalls_kill_the_vmm") {
+        return;
+    }
+    let run = RunDir::new("sigsys");
+    let mut h = Harness::start_with("sandbox-probe", &["--run-dir", &run.vmm()]);
+    for op in ["ptrace", "mount", "unshare", "bpf", "kexec_load", "init_module", "keyctl", "setuid"] {
+        let vm = format!("k-{}", op.replace('_', "-"));
+        let (_, _, log) = start(&mut h, &vm, op.as_bytes(), false);
+        let exit =
+            wait_for(&format!("{op} to end the probe"), Duration::from_secs(10), || held(&mut h, &vm).exit);
+        let text = read_log(&log);
+        assert_eq!(exit, ExitStatus::Signal(libc::SIGSYS), "{op}: {text}");
+        assert!(!text.contains("SURVIVED"), "{op}: {text}");
+        assert_eq!(h.call(Request::Release { vm }).0, Reply::Released);
+    }
+}
+
+#[test]
+fn explain_matches_golden() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let out = std::process::Command::new(my_hypervisor_tests::bin("my_hypervisor-vmm-launcher"))
+        .arg("--explain")
+        .arg(fixtures.join("explain-spec.json"))
+        .output()
+        .expect("run the launcher");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = String::from_utf8(out.stdout).expect("utf-8");
+    let golden = fixtures.join("explain.golden");
+    if std::env::var_os("MYHV_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, &got).expect("write golden");
+    }
+    let want = std::fs::read_to_string(&golden).expect("golden file");
+    assert_eq!(
+        got, want,
+        "--explain changed; if on purpose, rerun with MYHV_UPDATE_GOLDEN=1 and review the diff"
+    );
+}
+
+/// A minimal HTTP/1.1 exchange on a connected api socket: (status, body).
+pub fn http(sock: OwnedFd, method: &str, path: &str) -> (u16, String) {
+    let mut s = UnixStream::from(sock);
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Length: 0\r\n\r\n"
+    )
+    .expect("request");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).expect("response");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status");
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= len {
+                return (status, body[..len].to_string());
+            }
+        }
+        assert!(n > 0, "connection closed mid-response: {text}");
+    }
+}
+
+#[test]
+fn real_cloud_hypervisor_boots_in_the_sandbox() {
+    let Some(ch) = std::env::var_os("MYHV_CLOUD_HYPERVISOR") else {
+        eprintln!(
+            "SKIP real_cloud_hypervisor_boots_in_the_sandbox: set MYHV_CLOUD_HYPERVISOR=/path/to/cloud-hypervisor"
+        );
+        return;
+    };
+    if !have_root("real_cloud_hypervisor_boots_in_the_sandbox") {
+        return;
+    }
+    let run = RunDir::new("realch");
+    let mut h = Harness::start_with(&ch.to_string_lossy(), &["--run-dir", &run.vmm()]);
+    let guest = pvh::guest("my_hypervisor sandbox test guest", false);
+    let (_, pid, log) = start(&mut h, "real", &guest, false);
+    let state = wait_for("vm.info to say Running", Duration::from_secs(20), || {
+        let (reply, fds) = h.call(Request::Connect { vm: "real".into(), role: SocketRole::Api });
+        if reply != Reply::Connected {
+            return None;
+        }
+        let (status, body) = http(fds.into_iter().next()?, "GET", "/api/v1/vm.info");
+        let info: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (status == 200 && info["state"] == "Running").then_some(info["state"].clone())
+    });
+    assert_eq!(state, "Running", "{}", read_log(&log));
+    let st = proc_status(pid as i32).expect("CH status");
+    assert_eq!(
+        (st["Seccomp"].as_str(), st["NoNewPrivs"].as_str(), st["CapEff"].as_str()),
+        ("2", "1", "0000000000000000")
+    );
+    eprintln!(
+        "real cloud-hypervisor {} is Running in its sandbox; its log:\n{}",
+        ch.to_string_lossy(),
+        read_log(&log)
+    );
+    assert_eq!(h.call(Request::Release { vm: "real".into() }).0, Reply::Released);
+    let _ = staged_bin;
+}
