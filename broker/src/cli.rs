@@ -44,6 +44,11 @@ pub struct Args {
     /// The frontend binary; by default `my_hypervisor-frontend` beside this one.
     #[arg(long)]
     pub frontend_bin: Option<PathBuf>,
+    /// A limit of the RPC transport, as NAME=VALUE (repeatable); NAME is one of
+    /// max-line-bytes, max-connections, line-timeout, idle-timeout, write-timeout,
+    /// max-queued-messages, max-response-bytes, max-batch-len, max-subscriptions (docs/api.md).
+    #[arg(long = "rpc-limit", value_name = "NAME=VALUE", value_parser = parse_rpc_limit)]
+    pub rpc_limits: Vec<(String, String)>,
     /// The VMM launcher; by default `my_hypervisor-vmm-launcher` beside this binary.
     #[arg(long)]
     pub launcher_bin: Option<PathBuf>,
@@ -154,6 +159,29 @@ pub fn resolve(args: &Args) -> Result<Config, String> {
         None => sibling("my_hypervisor-vmm-launcher")?,
     };
     Ok(Config { frontend, vm_uids, launcher_bin, rpc_gid, frontend_bin })
+}
+
+pub const RPC_LIMITS: &[&str] = &[
+    "max-line-bytes",
+    "max-connections",
+    "line-timeout",
+    "idle-timeout",
+    "write-timeout",
+    "max-queued-messages",
+    "max-response-bytes",
+    "max-batch-len",
+    "max-subscriptions",
+];
+
+fn parse_rpc_limit(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s.split_once('=').ok_or("expected NAME=VALUE")?;
+    if !RPC_LIMITS.contains(&name) {
+        return Err(format!("unknown limit {name:?}; known: {}", RPC_LIMITS.join(", ")));
+    }
+    match value.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok((name.to_string(), value.to_string())),
+        _ => Err(format!("{name}: {value:?} is not a positive number")),
+    }
 }
 
 /// A binary installed beside the daemon's own.

@@ -245,6 +245,12 @@ fn start_spawner(args: &Args, cfg: &Config) -> Result<OwnedFd, String> {
     frontend_args.extend(["--state-dir".into(), args.state_dir.clone().into()]);
     frontend_args.extend(["--console-dir".into(), args.console_dir.clone().into()]);
     frontend_args.extend(["--log-format".into(), args.log_format.as_str().into()]);
+    for root in &args.image_roots {
+        frontend_args.extend(["--image-root".into(), root.clone().into()]);
+    }
+    for (name, value) in &args.rpc_limits {
+        frontend_args.push(format!("--rpc-{name}={value}").into());
+    }
     let sc = SpawnerConfig {
         frontend: Program::open(cfg.frontend_bin.clone())?,
         frontend_args,

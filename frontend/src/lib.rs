@@ -10,6 +10,8 @@ pub mod rpc;
 pub struct Config {
     pub state_dir: PathBuf,
     pub console_dir: PathBuf,
+    /// Where images may come from; the broker checks again when it opens them.
+    pub image_roots: Vec<PathBuf>,
     pub limits: rpc::Limits,
 }
 

@@ -26,6 +26,9 @@ struct Args {
     console_dir: PathBuf,
     #[arg(long, default_value = "text")]
     log_format: String,
+    /// A root that images may come from (repeatable), as given to the daemon.
+    #[arg(long = "image-root")]
+    image_roots: Vec<PathBuf>,
     #[command(flatten)]
     limits: my_hypervisor_frontend::rpc::Limits,
 }
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
     let cfg = my_hypervisor_frontend::Config {
         state_dir: args.state_dir,
         console_dir: args.console_dir,
+        image_roots: args.image_roots,
         limits: args.limits,
     };
     match my_hypervisor_frontend::run(cfg, listen, broker) {

@@ -73,12 +73,19 @@ fn existing_dirs_are_repaired_and_group_grant_applies() {
     std::fs::create_dir_all(root.join("run/vms")).expect("mkdir");
     std::fs::set_permissions(root.join("run/vms"), std::os::unix::fs::PermissionsExt::from_mode(0o777))
         .expect("chmod");
-    let child = Daemon::command(root, &["--rpc-group", "4242"]).spawn().expect("spawn");
+    let child = Daemon::command(root, &["--rpc-group", "4242", "--rpc-limit", "max-line-bytes=256"])
+        .spawn()
+        .expect("spawn");
     let d = Daemon { child, root: scratch };
     wait_for("the rpc socket", Duration::from_secs(10), || d.rpc_socket().exists().then_some(()));
     assert_eq!(owner_mode(&d.path("run/vms")), (FRONTEND_UID, FRONTEND_UID, 0o700));
     assert_eq!(owner_mode(&d.rpc_socket()), (0, 4242, 0o660));
     assert_serves(&d);
+    // The limit given to the daemon reaches the frontend: a 300-byte line is refused.
+    let long = json!({"jsonrpc": "2.0", "id": 1, "method": "x".repeat(300)});
+    let reply = d.call(&long);
+    assert_eq!(reply["id"], serde_json::Value::Null, "{reply}");
+    assert!(reply["error"]["message"].as_str().unwrap_or_default().contains("too big"), "{reply}");
 }
 
 #[test]
@@ -87,7 +94,9 @@ fn fails_closed() {
         return;
     }
     let scratch = my_hypervisor_tests::scratch_root();
-    let cases: [&[&str]; 4] = [
+    let cases: [&[&str]; 6] = [
+        &["--rpc-limit", "no-such-limit=1"],
+        &["--rpc-limit", "max-line-bytes=-5"],
         &["--frontend-bin", "/nonexistent/frontend"],
         &["--frontend-user", "0:0"],
         &["--vm-uid-range", "60990-61010"],
@@ -97,7 +106,7 @@ fn fails_closed() {
         let out = Daemon::command(scratch.path(), extra).output().expect("run");
         assert!(!out.status.success(), "{extra:?} must stop the daemon");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("daemon stopped"), "{extra:?}: {err}");
+        assert!(err.contains("daemon stopped") || err.contains("invalid value"), "{extra:?}: {err}");
     }
     // A symlink where a directory belongs is refused, not followed.
     let scratch = my_hypervisor_tests::scratch_root();
