@@ -4,6 +4,7 @@
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
+pub mod broker;
 pub mod rpc;
 
 #[derive(Debug, Clone)]
@@ -34,40 +35,14 @@ pub fn run(cfg: Config, listen: OwnedFd, broker: OwnedFd) -> std::io::Result<()>
         let std_listener = std::os::unix::net::UnixListener::from(listen);
         std_listener.set_nonblocking(true)?;
         let listener = tokio::net::UnixListener::from_std(std_listener)?;
-        let broker = broker_hangup(broker);
+        let broker = broker::Broker::start(broker)?;
         tracing::info!(state_dir = %cfg.state_dir.display(), "frontend serving");
         tokio::select! {
             r = rpc::serve(listener, methods, cfg.limits) => r,
-            () = broker => {
+            () = broker.closed() => {
                 tracing::warn!("broker channel closed; exiting");
                 Ok(())
             }
         }
     })
-}
-
-/// Resolves when the broker's end of the channel goes away.
-async fn broker_hangup(fd: OwnedFd) {
-    use nix::fcntl::{FcntlArg, OFlag, fcntl};
-    if fcntl(&fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).is_err() {
-        return;
-    }
-    // SAFETY: `fd` is owned and moved into the AsyncFd, so it stays open while registered.
-    let registered =
-        unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
-    let Ok(afd) = registered else {
-        return;
-    };
-    loop {
-        let Ok(mut guard) = afd.readable().await else {
-            return;
-        };
-        let mut b = [0u8; 1];
-        match nix::unistd::read(afd.get_ref(), &mut b) {
-            Ok(0) => return,
-            Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
-            Err(_) => return,
-            Ok(_) => {}
-        }
-    }
 }
