@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, ValueEnum};
 use my_hypervisor_policy::layout::{self, Ids};
 use my_hypervisor_policy::sandbox::hidden_in_vmm;
+use my_hypervisor_policy::seccomp;
 use nix::unistd::{Group, User};
 
 #[derive(Debug, Parser)]
@@ -47,7 +48,7 @@ pub struct Args {
     /// A limit of the RPC transport, as NAME=VALUE (repeatable); NAME is one of
     /// max-line-bytes, max-connections, line-timeout, idle-timeout, write-timeout,
     /// max-queued-messages, max-response-bytes, max-batch-len, max-subscriptions (docs/api.md).
-    #[arg(long = "rpc-limit", value_name = "NAME=VALUE", value_parser = parse_rpc_limit)]
+    #[arg(long = "rpc-limit", value_name = "NAME=VALUE", value_parser = layout::parse_rpc_limit)]
     pub rpc_limits: Vec<(String, String)>,
     /// The VMM launcher; by default `my_hypervisor-vmm-launcher` beside this binary.
     #[arg(long)]
@@ -60,19 +61,12 @@ pub struct Args {
     pub seccomp_log: bool,
     /// What a VMM's seccomp filter does with a syscall outside its allow-list: kill (the
     /// default), or, for debugging only, log it or fail it with EPERM.
-    #[arg(long, value_enum, default_value_t = VmmSeccomp::Kill)]
-    pub vmm_seccomp: VmmSeccomp,
+    #[arg(long, default_value = "kill", value_parser = str::parse::<seccomp::Mode>)]
+    pub vmm_seccomp: seccomp::Mode,
     /// Apply Landlock as far as an older kernel supports it, with a warning, instead of
     /// refusing to start VMMs on a kernel without Landlock ABI 6.
     #[arg(long)]
     pub landlock_best_effort: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum VmmSeccomp {
-    Kill,
-    Log,
-    Errno,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -159,29 +153,6 @@ pub fn resolve(args: &Args) -> Result<Config, String> {
         None => sibling("my_hypervisor-vmm-launcher")?,
     };
     Ok(Config { frontend, vm_uids, launcher_bin, rpc_gid, frontend_bin })
-}
-
-pub const RPC_LIMITS: &[&str] = &[
-    "max-line-bytes",
-    "max-connections",
-    "line-timeout",
-    "idle-timeout",
-    "write-timeout",
-    "max-queued-messages",
-    "max-response-bytes",
-    "max-batch-len",
-    "max-subscriptions",
-];
-
-fn parse_rpc_limit(s: &str) -> Result<(String, String), String> {
-    let (name, value) = s.split_once('=').ok_or("expected NAME=VALUE")?;
-    if !RPC_LIMITS.contains(&name) {
-        return Err(format!("unknown limit {name:?}; known: {}", RPC_LIMITS.join(", ")));
-    }
-    match value.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok((name.to_string(), value.to_string())),
-        _ => Err(format!("{name}: {value:?} is not a positive number")),
-    }
 }
 
 /// A binary installed beside the daemon's own.

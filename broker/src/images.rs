@@ -155,85 +155,52 @@ fn check_traversable(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// POSIX ACLs in the kernel's xattr form (`system.posix_acl_access`): a little-endian u32
-/// version 2, then (u16 tag, u16 perm, u32 id) entries sorted by tag, then id.
+/// The ACL calls; what the entries are is `policy::acl`.
 mod acl {
     use super::*;
-
-    const NAME: &std::ffi::CStr = c"system.posix_acl_access";
-    const USER_OBJ: u16 = 0x01;
-    const USER: u16 = 0x02;
-    const GROUP_OBJ: u16 = 0x04;
-    const GROUP: u16 = 0x08;
-    const MASK: u16 = 0x10;
-    const OTHER: u16 = 0x20;
-    const READ: u16 = 4;
-    const NO_ID: u32 = u32::MAX;
-    type Entry = (u16, u16, u32);
+    use my_hypervisor_policy::acl::{Entry, Removal, XATTR, decode, encode, with_reader, without_reader};
 
     fn read(fd: &OwnedFd) -> std::io::Result<Option<Vec<Entry>>> {
         let mut buf = vec![0u8; 4096];
         // SAFETY: the buffer is valid for its length; the kernel writes at most that much.
-        let n = unsafe { libc::fgetxattr(fd.as_raw_fd(), NAME.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n =
+            unsafe { libc::fgetxattr(fd.as_raw_fd(), XATTR.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             return if e.raw_os_error() == Some(libc::ENODATA) { Ok(None) } else { Err(e) };
         }
-        let body = buf.get(4..n as usize).unwrap_or_default();
-        Ok(Some(
-            body.chunks_exact(8)
-                .map(|c| {
-                    let u16_at = |i: usize| u16::from_le_bytes([c[i], c[i + 1]]);
-                    (u16_at(0), u16_at(2), u32::from_le_bytes([c[4], c[5], c[6], c[7]]))
-                })
-                .collect(),
-        ))
+        Ok(Some(decode(&buf[..n as usize])))
     }
 
-    fn write(fd: &OwnedFd, mut entries: Vec<Entry>) -> std::io::Result<()> {
-        entries.sort_by_key(|&(tag, _, id)| (tag, id));
-        let mut buf = 2u32.to_le_bytes().to_vec();
-        for (tag, perm, id) in entries {
-            buf.extend(tag.to_le_bytes());
-            buf.extend(perm.to_le_bytes());
-            buf.extend(id.to_le_bytes());
-        }
+    fn write(fd: &OwnedFd, entries: Vec<Entry>) -> std::io::Result<()> {
+        let buf = encode(entries);
         // SAFETY: the buffer is valid for its length.
-        let r = unsafe { libc::fsetxattr(fd.as_raw_fd(), NAME.as_ptr(), buf.as_ptr().cast(), buf.len(), 0) };
+        let r = unsafe { libc::fsetxattr(fd.as_raw_fd(), XATTR.as_ptr(), buf.as_ptr().cast(), buf.len(), 0) };
         if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
     }
 
     pub fn add_reader(fd: &OwnedFd, mode: u32, uid: u32) -> std::io::Result<()> {
-        let perm = |shift: u32| ((mode >> shift) & 7) as u16;
-        let mut entries = read(fd)?.unwrap_or_else(|| {
-            vec![(USER_OBJ, perm(6), NO_ID), (GROUP_OBJ, perm(3), NO_ID), (OTHER, perm(0), NO_ID)]
-        });
-        entries.retain(|&(tag, _, id)| !(tag == USER && id == uid));
-        entries.push((USER, READ, uid));
-        let group_class =
-            entries.iter().filter(|e| matches!(e.0, USER | GROUP | GROUP_OBJ)).fold(0, |m, e| m | e.1);
-        entries.retain(|e| e.0 != MASK);
-        entries.push((MASK, group_class, NO_ID));
-        write(fd, entries)
+        write(fd, with_reader(read(fd)?, mode, uid))
     }
 
-    /// Removes `uid`'s entry; when only the entries a mode can express are left, removes the
-    /// ACL and puts the group bits back from the group entry.
+    /// Removes `uid`'s entry; when only what a mode can express is left, removes the ACL and
+    /// puts the group bits back.
     pub fn remove_reader(fd: &OwnedFd, uid: u32) -> std::io::Result<()> {
-        let Some(mut entries) = read(fd)? else {
-            return Ok(());
-        };
-        entries.retain(|&(tag, _, id)| !(tag == USER && id == uid));
-        if entries.iter().any(|e| matches!(e.0, USER | GROUP)) {
-            return write(fd, entries);
+        let Some(entries) = read(fd)? else { return Ok(()) };
+        match without_reader(entries, uid) {
+            Removal::Write(entries) => write(fd, entries),
+            Removal::Drop { group_perm } => {
+                // SAFETY: plain syscall on an owned fd with a NUL-terminated name.
+                if unsafe { libc::fremovexattr(fd.as_raw_fd(), XATTR.as_ptr()) } < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let st = fstat(fd.as_fd())?;
+                fchmod(
+                    fd.as_fd(),
+                    Mode::from_bits_truncate((st.st_mode & !0o070 & 0o7777) | group_perm << 3),
+                )?;
+                Ok(())
+            }
         }
-        // SAFETY: plain syscall on an owned fd with a NUL-terminated name.
-        if unsafe { libc::fremovexattr(fd.as_raw_fd(), NAME.as_ptr()) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let st = fstat(fd.as_fd())?;
-        let group = entries.iter().find(|e| e.0 == GROUP_OBJ).map_or(0, |e| u32::from(e.1));
-        fchmod(fd.as_fd(), Mode::from_bits_truncate((st.st_mode & !0o070 & 0o7777) | group << 3))?;
-        Ok(())
     }
 }

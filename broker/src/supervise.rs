@@ -20,7 +20,7 @@ use nix::sys::stat::{Mode, umask};
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, geteuid};
 
-use crate::cli::{Args, Config, VmmSeccomp, resolve};
+use crate::cli::{Args, Config, resolve};
 use crate::confine::{BROKER_CAPS, SPAWNER_CAPS, apply_broker_filter, keep_only};
 use crate::dirs::{bind_rpc_socket, ensure_dir};
 use crate::spawner::{self, Order, Program, SpawnerConfig};
@@ -92,11 +92,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         cloud_hypervisor: args.cloud_hypervisor.clone(),
         spawner,
         sandbox: SandboxOptions {
-            seccomp: match args.vmm_seccomp {
-                VmmSeccomp::Kill => seccomp::Mode::Kill,
-                VmmSeccomp::Log => seccomp::Mode::Log,
-                VmmSeccomp::Errno => seccomp::Mode::Errno,
-            },
+            seccomp: args.vmm_seccomp,
             landlock_best_effort: args.landlock_best_effort,
         },
         vms: BTreeMap::new(),

@@ -116,6 +116,32 @@ pub fn check_identities(frontend: Ids, vm_range: &RangeInclusive<u32>) -> Result
     Ok(())
 }
 
+/// The RPC transport's limits the daemon passes on to the frontend (`--rpc-limit
+/// NAME=VALUE` becomes the frontend's `--rpc-NAME=VALUE`); docs/api.md describes each.
+pub const RPC_LIMITS: &[&str] = &[
+    "max-line-bytes",
+    "max-connections",
+    "line-timeout",
+    "idle-timeout",
+    "write-timeout",
+    "max-queued-messages",
+    "max-response-bytes",
+    "max-batch-len",
+    "max-subscriptions",
+];
+
+/// Checks one `NAME=VALUE`: a known limit and a positive number.
+pub fn parse_rpc_limit(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s.split_once('=').ok_or("expected NAME=VALUE")?;
+    if !RPC_LIMITS.contains(&name) {
+        return Err(format!("unknown limit {name:?}; known: {}", RPC_LIMITS.join(", ")));
+    }
+    match value.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok((name.to_string(), value.to_string())),
+        _ => Err(format!("{name}: {value:?} is not a positive number")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

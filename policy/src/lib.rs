@@ -2,6 +2,7 @@
 //! makes no system call and reads no environment. The broker, the frontend and the VMM
 //! launcher all decide through it, so a reviewer can sign the rules in one place.
 
+pub mod acl;
 pub mod layout;
 pub mod names;
 pub mod request;

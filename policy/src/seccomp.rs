@@ -26,6 +26,18 @@ impl Mode {
     }
 }
 
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "kill" => Ok(Mode::Kill),
+            "log" => Ok(Mode::Log),
+            "errno" => Ok(Mode::Errno),
+            _ => Err(format!("{s:?} is not one of kill, log, errno")),
+        }
+    }
+}
+
 /// One allowed syscall, by number and name.
 pub struct Allow {
     pub nr: i64,

@@ -1,0 +1,96 @@
+//! The POSIX ACL entry a read-only image grant adds for a VM uid, and how it comes off
+//! again, on the kernel's xattr form of `system.posix_acl_access`: a little-endian u32
+//! version 2, then (u16 tag, u16 perm, u32 id) entries sorted by tag, then id.
+
+pub const XATTR: &std::ffi::CStr = c"system.posix_acl_access";
+const USER_OBJ: u16 = 0x01;
+const USER: u16 = 0x02;
+const GROUP_OBJ: u16 = 0x04;
+const GROUP: u16 = 0x08;
+const MASK: u16 = 0x10;
+const OTHER: u16 = 0x20;
+const READ: u16 = 4;
+const NO_ID: u32 = u32::MAX;
+
+/// (tag, permissions, id)
+pub type Entry = (u16, u16, u32);
+
+pub fn decode(bytes: &[u8]) -> Vec<Entry> {
+    let body = bytes.get(4..).unwrap_or_default();
+    body.chunks_exact(8)
+        .map(|c| {
+            (
+                u16::from_le_bytes([c[0], c[1]]),
+                u16::from_le_bytes([c[2], c[3]]),
+                u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+            )
+        })
+        .collect()
+}
+
+pub fn encode(mut entries: Vec<Entry>) -> Vec<u8> {
+    entries.sort_by_key(|&(tag, _, id)| (tag, id));
+    let mut buf = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        buf.extend(tag.to_le_bytes());
+        buf.extend(perm.to_le_bytes());
+        buf.extend(id.to_le_bytes());
+    }
+    buf
+}
+
+/// The ACL with a read entry for `uid` added: to the existing ACL, or to one made from the
+/// file's `mode` when it has none. The mask is recomputed to cover the group class.
+pub fn with_reader(existing: Option<Vec<Entry>>, mode: u32, uid: u32) -> Vec<Entry> {
+    let perm = |shift: u32| ((mode >> shift) & 7) as u16;
+    let mut entries = existing.unwrap_or_else(|| {
+        vec![(USER_OBJ, perm(6), NO_ID), (GROUP_OBJ, perm(3), NO_ID), (OTHER, perm(0), NO_ID)]
+    });
+    entries.retain(|&(tag, _, id)| !(tag == USER && id == uid) && tag != MASK);
+    entries.push((USER, READ, uid));
+    let group_class =
+        entries.iter().filter(|e| matches!(e.0, USER | GROUP | GROUP_OBJ)).fold(0, |m, e| m | e.1);
+    entries.push((MASK, group_class, NO_ID));
+    entries
+}
+
+/// What removing `uid`'s entry leaves.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// Other named entries remain: write these.
+    Write(Vec<Entry>),
+    /// Only what a mode can express remains: remove the ACL and set the mode's group bits
+    /// to these permissions.
+    Drop { group_perm: u32 },
+}
+
+pub fn without_reader(mut entries: Vec<Entry>, uid: u32) -> Removal {
+    entries.retain(|&(tag, _, id)| !(tag == USER && id == uid));
+    if entries.iter().any(|e| matches!(e.0, USER | GROUP)) {
+        return Removal::Write(entries);
+    }
+    Removal::Drop { group_perm: entries.iter().find(|e| e.0 == GROUP_OBJ).map_or(0, |e| u32::from(e.1)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grant_and_revoke_round_trip() {
+        // A 0640 file: owner rw, group r, others nothing.
+        let a = with_reader(None, 0o640, 61001);
+        assert_eq!(decode(&encode(a.clone())), {
+            let mut s = a.clone();
+            s.sort_by_key(|&(t, _, id)| (t, id));
+            s
+        });
+        assert!(a.contains(&(USER, READ, 61001)));
+        assert!(a.contains(&(MASK, READ, NO_ID)), "mask covers group r and the new entry");
+        // A second VM's grant, then the first one's removal, keeps the second.
+        let b = with_reader(Some(a), 0o640, 61002);
+        let Removal::Write(left) = without_reader(b, 61001) else { panic!("61002 remains") };
+        assert!(left.contains(&(USER, READ, 61002)) && !left.iter().any(|e| e.2 == 61001));
+        assert_eq!(without_reader(left, 61002), Removal::Drop { group_perm: 4 });
+    }
+}
