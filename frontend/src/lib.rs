@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 pub mod broker;
 pub mod rpc;
+pub mod vmm;
 
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -1,0 +1,112 @@
+//! cloud-hypervisor's event-monitor file: pretty-printed JSON objects separated by blank
+//! lines (not one per line), appended by the VMM through the fd the broker opened. The
+//! frontend reads it through its own read-only fd from a stored offset, so a restart resumes
+//! where it stopped. Timestamps count from the VMM's start.
+
+use std::os::unix::fs::FileExt;
+
+use serde::{Deserialize, Serialize};
+
+/// The most the frontend reads of one VMM's event file; a VMM that writes more is ignored
+/// past this point (its exit status still counts).
+pub const MAX_EVENT_FILE: u64 = 16 * 1024 * 1024;
+/// Read this much at a time.
+const CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timestamp {
+    pub secs: u64,
+    pub nanos: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmEvent {
+    pub timestamp: Timestamp,
+    pub source: String,
+    pub event: String,
+    #[serde(default)]
+    pub properties: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Reads the complete events after `offset`; returns them and the offset just past the last
+/// one. A value cut short (the VMM is still writing it) is left for the next read; bytes
+/// that are not an event are skipped up to the next blank line.
+pub fn read_from(file: &std::fs::File, mut offset: u64) -> std::io::Result<(Vec<VmmEvent>, u64)> {
+    let mut events = Vec::new();
+    while offset < MAX_EVENT_FILE {
+        let mut buf = vec![0u8; CHUNK.min((MAX_EVENT_FILE - offset) as usize)];
+        let n = file.read_at(&mut buf, offset)?;
+        let used = parse(&buf[..n], &mut events);
+        offset += used as u64;
+        if used == 0 || n < buf.len() {
+            break;
+        }
+    }
+    Ok((events, offset))
+}
+
+/// Parses the complete events at the front of `buf`; returns the bytes consumed.
+fn parse(buf: &[u8], events: &mut Vec<VmmEvent>) -> usize {
+    let mut used = 0;
+    while used < buf.len() {
+        let mut stream = serde_json::Deserializer::from_slice(&buf[used..]).into_iter::<VmmEvent>();
+        match stream.next() {
+            Some(Ok(ev)) => {
+                events.push(ev);
+                used += stream.byte_offset();
+            }
+            None => used = buf.len(),
+            Some(Err(e)) if e.is_eof() => break,
+            Some(Err(_)) => match buf[used..].windows(2).position(|w| w == b"\n\n") {
+                Some(p) => used += p + 2,
+                None => break,
+            },
+        }
+    }
+    used
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// The way cloud-hypervisor writes an event: serde_json pretty, then a blank line.
+    fn ch_event(secs: u64, source: &str, event: &str) -> String {
+        let v = serde_json::json!({"timestamp": {"secs": secs, "nanos": 5}, "source": source, "event": event, "properties": null});
+        format!("{}\n\n", serde_json::to_string_pretty(&v).unwrap())
+    }
+
+    #[test]
+    fn resumes_from_offsets_and_waits_for_partial_events() {
+        let mut f = tempfile::tempfile().unwrap();
+        let first = ch_event(0, "vmm", "starting") + &ch_event(0, "vm", "booting");
+        let booted = ch_event(1, "vm", "booted");
+        f.write_all(first.as_bytes()).unwrap();
+        f.write_all(&booted.as_bytes()[..20]).unwrap();
+        let (evs, off) = read_from(&f, 0).unwrap();
+        assert_eq!(evs.iter().map(|e| e.event.as_str()).collect::<Vec<_>>(), ["starting", "booting"]);
+        assert!(off as usize <= first.len());
+        f.write_all(&booted.as_bytes()[20..]).unwrap();
+        f.write_all(b"garbage that is not json\n\n").unwrap();
+        f.write_all(br#"{"timestamp":{"secs":2,"nanos":0},"source":"guest","event":"panic","properties":{"event":"panic"}}"#).unwrap();
+        let (evs, off2) = read_from(&f, off).unwrap();
+        assert_eq!(
+            evs.iter().map(|e| (e.source.as_str(), e.event.as_str())).collect::<Vec<_>>(),
+            [("vm", "booted"), ("guest", "panic")]
+        );
+        assert_eq!(read_from(&f, off2).unwrap().0, vec![]);
+    }
+
+    #[test]
+    fn reads_across_chunks() {
+        let mut f = tempfile::tempfile().unwrap();
+        let n = 2 * CHUNK / ch_event(0, "vm", "rebooted").len() + 3;
+        for i in 0..n {
+            f.write_all(ch_event(i as u64, "vm", "rebooted").as_bytes()).unwrap();
+        }
+        let (evs, _) = read_from(&f, 0).unwrap();
+        assert_eq!(evs.len(), n);
+        assert_eq!(evs.last().unwrap().timestamp.secs, n as u64 - 1);
+    }
+}
