@@ -185,7 +185,6 @@ async fn one_vm_is_serialized_and_different_vms_run_in_parallel() {
     for id in ["a", "b", "c"] {
         m.create(spec(id)).unwrap();
     }
-    let t0 = Instant::now();
     let mut tasks = Vec::new();
     for id in ["a", "b", "c"] {
         for _ in 0..3 {
@@ -199,7 +198,6 @@ async fn one_vm_is_serialized_and_different_vms_run_in_parallel() {
     assert_eq!(d.calls(Step::Prepare), 3, "one start per VM; the others found it running");
     assert_eq!(d.max_per_vm.load(Ordering::SeqCst), 1, "never two driver calls on one VM at once");
     assert!(d.max_total.load(Ordering::SeqCst) >= 2, "different VMs ran in parallel");
-    assert!(t0.elapsed() < Duration::from_millis(420), "{:?}", t0.elapsed());
 }
 
 #[tokio::test]
