@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 pub mod broker;
 pub mod rpc;
+pub mod vm;
 pub mod vmm;
 
 #[derive(Debug, Clone)]
@@ -31,8 +32,11 @@ pub fn init_logging(format: &str) {
 pub fn run(cfg: Config, listen: OwnedFd, broker: OwnedFd) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rpc::limits::raise_nofile_limit(cfg.limits.max_connections);
-    let methods = rpc::methods().map_err(std::io::Error::other)?;
     rt.block_on(async move {
+        // Until the broker-backed driver exists, start and stop answer "not ready".
+        let manager =
+            vm::Manager::open(vm::ManagerConfig::new(&cfg.state_dir, cfg.image_roots.clone()), None)?;
+        let methods = rpc::methods(manager).map_err(std::io::Error::other)?;
         let std_listener = std::os::unix::net::UnixListener::from(listen);
         std_listener.set_nonblocking(true)?;
         let listener = tokio::net::UnixListener::from_std(std_listener)?;

@@ -27,6 +27,8 @@ pub const INVALID_SPEC: i32 = -32024;
 pub const NOT_RUNNING: i32 = -32025;
 /// The method is defined but its backend is not available.
 pub const NOT_READY: i32 = -32026;
+/// A VM with this id exists with a different spec.
+pub const ALREADY_EXISTS: i32 = -32027;
 
 /// An application error: maps one-to-one onto the codes above.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +47,11 @@ pub enum ApiError {
     NotRunning { vm_id: String },
     #[error("method {method} is not ready: its backend is not built yet")]
     NotReady { method: &'static str },
+    #[error("VM {vm_id:?} already exists with a different spec")]
+    AlreadyExists { vm_id: String },
+    /// A failure of the frontend itself (its state dir, say); answered as -32603.
+    #[error("internal error: {detail}")]
+    Internal { detail: String },
 }
 
 impl ApiError {
@@ -57,6 +64,8 @@ impl ApiError {
             ApiError::InvalidSpec { .. } => INVALID_SPEC,
             ApiError::NotRunning { .. } => NOT_RUNNING,
             ApiError::NotReady { .. } => NOT_READY,
+            ApiError::AlreadyExists { .. } => ALREADY_EXISTS,
+            ApiError::Internal { .. } => INTERNAL_ERROR_CODE,
         }
     }
 
@@ -80,6 +89,7 @@ pub const APPLICATION_CODES: &[(i32, &str)] = &[
     (INVALID_SPEC, "invalid spec"),
     (NOT_RUNNING, "not running"),
     (NOT_READY, "not ready"),
+    (ALREADY_EXISTS, "already exists"),
 ];
 
 /// Parses by-name params into `T`. Absent params count as `{}`. The error message names the

@@ -12,7 +12,7 @@ use jsonrpsee::core::RegisterMethodError;
 pub use limits::Limits;
 pub use transport::{Peer, serve};
 
-/// Every method the API serves.
-pub fn methods() -> Result<Methods, RegisterMethodError> {
-    Ok(api::rpc_module()?.into())
+/// Every method the API serves, backed by `manager`.
+pub fn methods(manager: crate::vm::Manager) -> Result<Methods, RegisterMethodError> {
+    Ok(api::rpc_module(manager)?.into())
 }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod driver;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

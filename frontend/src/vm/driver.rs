@@ -1,0 +1,68 @@
+//! What the manager needs from whatever actually runs VMs (the broker and cloud-hypervisor).
+//!
+//! The manager owns the state machine, the history and the locking; a driver only does the
+//! work of each step and reports success or failure. Every call for one VM comes from that
+//! VM's serialized operation, so a driver never sees two concurrent calls for the same VM
+//! (except [`VmDriver::wait_running`], which a stop may abandon by dropping its future).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use super::spec::VmSpec;
+
+/// A driver step's failure; the text ends up in the transition reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DriverError(pub String);
+
+impl DriverError {
+    pub fn new(msg: impl Into<String>) -> Self {
+        DriverError(msg.into())
+    }
+}
+
+pub type DriverFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, DriverError>> + Send + 'a>>;
+
+/// How a stop should go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopOptions {
+    /// How long to wait after the power button before forcing the VMM down.
+    pub grace: Duration,
+}
+
+/// Default grace period of a stop.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// The steps of a VM's lifecycle. On a failure the manager calls [`VmDriver::release`] and
+/// records StartFailed or Failed; a driver need not clean up after itself.
+pub trait VmDriver: Send + Sync + 'static {
+    /// Provisioning: take the VM's uid, runtime dir, image grants and taps.
+    fn prepare<'a>(&'a self, vm_id: &'a str, spec: &'a VmSpec) -> DriverFuture<'a, ()>;
+
+    /// Configured → Starting: spawn the VMM, which creates and boots the VM. Returns its pid.
+    fn spawn<'a>(&'a self, vm_id: &'a str, spec: &'a VmSpec) -> DriverFuture<'a, u32>;
+
+    /// Starting → Running: resolves once the VM runs (and, when `spec.agent()`, once the guest
+    /// agent answers). A stop during Starting drops this future.
+    fn wait_running<'a>(&'a self, vm_id: &'a str, spec: &'a VmSpec) -> DriverFuture<'a, ()>;
+
+    /// Stopping: bring the VMM down (power button, wait, shutdown, kill). Resolves when the
+    /// VMM is gone, with how it went, which becomes part of the reason of the next transition.
+    fn stop<'a>(&'a self, vm_id: &'a str, opts: StopOptions) -> DriverFuture<'a, String>;
+
+    /// Release everything held for the VM (process, taps, grants, runtime dir). Idempotent:
+    /// releasing a VM that holds nothing succeeds.
+    fn release<'a>(&'a self, vm_id: &'a str) -> DriverFuture<'a, ()>;
+}
+
+/// Something that happened to a VMM outside any operation; see [`super::Manager::vmm_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmmEvent {
+    /// The VMM process exited. `clean` is exit status 0 (a guest-initiated shutdown).
+    Exited { clean: bool, detail: String },
+    /// The guest panicked (pvpanic); the VMM may still be alive.
+    GuestPanic,
+    /// The guest rebooted; the VM stays Running and the history records it.
+    GuestReboot,
+}

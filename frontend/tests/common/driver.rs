@@ -1,0 +1,108 @@
+//! A test-only [`VmDriver`]: every step succeeds unless told to fail, steps can be slowed or
+//! made to hang, and every call is counted.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use my_hypervisor_frontend::vm::{DriverError, DriverFuture, StopOptions, VmDriver, VmSpec};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    Prepare,
+    Spawn,
+    WaitRunning,
+    Stop,
+    Release,
+}
+
+#[derive(Default)]
+pub struct TestDriver {
+    /// Steps that fail (for every VM).
+    pub fail: Mutex<HashSet<Step>>,
+    /// Steps that take this long.
+    pub delay: Mutex<HashMap<Step, Duration>>,
+    /// When set, wait_running never resolves.
+    pub hang_boot: std::sync::atomic::AtomicBool,
+    pub calls: Mutex<HashMap<Step, u32>>,
+    /// VMs currently inside a driver call, and the most ever seen at once per VM.
+    busy: Mutex<HashMap<String, u32>>,
+    pub max_per_vm: AtomicU32,
+    pub max_total: AtomicU32,
+    next_pid: AtomicU32,
+}
+
+impl TestDriver {
+    pub fn calls(&self, step: Step) -> u32 {
+        self.calls.lock().unwrap().get(&step).copied().unwrap_or(0)
+    }
+
+    pub fn set_fail(&self, step: Step, on: bool) {
+        let mut f = self.fail.lock().unwrap();
+        if on {
+            f.insert(step);
+        } else {
+            f.remove(&step);
+        }
+    }
+
+    pub fn set_delay(&self, step: Step, d: Duration) {
+        self.delay.lock().unwrap().insert(step, d);
+    }
+
+    async fn step(&self, vm: &str, step: Step) -> Result<(), DriverError> {
+        *self.calls.lock().unwrap().entry(step).or_default() += 1;
+        {
+            let mut b = self.busy.lock().unwrap();
+            let n = b.entry(vm.to_string()).or_default();
+            *n += 1;
+            self.max_per_vm.fetch_max(*n, Ordering::SeqCst);
+            let total: u32 = b.values().sum();
+            self.max_total.fetch_max(total, Ordering::SeqCst);
+        }
+        let delay = self.delay.lock().unwrap().get(&step).copied();
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        *self.busy.lock().unwrap().get_mut(vm).unwrap() -= 1;
+        if self.fail.lock().unwrap().contains(&step) {
+            return Err(DriverError::new(format!("{step:?} failed on request")));
+        }
+        Ok(())
+    }
+}
+
+impl VmDriver for TestDriver {
+    fn prepare<'a>(&'a self, vm: &'a str, _: &'a VmSpec) -> DriverFuture<'a, ()> {
+        Box::pin(self.step(vm, Step::Prepare))
+    }
+
+    fn spawn<'a>(&'a self, vm: &'a str, _: &'a VmSpec) -> DriverFuture<'a, u32> {
+        Box::pin(async move {
+            self.step(vm, Step::Spawn).await?;
+            Ok(1000 + self.next_pid.fetch_add(1, Ordering::SeqCst))
+        })
+    }
+
+    fn wait_running<'a>(&'a self, vm: &'a str, _: &'a VmSpec) -> DriverFuture<'a, ()> {
+        Box::pin(async move {
+            if self.hang_boot.load(Ordering::SeqCst) {
+                *self.calls.lock().unwrap().entry(Step::WaitRunning).or_default() += 1;
+                std::future::pending::<()>().await;
+            }
+            self.step(vm, Step::WaitRunning).await
+        })
+    }
+
+    fn stop<'a>(&'a self, vm: &'a str, opts: StopOptions) -> DriverFuture<'a, String> {
+        Box::pin(async move {
+            self.step(vm, Step::Stop).await?;
+            Ok(format!("stopped by the power button (grace {}s)", opts.grace.as_secs()))
+        })
+    }
+
+    fn release<'a>(&'a self, vm: &'a str) -> DriverFuture<'a, ()> {
+        Box::pin(self.step(vm, Step::Release))
+    }
+}
