@@ -33,14 +33,27 @@ pub fn run(cfg: Config, listen: OwnedFd, broker: OwnedFd) -> std::io::Result<()>
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rpc::limits::raise_nofile_limit(cfg.limits.max_connections);
     rt.block_on(async move {
-        // Until the broker-backed driver exists, start and stop answer "not ready".
-        let manager =
-            vm::Manager::open(vm::ManagerConfig::new(&cfg.state_dir, cfg.image_roots.clone()), None)?;
+        let broker = broker::Broker::start(broker)?;
+        let (driver, mut reports) = vmm::driver::BrokerDriver::start(broker.clone());
+        let config = vm::ManagerConfig::new(&cfg.state_dir, cfg.image_roots.clone());
+        let manager = vm::Manager::open(config, Some(std::sync::Arc::new(driver)))?;
+        // What happens to running VMs (exits, panics, reboots) reaches their records.
+        let m = manager.clone();
+        tokio::spawn(async move {
+            while let Some((vm_id, event)) = reports.recv().await {
+                let m = m.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = m.vmm_event(&vm_id, event).await {
+                        tracing::warn!(vm = %vm_id, error = %e, "recording a VMM event failed");
+                    }
+                });
+            }
+        });
+        manager.recover();
         let methods = rpc::methods(manager).map_err(std::io::Error::other)?;
         let std_listener = std::os::unix::net::UnixListener::from(listen);
         std_listener.set_nonblocking(true)?;
         let listener = tokio::net::UnixListener::from_std(std_listener)?;
-        let broker = broker::Broker::start(broker)?;
         tracing::info!(state_dir = %cfg.state_dir.display(), "frontend serving");
         tokio::select! {
             r = rpc::serve(listener, methods, cfg.limits) => r,

@@ -54,6 +54,33 @@ pub trait VmDriver: Send + Sync + 'static {
     /// Release everything held for the VM (process, taps, grants, runtime dir). Idempotent:
     /// releasing a VM that holds nothing succeeds.
     fn release<'a>(&'a self, vm_id: &'a str) -> DriverFuture<'a, ()>;
+
+    /// How far the VMM's event file has been read; persisted with the VM, so that a restart
+    /// resumes there and sees no event twice.
+    fn event_offset(&self, _vm_id: &str) -> Option<u64> {
+        None
+    }
+
+    /// After a frontend restart: takes up the VMM of a VM recorded as Starting, Running or
+    /// Stopping, if it still runs (`pid` is what the record says; the event file resumes at
+    /// `event_offset`).
+    fn reattach<'a>(
+        &'a self,
+        _vm_id: &'a str,
+        _pid: Option<u32>,
+        _event_offset: u64,
+    ) -> DriverFuture<'a, Reattached> {
+        Box::pin(async { Ok(Reattached::Gone("this driver cannot take up a running VMM".into())) })
+    }
+}
+
+/// What [`VmDriver::reattach`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reattached {
+    /// The VMM runs and is watched again.
+    Alive,
+    /// The VMM is gone; the text says how.
+    Gone(String),
 }
 
 /// Something that happened to a VMM outside any operation; see [`super::Manager::vmm_event`].

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tokio::sync::{Notify, OwnedMutexGuard, broadcast, watch};
 
-use super::driver::{DEFAULT_STOP_GRACE, StopOptions, VmDriver, VmmEvent};
+use super::driver::{DEFAULT_STOP_GRACE, DriverError, Reattached, StopOptions, VmDriver, VmmEvent};
 use super::events::{Event, Follower};
 use super::fsm::{self, VmState};
 use super::spec::VmSpec;
@@ -121,6 +121,7 @@ struct Record {
     created_at: String,
     last_error: Option<String>,
     pid: Option<u32>,
+    event_offset: Option<u64>,
     history: VecDeque<Transition>,
 }
 
@@ -160,6 +161,7 @@ impl Record {
             created_at: self.created_at.clone(),
             last_error: self.last_error.clone(),
             pid: self.pid,
+            event_offset: self.event_offset,
             history: self.history.clone(),
         }
     }
@@ -190,6 +192,7 @@ impl Manager {
                         created_at: file.created_at,
                         last_error: file.last_error,
                         pid: file.pid,
+                        event_offset: file.event_offset,
                         history,
                     };
                     (file.vm_id, rec, false)
@@ -204,6 +207,7 @@ impl Manager {
                         created_at: now(),
                         last_error: Some(format!("state file unreadable: {error}; {kept}")),
                         pid: None,
+                        event_offset: None,
                         history: VecDeque::new(),
                     };
                     (vm_id, rec, true)
@@ -321,6 +325,7 @@ impl Manager {
             _ => {}
         }
         update(rec);
+        rec.event_offset = self.inner.driver.as_ref().and_then(|d| d.event_offset(vm_id));
         rec.history.push_back(t.clone());
         while rec.history.len() > ring {
             rec.history.pop_front();
@@ -440,6 +445,7 @@ impl Manager {
             created_at: now(),
             last_error: None,
             pid: None,
+            event_offset: None,
             history: VecDeque::new(),
         };
         self.inner
@@ -667,6 +673,104 @@ impl Manager {
             Ok(to)
         } else {
             Err(ApiError::Vmm { vm_id: vm_id.to_string(), detail: reason })
+        }
+    }
+
+    /// After a (re)start of the frontend: takes up the VMs whose VMM may still run, each in
+    /// its own task. A live VMM's VM stays Running and is watched again; a start or stop cut
+    /// short by the restart is finished; a VM whose VMM went away becomes Failed (or Stopped,
+    /// if it was being stopped).
+    pub fn recover(&self) {
+        let Some(driver) = self.inner.driver.clone() else { return };
+        let busy = [
+            VmState::Provisioning,
+            VmState::Configured,
+            VmState::Starting,
+            VmState::Running,
+            VmState::Stopping,
+        ];
+        let vms: Vec<String> = self
+            .journal()
+            .vms
+            .iter()
+            .filter(|(_, e)| busy.contains(&e.rec.state))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for vm_id in vms {
+            let (this, driver) = (self.clone(), Arc::clone(&driver));
+            tokio::spawn(async move {
+                if let Err(e) = this.recover_one(&vm_id, driver).await {
+                    tracing::error!(vm = %vm_id, error = %e, "taking up the VM after a restart failed");
+                }
+            });
+        }
+    }
+
+    async fn recover_one(&self, vm_id: &str, driver: Arc<dyn VmDriver>) -> Result<(), ApiError> {
+        let slot = self.slot(vm_id)?;
+        let _guard = self.lock_op(vm_id, &slot).await?;
+        let (state, pid, offset, spec) = self.with_entry(vm_id, &slot, |e| {
+            (e.rec.state, e.rec.pid, e.rec.event_offset.unwrap_or(0), e.rec.spec.clone())
+        })?;
+        let clear_pid = |r: &mut Record| r.pid = None;
+        if matches!(state, VmState::Provisioning | VmState::Configured) {
+            let why = "the frontend restarted while the VM was being provisioned; start it again";
+            return self.transition_with(vm_id, &slot, VmState::Failed, why, clear_pid);
+        }
+        let found = driver.reattach(vm_id, pid, offset).await;
+        tracing::info!(vm = vm_id, %state, ?found, "taking up the VM after a restart");
+        match (state, found) {
+            (VmState::Running, Ok(Reattached::Alive)) => Ok(()),
+            (VmState::Starting, Ok(Reattached::Alive)) => {
+                let waited = match &spec {
+                    Some(spec) => driver.wait_running(vm_id, spec).await,
+                    None => Err(DriverError::new("its spec is unreadable")),
+                };
+                match waited {
+                    Ok(()) => self.transition(
+                        vm_id,
+                        &slot,
+                        VmState::Running,
+                        "VM running (start finished after a frontend restart)",
+                    ),
+                    Err(e) => {
+                        let _ = self.start_failed(vm_id, &slot, &*driver, format!("boot failed: {e}")).await;
+                        Ok(())
+                    }
+                }
+            }
+            (VmState::Stopping, found) => {
+                let how = match found {
+                    Ok(Reattached::Alive) => {
+                        match driver.stop(vm_id, StopOptions { grace: DEFAULT_STOP_GRACE }).await {
+                            Ok(how) => how,
+                            Err(e) => format!("stop failed: {e}"),
+                        }
+                    }
+                    Ok(Reattached::Gone(how)) => how,
+                    Err(e) => e.to_string(),
+                };
+                let (to, reason) = match driver.release(vm_id).await {
+                    Ok(()) => (
+                        VmState::Stopped,
+                        format!("stop finished after a frontend restart: {how}; resources released"),
+                    ),
+                    Err(e) => (
+                        VmState::Failed,
+                        format!("stop after a frontend restart: {how}; releasing failed: {e}"),
+                    ),
+                };
+                self.transition_with(vm_id, &slot, to, reason, clear_pid)
+            }
+            (_, Ok(Reattached::Gone(how))) => {
+                let why = format!("the VMM went away while the frontend was down: {how}");
+                self.transition_with(vm_id, &slot, VmState::Failed, why, clear_pid)
+            }
+            (_, Err(e)) => {
+                let why = format!("cannot take up the VMM after a frontend restart: {e}");
+                self.transition_with(vm_id, &slot, VmState::Failed, why, clear_pid)
+            }
+            (_, Ok(Reattached::Alive)) => Ok(()),
         }
     }
 

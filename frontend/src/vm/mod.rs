@@ -9,7 +9,7 @@ pub mod manager;
 pub mod spec;
 pub mod store;
 
-pub use driver::{DriverError, DriverFuture, StopOptions, VmDriver, VmmEvent};
+pub use driver::{DriverError, DriverFuture, Reattached, StopOptions, VmDriver, VmmEvent};
 pub use events::{Event, Follower};
 pub use fsm::VmState;
 pub use manager::{Manager, ManagerConfig, Tail, VmStatus, VmSummary};

@@ -53,6 +53,10 @@ pub struct VmFile {
     /// The VMM's pid while one is believed alive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// How far the VMM's event-monitor file has been read, so that a frontend restart
+    /// resumes there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_offset: Option<u64>,
     /// The newest transitions, oldest first (at most the ring's capacity).
     pub history: VecDeque<Transition>,
 }
@@ -171,6 +175,7 @@ impl VmFileV1 {
             created_at: self.created_at,
             last_error: self.error,
             pid: self.pid,
+            event_offset: None,
             history,
         }
     }

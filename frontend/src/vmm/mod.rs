@@ -3,4 +3,5 @@
 //! untrusted: sizes are capped and time is bounded.
 
 pub mod api;
+pub mod driver;
 pub mod monitor;

@@ -1,0 +1,360 @@
+//! The driver that runs VMs for real: the broker for everything privileged, cloud-hypervisor's
+//! REST API (over api-socket fds the broker connects) for boot checks and the staged stop, and
+//! the VMM's event-monitor file plus the broker's exit events for what happens in between.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use my_hypervisor_broker_proto::{
+    Event, ExitStatus, Image, ImageRole, Reply, Request, SocketRole, VmmConfig, VmmSignal,
+};
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::broker::{Broker, BrokerError};
+use crate::vm::driver::{DriverError, DriverFuture, Reattached, StopOptions, VmDriver, VmmEvent};
+use crate::vm::spec::VmSpec;
+use crate::vmm::{api, monitor};
+
+/// How long a boot may take (from the spawn to vm.info saying Running) before the start fails.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// After vm.shutdown and vmm.shutdown, and again after SIGKILL, how long to wait for the exit.
+const FORCE_WAIT: Duration = Duration::from_secs(5);
+/// How often a VMM's event file is read, and vm.info asked during a boot.
+const POLL: Duration = Duration::from_millis(100);
+
+const BOOTING: u8 = 0;
+const RUNNING: u8 = 1;
+const STOPPING: u8 = 2;
+
+/// What the driver holds for a VM whose VMM it spawned, or took up again after a restart.
+struct Runtime {
+    events: std::fs::File,
+    offset: AtomicU64,
+    exit: watch::Sender<Option<ExitStatus>>,
+    /// BOOTING, RUNNING or STOPPING: only exits and guest events of a RUNNING VM are
+    /// reported; a start or a stop in progress watches the exit itself.
+    phase: AtomicU8,
+}
+
+struct Inner {
+    broker: Broker,
+    vms: Mutex<HashMap<String, Arc<Runtime>>>,
+    /// Exits, panics and reboots of running VMs, for the manager.
+    report: mpsc::UnboundedSender<(String, VmmEvent)>,
+}
+
+/// Cheap to clone; every clone drives the same VMs.
+#[derive(Clone)]
+pub struct BrokerDriver {
+    inner: Arc<Inner>,
+}
+
+fn step(what: &'static str) -> impl FnOnce(BrokerError) -> DriverError {
+    move |e| DriverError::new(format!("{what}: {e}"))
+}
+
+pub fn describe(status: ExitStatus) -> String {
+    match status {
+        ExitStatus::Code(c) => format!("exit status {c}"),
+        ExitStatus::Signal(s) => format!("killed by signal {s}"),
+    }
+}
+
+impl BrokerDriver {
+    /// Starts the driver's watch on the broker's exit events. What happens to running VMs
+    /// arrives on the returned receiver, for `Manager::vmm_event`.
+    pub fn start(broker: Broker) -> (BrokerDriver, mpsc::UnboundedReceiver<(String, VmmEvent)>) {
+        let (report, rx) = mpsc::unbounded_channel();
+        let d = BrokerDriver { inner: Arc::new(Inner { broker, vms: Mutex::new(HashMap::new()), report }) };
+        tokio::spawn(d.clone().watch_exits());
+        (d, rx)
+    }
+
+    fn runtime(&self, vm_id: &str) -> Option<Arc<Runtime>> {
+        self.inner.vms.lock().expect("vms").get(vm_id).cloned()
+    }
+
+    /// Marks VMMs that exited; after a lag in the event stream, the broker's inventory says
+    /// which ones did.
+    async fn watch_exits(self) {
+        let mut events = self.inner.broker.events();
+        loop {
+            match events.recv().await {
+                Ok(Event::VmmExited { vm, status, .. }) => self.exited(&vm, status),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "broker events missed; reading the inventory");
+                    if let Ok((Reply::Inventory { vms }, _)) =
+                        self.inner.broker.call(Request::Inventory).await
+                    {
+                        for v in vms {
+                            if let Some(status) = v.exit {
+                                self.exited(&v.vm, status);
+                            }
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    fn exited(&self, vm_id: &str, status: ExitStatus) {
+        let Some(rt) = self.runtime(vm_id) else { return };
+        if rt.exit.send_replace(Some(status)).is_some() {
+            return;
+        }
+        if rt.phase.load(Ordering::SeqCst) == RUNNING {
+            let clean = status == ExitStatus::Code(0);
+            let _ = self
+                .inner
+                .report
+                .send((vm_id.to_string(), VmmEvent::Exited { clean, detail: describe(status) }));
+        }
+    }
+
+    /// Follows the VMM's event file while it lives: guest panics and reboots of a running VM
+    /// go to the manager.
+    fn watch_events(&self, vm_id: String, rt: Arc<Runtime>) {
+        let report = self.inner.report.clone();
+        let mut exit = rt.exit.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let done = exit.borrow().is_some();
+                let from = rt.offset.load(Ordering::SeqCst);
+                match monitor::read_from(&rt.events, from) {
+                    Ok((events, offset)) => {
+                        for ev in events {
+                            let running = rt.phase.load(Ordering::SeqCst) == RUNNING;
+                            let what = match (ev.source.as_str(), ev.event.as_str()) {
+                                ("guest", "panic") => Some(VmmEvent::GuestPanic),
+                                ("vm", "rebooted") => Some(VmmEvent::GuestReboot),
+                                _ => None,
+                            };
+                            if let (true, Some(what)) = (running, what) {
+                                let _ = report.send((vm_id.clone(), what));
+                            }
+                        }
+                        rt.offset.store(offset, Ordering::SeqCst);
+                    }
+                    Err(e) => tracing::warn!(vm = %vm_id, error = %e, "cannot read the VMM's event file"),
+                }
+                if done || Arc::strong_count(&rt) == 1 {
+                    return;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(POLL) => {}
+                    _ = exit.changed() => {}
+                }
+            }
+        });
+    }
+
+    fn track(&self, vm_id: &str, events: std::fs::File, offset: u64, phase: u8) -> Arc<Runtime> {
+        let rt = Arc::new(Runtime {
+            events,
+            offset: AtomicU64::new(offset),
+            exit: watch::channel(None).0,
+            phase: AtomicU8::new(phase),
+        });
+        self.inner.vms.lock().expect("vms").insert(vm_id.to_string(), Arc::clone(&rt));
+        self.watch_events(vm_id.to_string(), Arc::clone(&rt));
+        rt
+    }
+
+    async fn api(&self, vm_id: &str) -> Result<std::os::fd::OwnedFd, BrokerError> {
+        let (_, fds) =
+            self.inner.broker.call(Request::Connect { vm: vm_id.into(), role: SocketRole::Api }).await?;
+        fds.into_iter().next().ok_or(BrokerError::Closed)
+    }
+
+    /// One action on the VMM's API; how it went, for the stop's reason.
+    async fn action(&self, vm_id: &str, what: &'static str) -> String {
+        match self.api(vm_id).await {
+            Ok(sock) => match api::call(sock, Method::PUT, what, api::ACTION).await {
+                Ok(_) => what.to_string(),
+                Err(e) => format!("{what} ({e})"),
+            },
+            Err(e) => format!("{what} (no api connection: {e})"),
+        }
+    }
+
+    async fn wait_exit(rt: &Runtime, limit: Duration) -> Option<ExitStatus> {
+        let mut rx = rt.exit.subscribe();
+        let r = tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await;
+        r.ok().and_then(|v| v.ok().and_then(|s| *s))
+    }
+
+    async fn prepare_vm(&self, vm_id: &str, spec: &VmSpec) -> Result<(), DriverError> {
+        let image = |path: &String, role| Image { path: path.clone(), role };
+        let mut images: Vec<Image> = [
+            (&spec.kernel, ImageRole::Kernel),
+            (&spec.initramfs, ImageRole::Initramfs),
+            (&spec.firmware, ImageRole::Firmware),
+        ]
+        .into_iter()
+        .filter_map(|(p, role)| p.as_ref().map(|p| image(p, role)))
+        .collect();
+        images.extend(spec.disks.iter().map(|d| image(&d.path, ImageRole::Disk { readonly: d.readonly })));
+        let broker = &self.inner.broker;
+        broker.call(Request::Prepare { vm: vm_id.into(), images }).await.map_err(step("prepare"))?;
+        for net in &spec.nets {
+            let req = Request::CreateTap {
+                vm: vm_id.into(),
+                mac: net.mac.clone(),
+                mtu: net.mtu,
+                bridge: net.bridge.clone(),
+            };
+            broker.call(req).await.map_err(step("create tap"))?;
+        }
+        Ok(())
+    }
+
+    async fn spawn_vm(&self, vm_id: &str, spec: &VmSpec) -> Result<u32, DriverError> {
+        let memory_mib =
+            u32::try_from(spec.memory_mib).map_err(|_| DriverError::new("memory_mib too large"))?;
+        let config =
+            VmmConfig { vcpus: spec.vcpus, memory_mib, cmdline: spec.cmdline.clone(), vsock: spec.vsock };
+        let (reply, fds) = self
+            .inner
+            .broker
+            .call(Request::Spawn { vm: vm_id.into(), config })
+            .await
+            .map_err(step("spawn"))?;
+        let Reply::Spawned { pid, .. } = reply else {
+            return Err(DriverError::new(format!("spawn: unexpected reply {reply:?}")));
+        };
+        let events = fds.into_iter().next().ok_or_else(|| DriverError::new("spawn: no event-file fd"))?;
+        self.track(vm_id, events.into(), 0, BOOTING);
+        Ok(pid)
+    }
+
+    async fn wait_running_vm(&self, vm_id: &str, spec: &VmSpec) -> Result<(), DriverError> {
+        if spec.agent() {
+            return Err(DriverError::new(
+                "waiting for the guest agent is not supported yet; create the VM with agent: false",
+            ));
+        }
+        let rt = self.runtime(vm_id).ok_or_else(|| DriverError::new("no VMM was spawned"))?;
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let mut last = String::from("no answer yet");
+        loop {
+            if let Some(status) = *rt.exit.borrow() {
+                return Err(DriverError::new(format!("the VMM exited during boot ({})", describe(status))));
+            }
+            if Instant::now() >= deadline {
+                return Err(DriverError::new(format!("not running after {BOOT_TIMEOUT:?} (last: {last})")));
+            }
+            match self.api(vm_id).await {
+                Ok(sock) => match api::vm_info(sock).await {
+                    Ok(info) if info.state == "Running" => {
+                        rt.phase.store(RUNNING, Ordering::SeqCst);
+                        return Ok(());
+                    }
+                    Ok(info) => last = format!("vm.info says {}", info.state),
+                    // A timeout is a busy VMM, not a dead one: ask again until the deadline.
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The staged stop: power button, grace, vm.shutdown and vmm.shutdown, SIGKILL.
+    async fn stop_vm(&self, vm_id: &str, opts: StopOptions) -> Result<String, DriverError> {
+        let Some(rt) = self.runtime(vm_id) else { return Ok("no VMM was running".into()) };
+        rt.phase.store(STOPPING, Ordering::SeqCst);
+        if let Some(status) = *rt.exit.borrow() {
+            return Ok(format!("the VMM had already exited ({})", describe(status)));
+        }
+        let started = Instant::now();
+        let mut steps = vec![self.action(vm_id, "vm.power-button").await];
+        if let Some(status) = Self::wait_exit(&rt, opts.grace).await {
+            steps.push(format!("the guest shut down after {:.1?} ({})", started.elapsed(), describe(status)));
+            return Ok(steps.join(", "));
+        }
+        steps.push(format!("no shutdown within {:?}", opts.grace));
+        steps.push(self.action(vm_id, "vm.shutdown").await);
+        steps.push(self.action(vm_id, "vmm.shutdown").await);
+        if let Some(status) = Self::wait_exit(&rt, FORCE_WAIT).await {
+            steps.push(format!("the VMM exited ({})", describe(status)));
+            return Ok(steps.join(", "));
+        }
+        let kill = Request::Signal { vm: vm_id.into(), signal: VmmSignal::Kill };
+        self.inner.broker.call(kill).await.map_err(step("SIGKILL"))?;
+        steps.push("SIGKILL".into());
+        match Self::wait_exit(&rt, FORCE_WAIT).await {
+            Some(status) => steps.push(format!("the VMM exited ({})", describe(status))),
+            None => steps.push("no exit seen yet; release reaps it".into()),
+        }
+        Ok(steps.join(", "))
+    }
+
+    async fn release_vm(&self, vm_id: &str) -> Result<(), DriverError> {
+        self.inner.broker.call(Request::Release { vm: vm_id.into() }).await.map_err(step("release"))?;
+        self.inner.vms.lock().expect("vms").remove(vm_id);
+        Ok(())
+    }
+
+    async fn reattach_vm(
+        &self,
+        vm_id: &str,
+        pid: Option<u32>,
+        offset: u64,
+    ) -> Result<Reattached, DriverError> {
+        let (reply, _) = self.inner.broker.call(Request::Inventory).await.map_err(step("inventory"))?;
+        let Reply::Inventory { vms } = reply else {
+            return Err(DriverError::new("inventory: unexpected reply"));
+        };
+        let Some(held) = vms.into_iter().find(|v| v.vm == vm_id) else {
+            return Ok(Reattached::Gone("the broker holds nothing for it".into()));
+        };
+        if !held.alive || pid.is_some_and(|p| held.pid != Some(p)) {
+            let how = held.exit.map_or("not running".to_string(), describe);
+            return Ok(Reattached::Gone(format!("its VMM (pid {:?}) is gone: {how}", held.pid)));
+        }
+        let (_, fds) = self
+            .inner
+            .broker
+            .call(Request::OpenOutputs { vm: vm_id.into() })
+            .await
+            .map_err(step("open outputs"))?;
+        let events =
+            fds.into_iter().next().ok_or_else(|| DriverError::new("open outputs: no event-file fd"))?;
+        self.track(vm_id, events.into(), offset, RUNNING);
+        Ok(Reattached::Alive)
+    }
+}
+
+impl VmDriver for BrokerDriver {
+    fn prepare<'a>(&'a self, vm_id: &'a str, spec: &'a VmSpec) -> DriverFuture<'a, ()> {
+        Box::pin(self.prepare_vm(vm_id, spec))
+    }
+
+    fn spawn<'a>(&'a self, vm_id: &'a str, spec: &'a VmSpec) -> DriverFuture<'a, u32> {
+        Box::pin(self.spawn_vm(vm_id, spec))
+    }
+
+    fn wait_running<'a>(&'a self, vm_id: &'a str, spec: &'a VmSpec) -> DriverFuture<'a, ()> {
+        Box::pin(self.wait_running_vm(vm_id, spec))
+    }
+
+    fn stop<'a>(&'a self, vm_id: &'a str, opts: StopOptions) -> DriverFuture<'a, String> {
+        Box::pin(self.stop_vm(vm_id, opts))
+    }
+
+    fn release<'a>(&'a self, vm_id: &'a str) -> DriverFuture<'a, ()> {
+        Box::pin(self.release_vm(vm_id))
+    }
+
+    fn event_offset(&self, vm_id: &str) -> Option<u64> {
+        self.runtime(vm_id).map(|rt| rt.offset.load(Ordering::SeqCst))
+    }
+
+    fn reattach<'a>(&'a self, vm_id: &'a str, pid: Option<u32>, offset: u64) -> DriverFuture<'a, Reattached> {
+        Box::pin(self.reattach_vm(vm_id, pid, offset))
+    }
+}
