@@ -125,11 +125,11 @@ impl Daemon {
         let log = std::fs::File::create(root.path().join("daemon.log")).expect("log file");
         let child = Self::command(root.path(), extra).stderr(log).spawn().expect("start daemon");
         let mut d = Daemon { child, root };
-        wait_for("the rpc socket", Duration::from_secs(10), || {
+        wait_for("the rpc socket to accept", Duration::from_secs(10), || {
             if let Ok(Some(status)) = d.child.try_wait() {
                 panic!("the daemon exited ({status}) before serving:\n{}", d.log());
             }
-            d.rpc_socket().exists().then_some(())
+            UnixStream::connect(d.rpc_socket()).ok().map(drop)
         });
         d
     }

@@ -2,8 +2,9 @@
 //! one PT_LOAD segment, loaded at 1 MiB, holds 32-bit code that writes a line to serial
 //! port 0x3f8 and then idles in `cli; hlt`; and a PT_NOTE with the Xen PVH entry note
 //! (name "Xen", type 18 = XEN_ELFNOTE_PHYS32_ENTRY, desc = the 32-bit entry address).
-//! The shutdown variant then writes 0x34 (S5 | SLP_EN) to the ACPI shutdown port 0x600, so
-//! the guest powers itself off.
+//! The shutdown variant then spins for a moment (2^18 iterations, a fraction of a
+//! second) and writes 0x34 (S5 | SLP_EN) to the ACPI shutdown port 0x600, so the guest
+//! powers itself off once it has been seen running.
 
 const LOAD_ADDR: u32 = 0x10_0000;
 const CODE_OFFSET: usize = 0x1000;
@@ -12,12 +13,13 @@ const NOTE_OFFSET: usize = 0xB0;
 /// The guest's bytes: it prints `line` (plus a newline) on the serial console.
 pub fn guest(line: &str, shutdown: bool) -> Vec<u8> {
     let mut code: Vec<u8> = vec![0x66, 0xBA, 0xF8, 0x03]; // mov dx, 0x3f8
-    let msg_at = code.len() + 5 + 8 + if shutdown { 7 } else { 0 } + 4;
+    let msg_at = code.len() + 5 + 8 + if shutdown { 8 + 7 } else { 0 } + 4;
     code.push(0xBE); // mov esi, imm32
     code.extend((LOAD_ADDR + msg_at as u32).to_le_bytes());
     // loop: lodsb; test al, al; jz done; out dx, al; jmp loop
     code.extend([0xAC, 0x84, 0xC0, 0x74, 0x03, 0xEE, 0xEB, 0xF8]);
     if shutdown {
+        code.extend([0xB9, 0x00, 0x00, 0x04, 0x00, 0x49, 0x75, 0xFD]); // mov ecx, 2^18; spin: dec ecx; jnz spin
         code.extend([0x66, 0xBA, 0x00, 0x06, 0xB0, 0x34, 0xEE]); // mov dx, 0x600; mov al, 0x34; out dx, al
     }
     code.extend([0xFA, 0xF4, 0xEB, 0xFC]); // halt: cli; hlt; jmp halt

@@ -77,7 +77,9 @@ fn existing_dirs_are_repaired_and_group_grant_applies() {
         .spawn()
         .expect("spawn");
     let d = Daemon { child, root: scratch };
-    wait_for("the rpc socket", Duration::from_secs(10), || d.rpc_socket().exists().then_some(()));
+    wait_for("the rpc socket", Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(d.rpc_socket()).ok()
+    });
     assert_eq!(owner_mode(&d.path("run/vms")), (FRONTEND_UID, FRONTEND_UID, 0o700));
     assert_eq!(owner_mode(&d.rpc_socket()), (0, 4242, 0o660));
     assert_serves(&d);

@@ -1,0 +1,374 @@
+//! VM lifecycles through the real daemon, as root: the cloud-hypervisor test double by
+//! default, or a real cloud-hypervisor when `MYHV_CLOUD_HYPERVISOR` names one (faults the
+//! double injects are then made from outside, or the case says why it cannot run).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use my_hypervisor_tests::{Daemon, have_root, pvh, scratch_root, staged_bin, wait_for};
+use serde_json::{Value, json};
+
+struct Env {
+    d: Daemon,
+    /// Set when a real cloud-hypervisor is under test.
+    real: Option<String>,
+    /// This daemon's VM uids: the tests run side by side, each with its own daemon.
+    uids: std::ops::RangeInclusive<u32>,
+}
+
+impl Drop for Env {
+    /// VMMs outlive their daemon by design; a test's must not outlive the test.
+    fn drop(&mut self) {
+        for pid in self.processes_with(&format!("{}/", self.d.path("run/vmm").display())) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+static NEXT_RANGE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl Env {
+    fn start(test: &str) -> Option<Env> {
+        if !have_root(test) {
+            return None;
+        }
+        let root = scratch_root();
+        let real = std::env::var("MYHV_CLOUD_HYPERVISOR").ok();
+        let vmm = real
+            .clone()
+            .unwrap_or_else(|| staged_bin(root.path(), "ch-double").to_string_lossy().into_owned());
+        let first = 62000 + 100 * NEXT_RANGE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let uids = first..=first + 99;
+        let range = format!("{}-{}", uids.start(), uids.end());
+        let d = Daemon::start_in(root, &["--cloud-hypervisor", &vmm, "--vm-uid-range", &range]);
+        Some(Env { d, real, uids })
+    }
+
+    fn images(&self) -> PathBuf {
+        self.d.path("images")
+    }
+
+    /// The PVH test guest, idle or powering itself off once it runs.
+    fn guest(&self, shutdown: bool) -> String {
+        let name = if shutdown { "guest-off.elf" } else { "guest.elf" };
+        let p = self.images().join(name);
+        if !p.exists() {
+            std::fs::write(&p, pvh::guest("my_hypervisor lifecycle guest", shutdown)).expect("guest");
+        }
+        p.to_string_lossy().into_owned()
+    }
+
+    fn rpc(&self, method: &str, params: Value) -> Result<Value, (i64, String)> {
+        let reply = self.d.call(&json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}));
+        match reply.get("error") {
+            Some(e) => {
+                Err((e["code"].as_i64().unwrap_or(0), e["message"].as_str().unwrap_or("").to_string()))
+            }
+            None => Ok(reply["result"].clone()),
+        }
+    }
+
+    fn ok(&self, method: &str, params: Value) -> Value {
+        self.rpc(method, params.clone()).unwrap_or_else(|e| panic!("{method} {params}: {e:?}"))
+    }
+
+    fn create(&self, id: &str, kernel: &str, cmdline: Option<&str>) {
+        let mut spec = json!({"id": id, "vcpus": 1, "memory_mib": 64, "kernel": kernel});
+        if let Some(c) = cmdline {
+            spec["cmdline"] = json!(c);
+        }
+        self.ok("compute.vm.create", spec);
+    }
+
+    fn status(&self, id: &str) -> Value {
+        self.ok("compute.vm.status", json!({"vm_id": id}))
+    }
+
+    fn state(&self, id: &str) -> String {
+        self.status(id)["state"].as_str().unwrap_or_default().to_string()
+    }
+
+    fn wait_state(&self, id: &str, want: &str, within: Duration) {
+        wait_for(&format!("{id} to be {want}"), within, || (self.state(id) == want).then_some(()));
+    }
+
+    fn history(&self, id: &str) -> Vec<Value> {
+        self.ok("compute.vm.events.tail", json!({"vm_id": id}))["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn last_reason(&self, id: &str) -> String {
+        self.history(id).last().map(|e| e["reason"].as_str().unwrap_or("").to_string()).unwrap_or_default()
+    }
+
+    /// Live processes that belong to the VM (its VMM runs with its runtime dir in argv).
+    fn vmm_processes(&self, id: &str) -> Vec<i32> {
+        self.processes_with(&format!("{}/", self.d.path(&format!("run/vmm/{id}")).display()))
+    }
+
+    fn processes_with(&self, marker: &str) -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+            .filter(|pid| {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let alive =
+                    my_hypervisor_tests::proc_status(*pid).is_some_and(|s| !s["State"].starts_with('Z'));
+                alive && String::from_utf8_lossy(&cmd).contains(marker)
+            })
+            .collect()
+    }
+
+    /// Nothing the VM ever held is left: process, tap, socket, dir, grant, journal entry.
+    fn assert_nothing_left(&self, id: &str, disk: Option<&str>) {
+        assert_eq!(self.vmm_processes(id), Vec::<i32>::new(), "no VMM process of {id}");
+        let dir = self.d.path(&format!("run/vmm/{id}"));
+        assert!(!dir.exists(), "runtime dir {} removed (sockets with it)", dir.display());
+        let taps: Vec<String> = std::fs::read_dir("/sys/class/net")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| self.uids.clone().any(|u| n.starts_with(&format!("mh{u}n"))))
+            .collect();
+        assert_eq!(taps, Vec::<String>::new(), "no tap left");
+        if let Some(disk) = disk {
+            let m = std::fs::metadata(disk).expect("disk");
+            assert_eq!(std::os::unix::fs::MetadataExt::uid(&m), 0, "disk handed back to root");
+        }
+        // The journal is postcard: the VM's id would appear as its length and bytes.
+        let journal = std::fs::read(self.d.path("run/vmm/broker.journal")).expect("journal");
+        let mut entry = vec![id.len() as u8];
+        entry.extend(id.as_bytes());
+        assert!(!journal.windows(entry.len()).any(|w| w == entry), "no journal entry for {id}");
+    }
+
+    /// The broker holds nothing at all (postcard: an empty list is a single zero byte).
+    fn assert_journal_empty(&self) {
+        assert_eq!(std::fs::read(self.d.path("run/vmm/broker.journal")).expect("journal"), vec![0]);
+    }
+
+    fn fault(&self, fault: &str) -> Option<String> {
+        self.real.is_none().then(|| format!("console=ttyS0 ch_double.fault={fault}"))
+    }
+}
+
+#[test]
+fn create_start_stop_start_stop_remove_leaves_nothing() {
+    let Some(env) = Env::start("create_start_stop_start_stop_remove_leaves_nothing") else { return };
+    let disk = env.images().join("a.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    let disk = disk.to_string_lossy().into_owned();
+    env.ok(
+        "compute.vm.create",
+        json!({"id": "a", "vcpus": 1, "memory_mib": 64, "kernel": env.guest(false),
+               "disks": [{"path": disk, "readonly": false}], "nets": [{"mtu": 1400}]}),
+    );
+    for round in 0..2 {
+        assert_eq!(env.ok("compute.vm.start", json!({"vm_id": "a"}))["state"], "running", "round {round}");
+        let st = env.status("a");
+        let pid = st["pid"].as_i64().expect("pid") as i32;
+        assert!(env.vmm_processes("a").contains(&pid), "round {round}: the VMM runs");
+        assert_eq!(
+            env.ok("compute.vm.start", json!({"vm_id": "a"}))["state"],
+            "running",
+            "start on Running is a no-op"
+        );
+        let stopped = env.ok("compute.vm.stop", json!({"vm_id": "a", "timeout_secs": 1}));
+        assert_eq!(stopped["state"], "stopped");
+        assert_eq!(
+            env.ok("compute.vm.stop", json!({"vm_id": "a"}))["state"],
+            "stopped",
+            "stop on Stopped is a no-op"
+        );
+        assert_eq!(env.vmm_processes("a"), Vec::<i32>::new());
+    }
+    let states: Vec<String> =
+        env.history("a").iter().map(|e| e["to"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(
+        states,
+        ["provisioning", "configured", "starting", "running", "stopping", "stopped"].repeat(2),
+        "the transitions, in order"
+    );
+    env.ok("compute.vm.remove", json!({"vm_id": "a"}));
+    env.assert_nothing_left("a", Some(&disk));
+    env.assert_journal_empty();
+}
+
+#[test]
+fn a_vmm_crash_fails_the_vm() {
+    let Some(env) = Env::start("a_vmm_crash_fails_the_vm") else { return };
+    env.create("c", &env.guest(false), env.fault("crash=300").as_deref());
+    env.ok("compute.vm.start", json!({"vm_id": "c"}));
+    if env.real.is_some() {
+        let pid = env.status("c")["pid"].as_i64().expect("pid") as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
+            .expect("kill");
+    }
+    env.wait_state("c", "failed", Duration::from_secs(10));
+    let reason = env.last_reason("c");
+    assert!(reason.contains("exited unexpectedly") && reason.contains("signal 9"), "{reason}");
+    env.ok("compute.vm.remove", json!({"vm_id": "c"}));
+    env.assert_nothing_left("c", None);
+}
+
+#[test]
+fn a_boot_failure_is_start_failed_with_nothing_left() {
+    let Some(env) = Env::start("a_boot_failure_is_start_failed_with_nothing_left") else { return };
+    let kernel = match env.real {
+        // Real CH fails the boot of a kernel it cannot load.
+        Some(_) => {
+            let k = env.images().join("not-a-kernel");
+            std::fs::write(&k, b"this is not a kernel").expect("write");
+            k.to_string_lossy().into_owned()
+        }
+        None => env.guest(false),
+    };
+    env.create("b", &kernel, env.fault("exit-at-boot").as_deref());
+    let err = env.rpc("compute.vm.start", json!({"vm_id": "b"})).expect_err("the start fails");
+    assert!(err.1.contains("boot failed"), "{err:?}");
+    assert_eq!(env.state("b"), "start_failed");
+    assert!(env.last_reason("b").contains("resources released"), "{}", env.last_reason("b"));
+    env.assert_nothing_left("b", None);
+    // Nothing is held, so the VM can be removed as it is.
+    env.ok("compute.vm.remove", json!({"vm_id": "b"}));
+}
+
+#[test]
+fn an_ignored_power_button_means_a_forced_stop_within_the_timeout() {
+    let Some(env) = Env::start("an_ignored_power_button_means_a_forced_stop_within_the_timeout") else {
+        return;
+    };
+    env.create("p", &env.guest(false), env.fault("ignore-power-button").as_deref());
+    env.ok("compute.vm.start", json!({"vm_id": "p"}));
+    let t = Instant::now();
+    assert_eq!(env.ok("compute.vm.stop", json!({"vm_id": "p", "timeout_secs": 1}))["state"], "stopped");
+    let took = t.elapsed();
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(8), "{took:?}");
+    let reason = env.last_reason("p");
+    assert!(reason.contains("vm.power-button") && reason.contains("no shutdown within 1s"), "{reason}");
+    assert!(reason.contains("vmm.shutdown") || reason.contains("SIGKILL"), "{reason}");
+    env.ok("compute.vm.remove", json!({"vm_id": "p"}));
+    env.assert_nothing_left("p", None);
+}
+
+#[test]
+fn a_guest_initiated_shutdown_is_stopped() {
+    let Some(env) = Env::start("a_guest_initiated_shutdown_is_stopped") else { return };
+    // The double powers the idle guest off on request; real CH runs the guest that does it.
+    match env.real {
+        Some(_) => env.create("g", &env.guest(true), None),
+        None => env.create("g", &env.guest(false), env.fault("guest-shutdown=300").as_deref()),
+    }
+    env.ok("compute.vm.start", json!({"vm_id": "g"}));
+    env.wait_state("g", "stopped", Duration::from_secs(10));
+    assert!(env.last_reason("g").contains("the guest shut down"), "{}", env.last_reason("g"));
+    env.assert_nothing_left("g", None);
+}
+
+#[test]
+fn a_guest_panic_fails_the_vm() {
+    let Some(env) = Env::start("a_guest_panic_fails_the_vm") else { return };
+    if env.real.is_some() {
+        eprintln!(
+            "SKIP a_guest_panic_fails_the_vm with real cloud-hypervisor: the PVH test guest has no pvpanic device driver"
+        );
+        return;
+    }
+    env.create("k", &env.guest(false), env.fault("panic=300").as_deref());
+    env.ok("compute.vm.start", json!({"vm_id": "k"}));
+    env.wait_state("k", "failed", Duration::from_secs(10));
+    assert!(env.last_reason("k").contains("panicked"), "{}", env.last_reason("k"));
+    env.ok("compute.vm.remove", json!({"vm_id": "k"}));
+    env.assert_nothing_left("k", None);
+}
+
+#[test]
+fn start_stop_storms_on_twenty_vms_end_where_the_processes_are() {
+    let Some(env) = Env::start("start_stop_storms_on_twenty_vms_end_where_the_processes_are") else { return };
+    let kernel = env.guest(false);
+    let ids: Vec<String> = (0..20).map(|i| format!("s{i}")).collect();
+    for id in &ids {
+        env.create(id, &kernel, None);
+    }
+    let sock = env.d.rpc_socket();
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (ids, sock) = (&ids, &sock);
+            s.spawn(move || {
+                let mut c = my_hypervisor_tests::RpcClient::connect(sock);
+                let mut x = 0x9E37_79B9u64.wrapping_mul(t + 1);
+                for _ in 0..40 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let id = &ids[(x % 20) as usize];
+                    let method = if x % 3 == 0 { "compute.vm.stop" } else { "compute.vm.start" };
+                    let params = json!({"vm_id": id, "timeout_secs": 1});
+                    let _ = c.call(&json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}));
+                }
+            });
+        }
+    });
+    for id in &ids {
+        let st = env.status(id);
+        let state = st["state"].as_str().unwrap_or_default();
+        let procs = env.vmm_processes(id);
+        match state {
+            "running" => {
+                let pid = st["pid"].as_i64().expect("pid") as i32;
+                assert_eq!(procs, vec![pid], "{id} is running in exactly its recorded VMM");
+            }
+            "pending" | "stopped" | "start_failed" => {
+                assert_eq!(procs, Vec::<i32>::new(), "{id} ({state}) has no VMM")
+            }
+            other => panic!("{id} settled in {other}"),
+        }
+    }
+    for id in &ids {
+        let _ = env.rpc("compute.vm.stop", json!({"vm_id": id, "timeout_secs": 1}));
+        let _ = env.rpc("compute.vm.remove", json!({"vm_id": id}));
+    }
+    for id in &ids {
+        assert_eq!(env.vmm_processes(id), Vec::<i32>::new());
+    }
+}
+
+#[test]
+fn a_frontend_killed_with_sigkill_leaves_running_vms_running() {
+    let Some(env) = Env::start("a_frontend_killed_with_sigkill_leaves_running_vms_running") else { return };
+    let kernel = env.guest(false);
+    let ids = ["r1", "r2", "r3"];
+    let mut before = Vec::new();
+    for id in ids {
+        env.create(id, &kernel, None);
+        env.ok("compute.vm.start", json!({"vm_id": id}));
+        before.push((env.status(id)["pid"].as_i64().expect("pid"), env.history(id)));
+    }
+    let old = env.d.frontend_pid();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), nix::sys::signal::Signal::SIGKILL)
+        .expect("kill -9");
+    wait_for("a new frontend", Duration::from_secs(10), || (env.d.frontend_pid() != old).then_some(()));
+    wait_for("the new frontend to serve", Duration::from_secs(10), || {
+        env.rpc("compute.vm.list", json!({})).ok()
+    });
+    for (id, (pid, history)) in ids.iter().zip(&before) {
+        let st = env.status(id);
+        assert_eq!(st["state"], "running", "{id} stays Running");
+        assert_eq!(st["pid"].as_i64(), Some(*pid), "{id} keeps its VMM");
+        assert!(env.vmm_processes(id).contains(&(*pid as i32)), "{id}'s VMM was never interrupted");
+        assert_eq!(&env.history(id), history, "{id}'s history is intact");
+    }
+    for id in ids {
+        assert_eq!(env.ok("compute.vm.stop", json!({"vm_id": id, "timeout_secs": 1}))["state"], "stopped");
+        env.ok("compute.vm.remove", json!({"vm_id": id}));
+        env.assert_nothing_left(id, None);
+    }
+    env.assert_journal_empty();
+}
