@@ -309,7 +309,7 @@ fn start_stop_storms_on_twenty_vms_end_where_the_processes_are() {
                     x ^= x >> 7;
                     x ^= x << 17;
                     let id = &ids[(x % 20) as usize];
-                    let method = if x % 3 == 0 { "compute.vm.stop" } else { "compute.vm.start" };
+                    let method = if x.is_multiple_of(3) { "compute.vm.stop" } else { "compute.vm.start" };
                     let params = json!({"vm_id": id, "timeout_secs": 1});
                     let _ = c.call(&json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}));
                 }
