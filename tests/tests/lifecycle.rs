@@ -372,3 +372,45 @@ fn a_frontend_killed_with_sigkill_leaves_running_vms_running() {
     }
     env.assert_journal_empty();
 }
+
+#[test]
+fn a_vmm_that_dies_while_the_frontend_is_down_fails_its_vm() {
+    let Some(env) = Env::start("a_vmm_that_dies_while_the_frontend_is_down_fails_its_vm") else { return };
+    env.create("gone", &env.guest(false), None);
+    env.ok("compute.vm.start", json!({"vm_id": "gone"}));
+    let vmm = nix::unistd::Pid::from_raw(env.status("gone")["pid"].as_i64().expect("pid") as i32);
+    // A frozen frontend cannot see the exit; the exit event dies with it.
+    let old = nix::unistd::Pid::from_raw(env.d.frontend_pid());
+    nix::sys::signal::kill(old, nix::sys::signal::Signal::SIGSTOP).expect("stop the frontend");
+    nix::sys::signal::kill(vmm, nix::sys::signal::Signal::SIGKILL).expect("kill the VMM");
+    wait_for("the VMM to be reaped", Duration::from_secs(10), || {
+        my_hypervisor_tests::proc_status(vmm.as_raw()).is_none().then_some(())
+    });
+    nix::sys::signal::kill(old, nix::sys::signal::Signal::SIGKILL).expect("kill -9 the frontend");
+    wait_for("a new frontend", Duration::from_secs(10), || (env.d.frontend_pid() != old.as_raw()).then_some(()));
+    env.wait_state("gone", "failed", Duration::from_secs(10));
+    let reason = env.last_reason("gone");
+    assert!(reason.contains("went away while the frontend was down") && reason.contains("signal 9"), "{reason}");
+    env.ok("compute.vm.remove", json!({"vm_id": "gone"}));
+    env.assert_nothing_left("gone", None);
+    env.assert_journal_empty();
+}
+
+#[test]
+fn a_guest_reboot_is_recorded_and_the_vm_stays_running() {
+    let Some(env) = Env::start("a_guest_reboot_is_recorded_and_the_vm_stays_running") else { return };
+    if env.real.is_some() {
+        eprintln!("SKIP a_guest_reboot_is_recorded_and_the_vm_stays_running with real cloud-hypervisor: the PVH test guest never reboots");
+        return;
+    }
+    env.create("rb", &env.guest(false), env.fault("guest-reboot=300").as_deref());
+    env.ok("compute.vm.start", json!({"vm_id": "rb"}));
+    wait_for("the reboot in the history", Duration::from_secs(10), || {
+        env.history("rb").iter().any(|e| e["from"] == "running" && e["to"] == "running").then_some(())
+    });
+    assert_eq!(env.state("rb"), "running");
+    assert!(env.last_reason("rb").contains("rebooted"), "{}", env.last_reason("rb"));
+    env.ok("compute.vm.stop", json!({"vm_id": "rb", "timeout_secs": 1}));
+    env.ok("compute.vm.remove", json!({"vm_id": "rb"}));
+    env.assert_nothing_left("rb", None);
+}
