@@ -47,15 +47,20 @@ fn create_list_status_remove_through_the_daemon() {
     assert_eq!(r["result"]["spec"]["agent"], true, "agent defaults to vsock: {r}");
     let r = call(&d, "compute.vm.events.tail", json!({}));
     assert_eq!(r["result"]["events"], json!([]), "{r}");
+    // The kernel named in the spec does not exist: the start fails at provisioning, with the
+    // broker's reason, and leaves nothing behind.
     let r = call(&d, "compute.vm.start", json!({"vm_id": "web-1"}));
-    assert_eq!(r["error"]["code"], -32026, "start is not served yet: {r}");
+    assert_eq!(r["error"]["code"], -32023, "{r}");
+    let msg = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("provisioning failed") && msg.contains("vmlinux") && msg.contains("ENOENT"), "{r}");
+    assert!(msg.contains("resources released"), "{r}");
 
     // state.json belongs to the frontend user and is private.
     let file = d.path("run/vms/web-1.json");
     assert_eq!(owner_mode(&file), (61000, 61000, 0o600));
     let on_disk: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     assert_eq!(on_disk["schema_version"], 2);
-    assert_eq!(on_disk["state"], "pending");
+    assert_eq!(on_disk["state"], "start_failed");
 
     // A new frontend reloads the record.
     let pid = d.frontend_pid();
@@ -66,7 +71,7 @@ fn create_list_status_remove_through_the_daemon() {
             .then(|| std::panic::catch_unwind(|| call(&d, "compute.vm.status", json!({"vm_id": "web-1"}))));
         r.and_then(Result::ok).filter(|r| r.get("result").is_some())
     });
-    assert_eq!(r["result"]["state"], "pending", "{r}");
+    assert_eq!(r["result"]["state"], "start_failed", "{r}");
 
     let r = call(&d, "compute.vm.remove", json!({"vm_id": "web-1"}));
     assert_eq!(r["result"], json!({"vm_id": "web-1", "removed": true}), "{r}");
