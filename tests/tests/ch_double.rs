@@ -157,6 +157,26 @@ impl Api {
         Response { status, head, body: String::from_utf8(body).unwrap() }
     }
 
+    /// Polls vm.info until Running: CH serves the API before it has created (404) and booted
+    /// (`Created`) the VM, as the frontend must expect.
+    fn wait_running(&mut self, name: &str) -> Value {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self.call("GET", "vm.info");
+            if r.status == 200 {
+                let v: Value = serde_json::from_str(&r.body).unwrap();
+                if v["state"] == "Running" {
+                    return v;
+                }
+                assert_eq!(v["state"], "Created", "{name}");
+            } else {
+                assert_eq!(r.status, 404, "{name}: {}", r.body);
+            }
+            assert!(Instant::now() < end, "{name}: not Running in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn info(&mut self) -> Value {
         let r = self.call("GET", "vm.info");
         assert_eq!(r.status, 200, "{}", r.body);
@@ -201,8 +221,7 @@ fn start_events_info_keep_alive_and_vmm_shutdown() {
         assert!(ping.head.contains("Connection: keep-alive\r\n"), "{name}");
         let ping: Value = serde_json::from_str(&ping.body).unwrap();
         assert_eq!(ping["pid"], v.child.id(), "{name}");
-        let info = api.info();
-        assert_eq!(info["state"], "Running", "{name}");
+        let info = api.wait_running(name);
         assert_eq!(info["config"]["cpus"]["boot_vcpus"], 1, "{name}");
         assert_eq!(info["config"]["memory"]["size"], 64 << 20, "{name}");
         assert_eq!(info["memory_actual_size"], 64 << 20, "{name}");
@@ -243,6 +262,7 @@ fn power_button_ignored_vm_shutdown_created_boot_and_sigterm() {
     for (name, exe) in targets() {
         let mut v = Vmm::start(&exe, "my line", false, "", &[]);
         let mut api = v.api();
+        api.wait_running(name);
         let r = api.call("PUT", "vm.power-button");
         assert_eq!(r.status, 204, "{name}");
         assert!(!r.head.contains("Content-Length"), "{name}: 204 has no Content-Length: {}", r.head);
@@ -280,7 +300,8 @@ fn shutdown_variant_of_the_pvh_guest_exits_0() {
 fn serial_socket_replays_the_guest_line() {
     for (name, exe) in targets() {
         let mut v = Vmm::start(&exe, "my line", false, "", &[]);
-        let _ = v.api();
+        // vm.info answers once the VM is booted (the API socket comes up before that).
+        v.api().wait_running(name);
         let (_, _, mode) = my_hypervisor_tests::owner_mode(&v.path("serial.sock"));
         assert_eq!(mode, 0o700, "{name}: created under umask 077");
         let s = UnixStream::connect(v.path("serial.sock")).unwrap();
@@ -295,11 +316,11 @@ fn serial_socket_replays_the_guest_line() {
 fn hybrid_vsock_handshake_data_and_eof() {
     // Real CH answers only once the guest's vsock driver is up, which the PVH guest lacks.
     let mut v = Vmm::start(&double(), "my line", false, "", &[]);
-    let _ = v.api();
+    assert_eq!(v.api().info()["state"], "Running");
     let connect = |port: u32| {
         let mut s = UnixStream::connect(v.path("vsock.sock")).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(s, "CONNECT {port}\n").unwrap();
+        writeln!(s, "CONNECT {port}").unwrap();
         s
     };
     let mut nobody = connect(1234);
@@ -393,4 +414,67 @@ fn fault_power_button_honoured_and_unknown_fault_refused() {
     assert_eq!(v.wait_exit(Duration::from_secs(10)).code(), Some(0));
     let mut v = Vmm::start(&double(), "x", false, "ch_double.fault=nonsense", &[]);
     assert_eq!(v.wait_exit(Duration::from_secs(10)).code(), Some(1));
+}
+
+#[test]
+fn api_and_event_monitor_as_inherited_fds() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    for (name, exe) in targets() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("guest.elf");
+        std::fs::write(&kernel, pvh::guest("fd", false)).unwrap();
+        let listener = UnixListener::bind(dir.path().join("api.sock")).unwrap();
+        let events = std::fs::File::create(dir.path().join("events.json")).unwrap();
+        let (lfd, efd) = (listener.as_raw_fd(), events.as_raw_fd());
+        let mut cmd = Command::new(&exe);
+        cmd.args(["--api-socket", "fd=3", "--event-monitor", "fd=4", "--kernel"])
+            .arg(&kernel)
+            .args(["--console", "off", "--serial", "null"])
+            .stderr(Stdio::null());
+        // SAFETY: only dup2, which is async-signal-safe, runs between fork and exec. The fds
+        // go through high numbers first, so that neither clobbers the other at 3 or 4.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(lfd, 200) < 0
+                    || libc::dup2(efd, 201) < 0
+                    || libc::dup2(200, 3) < 0
+                    || libc::dup2(201, 4) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        let mut child = KillOnDrop(child);
+        let child = &mut child.0;
+        let s = UnixStream::connect(dir.path().join("api.sock")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut api = Api { r: BufReader::new(s.try_clone().unwrap()), w: s };
+        api.wait_running(name);
+        assert_eq!(api.call("PUT", "vmm.shutdown").status, 200, "{name}");
+        let st = wait_for("exit", Duration::from_secs(10), || child.try_wait().ok().flatten());
+        assert_eq!(st.code(), Some(0), "{name}");
+        assert!(dir.path().join("api.sock").exists(), "{name}: fd mode leaves the socket alone");
+        let text = std::fs::read_to_string(dir.path().join("events.json")).unwrap();
+        assert!(text.contains("\"event\": \"booted\""), "{name}: {text}");
+    }
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn fault_slow_create_answers_created_first() {
+    let mut v = Vmm::start(&double(), "x", false, "ch_double.fault=slow-create=500", &[]);
+    let mut api = v.api();
+    assert_eq!(api.info()["state"], "Created");
+    api.wait_running("double");
 }

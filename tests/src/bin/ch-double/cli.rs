@@ -395,15 +395,12 @@ pub fn parse(args: &[String]) -> Result<Config, CliError> {
         Some(s) => console_mode(&s).map_err(|e| config_err("serial", e))?,
     };
     let console = one("console").unwrap_or_else(|| "tty".into());
-    match console_mode(&console).map_err(|e| config_err("console", e))? {
-        Serial::Socket(_) => {
-            return Err(CliError::Config(vec![
-                "Error parsing config".into(),
-                "Error validating configuration".into(),
-                "No socket option support for console device".into(),
-            ]));
-        }
-        _ => {}
+    if let Serial::Socket(_) = console_mode(&console).map_err(|e| config_err("console", e))? {
+        return Err(CliError::Config(vec![
+            "Error parsing config".into(),
+            "Error validating configuration".into(),
+            "No socket option support for console device".into(),
+        ]));
     }
     let vsock = match one("vsock") {
         None => None,

@@ -285,9 +285,12 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
+/// A PT_LOAD segment: (guest-physical address, file offset, size in the file).
+type Segment = (u64, u64, u64);
+
 /// The PVH entry from the last PT_NOTE segment (linux-loader keeps only the last one's
 /// verdict), and the PT_LOAD segments as (paddr, file offset, filesz).
-fn pvh_entry(elf: &[u8]) -> Option<(u32, Vec<(u64, u64, u64)>)> {
+fn pvh_entry(elf: &[u8]) -> Option<(u32, Vec<Segment>)> {
     if elf.get(..4)? != b"\x7fELF" || *elf.get(5)? != 1 {
         return None;
     }
@@ -394,7 +397,7 @@ pub fn check_tap(fd: i32) -> Result<(), Vec<String>> {
     if flags < 0 {
         return Err(err("Unable to set tap fd non-blocking".into(), std::io::Error::last_os_error()));
     }
-    // SAFETY: as above.
+    // SAFETY: fcntl with integer arguments.
     unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) };
     let mut ifreq = [0u8; 40];
     // SAFETY: TUNGETIFF writes a struct ifreq (40 bytes on x86_64) into the buffer we pass.

@@ -21,7 +21,16 @@ pub fn start(listener: UnixListener, tx: Sender<Msg>) -> std::io::Result<()> {
     std::thread::Builder::new().name("http-server".into()).spawn(move || {
         let live = Arc::new(AtomicUsize::new(0));
         for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
+            let mut stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    // Not a listening socket, or out of fds: do not spin.
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                    continue;
+                }
+            };
             if live.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
                 let body = "{\"error\": \"Too many open connections\"}";
                 let _ = write!(

@@ -36,6 +36,7 @@
 //! | `hang` | nothing happens: no events, the API never answers, SIGTERM is ignored |
 //! | `hang=MS` | the VMM stops answering the API and signals MS after boot |
 //! | `slow-boot=MS` | boot takes MS more; API requests wait until it is done |
+//! | `slow-create=MS` | for MS before booting, the API answers and vm.info says `Created` (real CH has this window between its vm.create and vm.boot) |
 //! | `crash=MS` | the VMM kills itself with SIGKILL MS after boot |
 //! | `crash-exit=MS` | the VMM fails with exit status 1 MS after boot |
 //! | `ignore-power-button` | the guest ignores the power button |
@@ -113,6 +114,7 @@ struct Faults {
     hang: bool,
     hang_after: Option<u64>,
     slow_boot: Option<u64>,
+    slow_create: Option<u64>,
     crash: Option<u64>,
     crash_exit: Option<u64>,
     power_button: Option<bool>,
@@ -142,6 +144,7 @@ impl Faults {
                     "hang" if arg.is_none() => f.hang = true,
                     "hang" => f.hang_after = Some(ms()?),
                     "slow-boot" => f.slow_boot = Some(ms()?),
+                    "slow-create" => f.slow_create = Some(ms()?),
                     "crash" => f.crash = Some(ms()?),
                     "crash-exit" => f.crash_exit = Some(ms()?),
                     "ignore-power-button" => f.power_button = Some(false),
@@ -774,7 +777,19 @@ fn main() {
         serial_out: Arc::new(Mutex::new(SerialOut::default())),
         ids: Vec::new(),
     };
-    if payload && let Err((vm_exists, e)) = vmm.boot() {
+    if let Some(ms) = vmm.faults.slow_create {
+        // Between CH's vm.create and vm.boot the API answers, and vm.info says Created.
+        let end = std::time::Instant::now() + Duration::from_millis(ms);
+        while let Some(left) = end.checked_duration_since(std::time::Instant::now()) {
+            if let Ok(msg) = rx.recv_timeout(left) {
+                handle(&mut vmm, msg, quiet, api_path.as_deref());
+            }
+        }
+    }
+    if payload
+        && vmm.vm.is_none()
+        && let Err((vm_exists, e)) = vmm.boot()
+    {
         // main writes the exit event: vmm_shutdown runs, then the process exits 1.
         if vm_exists {
             events::event("vm", "shutdown", &[]);
@@ -789,56 +804,58 @@ fn main() {
 
 fn control_loop(mut vmm: Vmm, rx: Receiver<Msg>, quiet: bool, api_path: Option<&str>) -> ! {
     while let Ok(msg) = rx.recv() {
-        match msg {
-            Msg::Api(req, reply) => {
-                let (mut resp, exit) = vmm.api(req);
-                if exit {
-                    let (ack, written) = channel();
-                    resp.written = Some(ack);
-                    let _ = reply.send(resp);
-                    let _ = written.recv_timeout(Duration::from_secs(1));
-                    drop(vmm);
-                    finish(0, quiet, api_path);
-                }
-                let _ = reply.send(resp);
-            }
-            Msg::Exit => {
-                vmm.vm_delete();
-                events::event("vmm", "shutdown", &[]);
-                drop(vmm);
-                finish(0, quiet, api_path);
-            }
-            Msg::Guest(generation, ev) if generation == vmm.generation && vmm.vm.is_some() => match ev {
-                GuestEvent::PowerOff if vmm.cfg.no_shutdown => {
-                    vmm.vm_shutdown();
-                }
-                GuestEvent::PowerOff => {
-                    vmm.vm_delete();
-                    events::event("vmm", "shutdown", &[]);
-                    drop(vmm);
-                    finish(0, quiet, api_path);
-                }
-                GuestEvent::Reboot => {
-                    vmm.vm_reboot();
-                }
-                GuestEvent::Panic => {
-                    if vmm.cfg.pvpanic {
-                        events::event("guest", "panic", &[("event", "panic")]);
-                    }
-                }
-                GuestEvent::Crash => {
-                    // SAFETY: kill(2) on our own pid.
-                    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
-                }
-                GuestEvent::CrashExit => {
-                    fatal(&["ch_double fault: crash-exit".into()]);
-                }
-                GuestEvent::Hang => loop {
-                    std::thread::park();
-                },
-            },
-            Msg::Guest(..) => {}
-        }
+        handle(&mut vmm, msg, quiet, api_path);
     }
     finish(1, quiet, api_path)
+}
+
+/// One message for the VMM loop; it returns unless the VMM exits.
+fn handle(vmm: &mut Vmm, msg: Msg, quiet: bool, api_path: Option<&str>) {
+    match msg {
+        Msg::Api(req, reply) => {
+            let (mut resp, exit) = vmm.api(req);
+            if exit {
+                let (ack, written) = channel();
+                resp.written = Some(ack);
+                let _ = reply.send(resp);
+                let _ = written.recv_timeout(Duration::from_secs(1));
+                finish(0, quiet, api_path);
+            }
+            let _ = reply.send(resp);
+        }
+        Msg::Exit => {
+            vmm.vm_delete();
+            events::event("vmm", "shutdown", &[]);
+            finish(0, quiet, api_path);
+        }
+        Msg::Guest(generation, ev) if generation == vmm.generation && vmm.vm.is_some() => match ev {
+            GuestEvent::PowerOff if vmm.cfg.no_shutdown => {
+                vmm.vm_shutdown();
+            }
+            GuestEvent::PowerOff => {
+                vmm.vm_delete();
+                events::event("vmm", "shutdown", &[]);
+                finish(0, quiet, api_path);
+            }
+            GuestEvent::Reboot => {
+                vmm.vm_reboot();
+            }
+            GuestEvent::Panic => {
+                if vmm.cfg.pvpanic {
+                    events::event("guest", "panic", &[("event", "panic")]);
+                }
+            }
+            GuestEvent::Crash => {
+                // SAFETY: kill(2) on our own pid.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
+            GuestEvent::CrashExit => {
+                fatal(&["ch_double fault: crash-exit".into()]);
+            }
+            GuestEvent::Hang => loop {
+                std::thread::park();
+            },
+        },
+        Msg::Guest(..) => {}
+    }
 }
