@@ -387,10 +387,15 @@ fn a_vmm_that_dies_while_the_frontend_is_down_fails_its_vm() {
         my_hypervisor_tests::proc_status(vmm.as_raw()).is_none().then_some(())
     });
     nix::sys::signal::kill(old, nix::sys::signal::Signal::SIGKILL).expect("kill -9 the frontend");
-    wait_for("a new frontend", Duration::from_secs(10), || (env.d.frontend_pid() != old.as_raw()).then_some(()));
+    wait_for("a new frontend", Duration::from_secs(10), || {
+        (env.d.frontend_pid() != old.as_raw()).then_some(())
+    });
     env.wait_state("gone", "failed", Duration::from_secs(10));
     let reason = env.last_reason("gone");
-    assert!(reason.contains("went away while the frontend was down") && reason.contains("signal 9"), "{reason}");
+    assert!(
+        reason.contains("went away while the frontend was down") && reason.contains("signal 9"),
+        "{reason}"
+    );
     env.ok("compute.vm.remove", json!({"vm_id": "gone"}));
     env.assert_nothing_left("gone", None);
     env.assert_journal_empty();
@@ -400,7 +405,9 @@ fn a_vmm_that_dies_while_the_frontend_is_down_fails_its_vm() {
 fn a_guest_reboot_is_recorded_and_the_vm_stays_running() {
     let Some(env) = Env::start("a_guest_reboot_is_recorded_and_the_vm_stays_running") else { return };
     if env.real.is_some() {
-        eprintln!("SKIP a_guest_reboot_is_recorded_and_the_vm_stays_running with real cloud-hypervisor: the PVH test guest never reboots");
+        eprintln!(
+            "SKIP a_guest_reboot_is_recorded_and_the_vm_stays_running with real cloud-hypervisor: the PVH test guest never reboots"
+        );
         return;
     }
     env.create("rb", &env.guest(false), env.fault("guest-reboot=300").as_deref());
