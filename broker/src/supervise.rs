@@ -165,14 +165,18 @@ pub fn run(args: &Args) -> Result<(), String> {
                 } else if let Some(event) = vmm::reaped(&mut b, pid, status) {
                     tracing::info!(pid, ?status, ?event, "VMM exited");
                     log_err(journal::save(&b));
-                    if let Some(f) = &frontend {
+                    if let Some(f) = frontend.as_mut().filter(|f| f.serving) {
                         let env = Envelope {
                             version: PROTOCOL_VERSION,
                             id: 0,
                             fds: 0,
                             body: FromBroker::Event(event),
                         };
-                        let _ = send(&f.channel, env, &[]);
+                        if let Err(e) = send(&f.channel, env, &[]) {
+                            tracing::warn!(pid = f.pid.as_raw(), error = %e, "the frontend does not take events; restarting it");
+                            let _ = kill(f.pid, Signal::SIGKILL);
+                            f.serving = false;
+                        }
                     }
                 } else {
                     tracing::debug!(pid, ?status, "reaped a child that is no VMM");
@@ -202,7 +206,10 @@ fn log_err(r: Result<(), String>) {
 /// Receives, checks, dispatches, audits and answers one request. An error here means the
 /// channel is malformed or broken and must be dropped.
 fn serve_one(b: &mut Broker, f: &Frontend) -> Result<(), WireError> {
-    let (env, fds) = recv::<Request>(&f.channel)?;
+    let (env, fds) = match recv::<Request>(&f.channel) {
+        Err(WireError::WouldBlock) => return Ok(()),
+        r => r?,
+    };
     if !fds.is_empty() {
         // Requests never carry fds; the envelope declared them, so decoding let them through.
         return Err(WireError::FdCount { declared: env.fds, received: 0 });
@@ -226,8 +233,21 @@ fn serve_one(b: &mut Broker, f: &Frontend) -> Result<(), WireError> {
     }
     debug_assert_eq!(usize::from(reply.fd_count()), fds.len());
     let raw: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
-    let env = Envelope { version: PROTOCOL_VERSION, id: env.id, fds: 0, body: FromBroker::Reply(reply) };
-    send(&f.channel, env, &raw)
+    let id = env.id;
+    match send(
+        &f.channel,
+        Envelope { version: PROTOCOL_VERSION, id, fds: 0, body: FromBroker::Reply(reply) },
+        &raw,
+    ) {
+        // Our own reply would not fit: the frontend did nothing wrong.
+        Err(WireError::TooLarge(n)) => {
+            let body =
+                FromBroker::Reply(Reply::Refused { reason: format!("the reply ({n} bytes) is too large") });
+            send(&f.channel, Envelope { version: PROTOCOL_VERSION, id, fds: 0, body }, &[])
+        }
+        // The channel is non-blocking: a frontend that stops reading is dropped, not waited for.
+        r => r,
+    }
 }
 
 /// Forks the spawn helper while the broker still has every capability and no filter. It
@@ -280,6 +300,8 @@ fn start_frontend(b: &Broker, cfg: &Config, listener: &UnixListener) -> Result<F
     let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .map_err(|e| format!("socketpair: {e}"))?;
     let listen = listener.as_fd().try_clone_to_owned().map_err(|e| format!("dup listener: {e}"))?;
+    nix::fcntl::fcntl(&ours, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+        .map_err(|e| format!("channel: {e}"))?;
     let pid = spawner::order(&b.spawner, Order::Frontend, &[listen, theirs])?;
     let pid = Pid::from_raw(pid as i32);
     tracing::info!(pid = pid.as_raw(), uid = cfg.frontend.uid, gid = cfg.frontend.gid, "frontend started");

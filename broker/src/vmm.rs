@@ -151,7 +151,7 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
     let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
     let fds = outputs.reopen()?;
     vm.vmm = Vmm::Alive { pid, pidfd, exe, outputs };
-    Ok((Reply::Spawned { pid, sandbox: report }, fds))
+    Ok((Reply::Spawned { pid }, fds))
 }
 
 /// Connects to one of the VMM's sockets through a handle on the node itself, never by
@@ -169,12 +169,12 @@ pub fn connect(vm: &Vm, role: SocketRole) -> Outcome {
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK || st.st_uid != vm.uid {
         return Err(Refusal(format!("{name} is not a socket owned by the VM uid {}", vm.uid)));
     }
-    let sock = socket::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-    socket::connect(
-        sock.as_raw_fd(),
-        &UnixAddr::new(format!("/proc/self/fd/{}", node.as_raw_fd()).as_str())?,
-    )
-    .map_err(|e| format!("connect {name}: {e}"))?;
+    // Non-blocking: a VMM that listens but never accepts must not stall the broker.
+    let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+    let sock = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
+    let addr = UnixAddr::new(format!("/proc/self/fd/{}", node.as_raw_fd()).as_str())?;
+    socket::connect(sock.as_raw_fd(), &addr).map_err(|e| format!("connect {name}: {e}"))?;
+    nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))?;
     Ok((Reply::Connected, vec![sock]))
 }
 
@@ -218,25 +218,33 @@ pub fn reaped(b: &mut Broker, pid: u32, status: ExitStatus) -> Option<Event> {
 /// Kills the VMM if alive, closes the taps, undoes the image grants and removes the runtime
 /// dir. A VM the broker does not hold is already released.
 pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
-    let Some(vm) = b.vms.remove(id) else { return Ok(()) };
+    let Some(vm) = b.vms.get_mut(id) else { return Ok(()) };
     if let Vmm::Alive { pid, pidfd, .. } = &vm.vmm {
         // A pidfd turns readable when its process exits; a VMM stuck in uninterruptible
-        // I/O must not stall the broker, so the VM stays held and release can be retried.
-        signal(&vm, VmmSignal::Kill)?;
+        // I/O must not stall the broker for long, so the VM stays held for another try.
+        let pid = *pid;
         let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        signal(vm, VmmSignal::Kill)?;
         if !matches!(poll(&mut fds, PollTimeout::from(RELEASE_WAIT_MS)), Ok(n) if n > 0) {
-            let reason =
-                format!("VMM {pid} did not exit within {RELEASE_WAIT_MS} ms of SIGKILL; release again later");
-            b.vms.insert(id.to_string(), vm);
-            return Err(Refusal(reason));
+            return Err(Refusal(format!(
+                "VMM {pid} did not exit within {RELEASE_WAIT_MS} ms of SIGKILL; release again later"
+            )));
         }
-        waitpid(Pid::from_raw(*pid as i32), None).map_err(|e| format!("reap VMM {pid}: {e}"))?;
+        let status = waitpid(Pid::from_raw(pid as i32), None).map_err(|e| format!("reap VMM {pid}: {e}"))?;
+        reaped(b, pid, exit_status(status).map_or(ExitStatus::Signal(libc::SIGKILL), |s| s.1));
     }
-    let mut errors: Vec<String> = vm.grants.iter().filter_map(|g| revoke(g).err()).collect();
-    drop(vm);
+    // Each step that fails stays recorded, so that the next release tries it again.
+    let vm = b.vms.get_mut(id).ok_or("no such VM")?;
+    vm.taps.clear();
+    let mut errors: Vec<String> = Vec::new();
+    vm.grants.retain(|g| revoke(g).map_err(|e| errors.push(e)).is_err());
     match std::fs::remove_dir_all(b.run_dir.join(id)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => errors.push(format!("remove runtime dir: {e}")),
         _ => {}
     }
-    if errors.is_empty() { Ok(()) } else { Err(Refusal(errors.join("; "))) }
+    if !errors.is_empty() {
+        return Err(Refusal(errors.join("; ")));
+    }
+    b.vms.remove(id);
+    Ok(())
 }

@@ -128,8 +128,10 @@ fn requests_refusals_and_release() {
     );
 
     let (reply, fds) = h.call(Request::Spawn { vm: "a".into(), config: config() });
-    let Reply::Spawned { pid, sandbox } = reply else { panic!("{reply:?}") };
-    assert!(sandbox.starts_with("sandbox of VM a\n"), "{sandbox}");
+    let Reply::Spawned { pid } = reply else { panic!("{reply:?}") };
+    let report =
+        std::fs::read_to_string(h.d.path("run/vmm/a/sandbox.txt")).expect("the stored sandbox report");
+    assert!(report.starts_with("sandbox of VM a\n"), "{report}");
     assert_eq!(fds.len(), 2, "event-monitor file and log, read-only");
     let st = proc_status(pid as i32).expect("VMM status");
     assert_eq!(st["Uid"].split_whitespace().next(), Some("61001"));

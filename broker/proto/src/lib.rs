@@ -16,7 +16,7 @@ pub use wire::{WireError, decode, encode, recv, send};
 /// Bumped on any change to the messages below.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// The largest datagram either side sends or accepts.
-pub const MAX_MESSAGE: usize = 16 * 1024;
+pub const MAX_MESSAGE: usize = 128 * 1024;
 /// The most fds one message may carry.
 pub const MAX_FDS: usize = 8;
 
@@ -111,11 +111,10 @@ pub enum Reply {
     Tap {
         name: String,
     },
-    /// fds: the event-monitor file and the VMM's log, both read-only. `sandbox` is the VMM's
-    /// effective sandbox, as `my_hypervisor-vmm-launcher --explain` prints it.
+    /// fds: the event-monitor file and the VMM's log, both read-only. The VMM's effective
+    /// sandbox is in `sandbox.txt` in its runtime dir.
     Spawned {
         pid: u32,
-        sandbox: String,
     },
     /// fd: a connected stream socket.
     Connected,
