@@ -9,11 +9,7 @@ use my_hypervisor_policy::seccomp;
 use nix::unistd::{Group, User};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "my_hypervisor-daemon",
-    version,
-    about = "VM control-plane daemon (root entry point and broker)"
-)]
+#[command(name = "my_hypervisor-daemon", version, about = "VM control-plane daemon (root entry point and broker)")]
 pub struct Args {
     /// Where the JSON-RPC socket is bound.
     #[arg(long, default_value = "/run/my_hypervisor/rpc.sock")]
@@ -134,19 +130,14 @@ pub fn resolve(args: &Args) -> Result<Config, String> {
         Some(p) => p.clone(),
         None => sibling("my_hypervisor-frontend")?,
     };
-    for p in [&args.rpc_socket, &args.state_dir, &args.console_dir, &args.run_dir]
-        .into_iter()
-        .chain(&args.image_roots)
+    for p in [&args.rpc_socket, &args.state_dir, &args.console_dir, &args.run_dir].into_iter().chain(&args.image_roots)
     {
         if !p.is_absolute() {
             return Err(format!("{} must be an absolute path", p.display()));
         }
     }
     if let Some(root) = args.image_roots.iter().find(|r| hidden_in_vmm(&r.to_string_lossy())) {
-        return Err(format!(
-            "image root {} lies where each VMM's mount namespace has an empty tmpfs",
-            root.display()
-        ));
+        return Err(format!("image root {} lies where each VMM's mount namespace has an empty tmpfs", root.display()));
     }
     let launcher_bin = match &args.launcher_bin {
         Some(p) => p.clone(),

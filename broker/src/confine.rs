@@ -46,8 +46,7 @@ pub fn keep_only(keep: &[Capability]) -> Result<(), String> {
 
 /// Puts the calling thread (the whole broker: it has one) under the broker's filter.
 pub fn apply_broker_filter(mode: seccomp::Mode) -> Result<(), String> {
-    let prog =
-        seccomp::compile(&seccomp::broker_allow_list(), mode).map_err(|e| format!("compile filter: {e}"))?;
+    let prog = seccomp::compile(&seccomp::broker_allow_list(), mode).map_err(|e| format!("compile filter: {e}"))?;
     // SAFETY: plain prctl with integer arguments; required to install a filter.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));

@@ -24,11 +24,7 @@ pub fn ensure_dir(path: &Path, role: DirRole, frontend: Ids) -> Result<(), Strin
         Owner::Frontend => frontend,
     };
     if let Some(parent) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(parent)
-            .map_err(|e| err(parent, "create", e))?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(|e| err(parent, "create", e))?;
     }
     let created = match std::fs::DirBuilder::new().mode(0o700).create(path) {
         Ok(()) => true,
@@ -69,11 +65,8 @@ pub fn bind_rpc_socket(path: &Path, gid: Option<u32>) -> Result<UnixListener, St
     if let Some(gid) = gid {
         nix::unistd::chown(path, Some(Uid::from_raw(0)), Some(Gid::from_raw(gid)))
             .map_err(|e| err(path, "chown", e))?;
-        std::fs::set_permissions(
-            path,
-            std::os::unix::fs::PermissionsExt::from_mode(layout::RPC_SOCKET_GROUP_MODE),
-        )
-        .map_err(|e| err(path, "chmod", e))?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(layout::RPC_SOCKET_GROUP_MODE))
+            .map_err(|e| err(path, "chmod", e))?;
     }
     tracing::info!(path = %path.display(), group = ?gid, "rpc socket bound");
     Ok(listener)

@@ -55,20 +55,18 @@ pub fn grant(
         .ok_or_else(|| format!("{path} is not under any image root"))?;
     let writable = matches!(image.role, ImageRole::Disk { readonly: false });
     let access = if writable { OFlag::O_RDWR } else { OFlag::O_RDONLY };
-    let how = OpenHow::new().flags(access | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NOFOLLOW).resolve(
-        ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS,
-    );
-    let fd = openat2(root.1.as_fd(), rel, how)
-        .map_err(|e| format!("{path}: open beneath {}: {e}", root.0.display()))?;
+    let how = OpenHow::new()
+        .flags(access | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NOFOLLOW)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd =
+        openat2(root.1.as_fd(), rel, how).map_err(|e| format!("{path}: open beneath {}: {e}", root.0.display()))?;
     let st = fstat(fd.as_fd()).map_err(|e| format!("{path}: fstat: {e}"))?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
         return Err(format!("{path} is not a regular file"));
     }
     let inode = (st.st_dev, st.st_ino);
     if let Some(other) = taken(inode, writable) {
-        return Err(format!(
-            "{path} is already granted to VM {other}, and a writable disk belongs to one VM"
-        ));
+        return Err(format!("{path} is already granted to VM {other}, and a writable disk belongs to one VM"));
     }
     check_traversable(Path::new(path))?;
     let undo = if writable {
@@ -94,12 +92,8 @@ pub fn prepare(b: &Broker, vm: &str, uid: u32, images: &[Image]) -> Result<Vm, R
     mkdirat(b.run_fd.as_fd(), vm, mode).map_err(|e| format!("create runtime dir {vm}: {e}"))?;
     let mut grants: Vec<Grant> = Vec::new();
     let result = (|| {
-        let dir = openat(
-            b.run_fd.as_fd(),
-            vm,
-            OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?;
+        let dir =
+            openat(b.run_fd.as_fd(), vm, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())?;
         fchown(dir.as_fd(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))?;
         for image in images {
             let held = |inode, writable: bool| {
@@ -107,9 +101,8 @@ pub fn prepare(b: &Broker, vm: &str, uid: u32, images: &[Image]) -> Result<Vm, R
                 all.find(|(_, g)| g.inode == inode && (writable || g.writable())).map(|(id, _)| id.clone())
             };
             let g = grant(&b.image_roots, uid, image, |inode, w| {
-                held(inode, w).or_else(|| {
-                    grants.iter().find(|g| g.inode == inode && (w || g.writable())).map(|_| vm.to_string())
-                })
+                held(inode, w)
+                    .or_else(|| grants.iter().find(|g| g.inode == inode && (w || g.writable())).map(|_| vm.to_string()))
             })?;
             grants.push(g);
         }
@@ -141,8 +134,7 @@ pub fn revoke(g: &Grant) -> Result<(), String> {
 /// nor in its group, which is what a VM uid is.
 fn check_traversable(path: &Path) -> Result<(), String> {
     for dir in path.ancestors().skip(1) {
-        let mode =
-            std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?.permissions().mode();
+        let mode = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?.permissions().mode();
         if mode & 0o001 == 0 {
             return Err(format!(
                 "{} is not searchable by the VM uid (mode {:o}); {} cannot be reached",
@@ -163,8 +155,7 @@ mod acl {
     fn read(fd: &OwnedFd) -> std::io::Result<Option<Vec<Entry>>> {
         let mut buf = vec![0u8; 4096];
         // SAFETY: the buffer is valid for its length; the kernel writes at most that much.
-        let n =
-            unsafe { libc::fgetxattr(fd.as_raw_fd(), XATTR.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n = unsafe { libc::fgetxattr(fd.as_raw_fd(), XATTR.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             return if e.raw_os_error() == Some(libc::ENODATA) { Ok(None) } else { Err(e) };
@@ -195,10 +186,7 @@ mod acl {
                     return Err(std::io::Error::last_os_error());
                 }
                 let st = fstat(fd.as_fd())?;
-                fchmod(
-                    fd.as_fd(),
-                    Mode::from_bits_truncate((st.st_mode & !0o070 & 0o7777) | group_perm << 3),
-                )?;
+                fchmod(fd.as_fd(), Mode::from_bits_truncate((st.st_mode & !0o070 & 0o7777) | group_perm << 3))?;
                 Ok(())
             }
         }

@@ -9,11 +9,8 @@ const KVM_CHECK_EXTENSION: libc::c_ulong = 0xAE03;
 pub const KVM_API_VERSION: i32 = 12;
 
 pub fn check() -> Result<(i32, Vec<(String, bool)>), String> {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map_err(|e| format!("/dev/kvm: {e}"))?;
+    let kvm =
+        std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").map_err(|e| format!("/dev/kvm: {e}"))?;
     // SAFETY: KVM_GET_API_VERSION takes no argument and only returns an int.
     let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION, 0) };
     if version != KVM_API_VERSION {
@@ -22,9 +19,7 @@ pub fn check() -> Result<(i32, Vec<(String, bool)>), String> {
     let caps = KVM_EXTENSIONS
         .iter()
         // SAFETY: KVM_CHECK_EXTENSION takes an integer capability number and returns an int.
-        .map(|&(name, cap)| {
-            (name.to_string(), unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CHECK_EXTENSION, cap) } > 0)
-        })
+        .map(|&(name, cap)| (name.to_string(), unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CHECK_EXTENSION, cap) } > 0))
         .collect();
     Ok((version, caps))
 }

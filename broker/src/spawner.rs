@@ -62,8 +62,23 @@ impl Program {
     }
 }
 
+/// Fd numbers below this are kept occupied in the helper, so that every fd it receives or
+/// opens (the kept fds, the pipes that report a failed start) lies above every number a
+/// child's keep-list moves fds to, and moving them can never overwrite one.
+const FD_FLOOR: i32 = 16;
+
 /// The helper's loop; returns when the broker closes the channel.
 pub fn serve(chan: OwnedFd, cfg: SpawnerConfig) -> Result<(), String> {
+    let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    for fd in 3..FD_FLOOR {
+        // SAFETY: F_GETFD only asks whether `fd` is open; dup3 fills a free number with a
+        // close-on-exec copy of /dev/null that is never closed.
+        unsafe {
+            if libc::fcntl(fd, libc::F_GETFD) < 0 && libc::dup3(null.as_raw_fd(), fd, libc::O_CLOEXEC) < 0 {
+                return Err(format!("reserve fd {fd}: {}", std::io::Error::last_os_error()));
+            }
+        }
+    }
     loop {
         let (env, fds) = match recv::<Order>(&chan) {
             Ok(m) => m,
@@ -133,14 +148,7 @@ fn start_detached(
                 let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
                 ptrs.push(std::ptr::null());
                 let env: [*const libc::c_char; 1] = [std::ptr::null()];
-                libc::syscall(
-                    libc::SYS_execveat,
-                    exe,
-                    c"".as_ptr(),
-                    ptrs.as_ptr(),
-                    env.as_ptr(),
-                    libc::AT_EMPTY_PATH,
-                );
+                libc::syscall(libc::SYS_execveat, exe, c"".as_ptr(), ptrs.as_ptr(), env.as_ptr(), libc::AT_EMPTY_PATH);
                 Err(std::io::Error::other(format!("exec: {}", std::io::Error::last_os_error())))
             });
             if let Err(e) = &r {

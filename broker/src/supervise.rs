@@ -6,13 +6,12 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
-use my_hypervisor_broker_proto::{
-    Envelope, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv, send,
-};
+use my_hypervisor_broker_proto::{Envelope, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv, send};
 use my_hypervisor_policy::layout::DirRole;
 use my_hypervisor_policy::seccomp;
 use nix::fcntl::{OFlag, open};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
@@ -61,9 +60,22 @@ pub fn run(args: &Args) -> Result<(), String> {
         open(p, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
             .map_err(|e| format!("{}: {e}", p.display()))
     };
-    let image_roots =
-        args.image_roots.iter().map(|r| Ok((r.clone(), dir_fd(r)?))).collect::<Result<_, String>>()?;
+    let image_roots = args.image_roots.iter().map(|r| Ok((r.clone(), dir_fd(r)?))).collect::<Result<_, String>>()?;
     let run_fd = dir_fd(&args.run_dir)?;
+    // VMs held by an earlier broker (one killed, or crashed) are not taken up again yet: the
+    // daemon refuses to start rather than hand their uids, taps or disks out twice.
+    match std::fs::read(args.run_dir.join(journal::FILE)) {
+        Ok(bytes) if bytes != [0] => {
+            return Err(format!(
+                "{} lists VMs an earlier broker held; stop their VMMs, undo their grants and remove the file",
+                args.run_dir.join(journal::FILE).display()
+            ));
+        }
+        _ => {}
+    }
+    // Every VMM costs the broker a few fds (grants, taps, its pidfd and outputs).
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| format!("getrlimit: {e}"))?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(|e| format!("raise RLIMIT_NOFILE: {e}"))?;
 
     // Every process the spawn helper starts is re-parented to the broker, which reaps it.
     // SAFETY: plain prctl with integer arguments.
@@ -78,7 +90,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("signalfd: {e}"))?;
 
-    let spawner = start_spawner(args, &cfg)?;
+    let (spawner, spawner_pid) = start_spawner(args, &cfg)?;
     keep_only(BROKER_CAPS).map_err(|e| format!("drop capabilities: {e}"))?;
     let mode = if args.seccomp_log { seccomp::Mode::Log } else { seccomp::Mode::Kill };
     apply_broker_filter(mode).map_err(|e| format!("seccomp: {e}"))?;
@@ -91,23 +103,16 @@ pub fn run(args: &Args) -> Result<(), String> {
         vm_uids: cfg.vm_uids.clone(),
         cloud_hypervisor: args.cloud_hypervisor.clone(),
         spawner,
-        sandbox: SandboxOptions {
-            seccomp: args.vmm_seccomp,
-            landlock_best_effort: args.landlock_best_effort,
-        },
+        sandbox: SandboxOptions { seccomp: args.vmm_seccomp, landlock_best_effort: args.landlock_best_effort },
         vms: BTreeMap::new(),
     };
     journal::save(&b)?;
     // Fail closed: the first frontend must start, or the daemon does not run.
     let mut frontend = Some(start_frontend(&b, &cfg, &listener).map_err(|e| format!("start frontend: {e}"))?);
-    let mut backoff = BACKOFF_FIRST;
-    let mut restart_at: Option<Instant> = None;
-    let mut restarts: u64 = 0;
+    let mut restart = Restart { backoff: BACKOFF_FIRST, at: None, count: 0 };
     loop {
-        let timeout = match restart_at {
-            Some(t) => {
-                PollTimeout::try_from(t.saturating_duration_since(Instant::now())).unwrap_or(PollTimeout::MAX)
-            }
+        let timeout = match restart.at {
+            Some(t) => PollTimeout::try_from(t.saturating_duration_since(Instant::now())).unwrap_or(PollTimeout::MAX),
             None => PollTimeout::NONE,
         };
         let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
@@ -125,57 +130,31 @@ pub fn run(args: &Args) -> Result<(), String> {
             && let Some(f) = &mut frontend
             && let Err(e) = serve_one(&mut b, f)
         {
-            tracing::warn!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, verdict = "drop-channel", reason = %e, "broker channel dropped; the frontend will be restarted");
-            let _ = kill(f.pid, Signal::SIGKILL);
-            // Nothing more is read from it; it closes when the frontend is reaped and replaced.
-            f.serving = false;
+            f.drop_channel(&e);
         }
         if sig_ready {
             while let Ok(Some(info)) = sigfd.read_signal() {
                 match Signal::try_from(info.ssi_signo as i32) {
                     Ok(Signal::SIGCHLD) | Err(_) => {}
-                    Ok(sig) => {
-                        tracing::info!(signal = %sig, "shutting down; VMMs keep running");
-                        if let Some(f) = &frontend {
-                            let _ = kill(f.pid, Signal::SIGTERM);
-                        }
-                        return Ok(());
-                    }
+                    Ok(sig) => return shut_down(&mut b, frontend.as_ref(), sig),
                 }
             }
             while let Ok(ws) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                let Some((pid, status)) = vmm::exit_status(ws) else {
-                    break;
-                };
+                let Some((pid, status)) = vmm::exit_status(ws) else { break };
+                if pid == spawner_pid {
+                    return Err(format!("the spawn helper exited ({status:?}); no VMM or frontend can start"));
+                }
                 if frontend.as_ref().is_some_and(|f| f.pid.as_raw() as u32 == pid) {
                     let f = frontend.take().expect("checked above");
-                    if f.started.elapsed() >= HEALTHY_AFTER {
-                        backoff = BACKOFF_FIRST;
-                    }
-                    restarts += 1;
-                    tracing::warn!(
-                        pid,
-                        ?status,
-                        restart = restarts,
-                        delay_ms = backoff.as_millis() as u64,
-                        "frontend exited; restarting it"
-                    );
-                    restart_at = Some(Instant::now() + backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    restart.schedule(f.started.elapsed());
+                    tracing::warn!(pid, ?status, restart = restart.count, delay = ?restart.backoff, "frontend exited; restarting it");
                 } else if let Some(event) = vmm::reaped(&mut b, pid, status) {
                     tracing::info!(pid, ?status, ?event, "VMM exited");
                     log_err(journal::save(&b));
                     if let Some(f) = frontend.as_mut().filter(|f| f.serving) {
-                        let env = Envelope {
-                            version: PROTOCOL_VERSION,
-                            id: 0,
-                            fds: 0,
-                            body: FromBroker::Event(event),
-                        };
+                        let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: FromBroker::Event(event) };
                         if let Err(e) = send(&f.channel, env, &[]) {
-                            tracing::warn!(pid = f.pid.as_raw(), error = %e, "the frontend does not take events; restarting it");
-                            let _ = kill(f.pid, Signal::SIGKILL);
-                            f.serving = false;
+                            f.drop_channel(&e);
                         }
                     }
                 } else {
@@ -183,18 +162,62 @@ pub fn run(args: &Args) -> Result<(), String> {
                 }
             }
         }
-        if restart_at.is_some_and(|t| Instant::now() >= t) {
-            restart_at = None;
+        if restart.at.is_some_and(|t| Instant::now() >= t) {
+            restart.at = None;
             match start_frontend(&b, &cfg, &listener) {
                 Ok(f) => frontend = Some(f),
                 Err(e) => {
                     tracing::error!(error = %e, "frontend restart failed");
-                    restart_at = Some(Instant::now() + backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    restart.schedule(Duration::ZERO);
                 }
             }
         }
     }
+}
+
+/// When the next frontend starts: backoff doubling from 200 ms to 10 s, and back to the
+/// start after a frontend that ran for 30 s.
+struct Restart {
+    backoff: Duration,
+    at: Option<Instant>,
+    count: u64,
+}
+
+impl Restart {
+    fn schedule(&mut self, ran_for: Duration) {
+        if ran_for >= HEALTHY_AFTER {
+            self.backoff = BACKOFF_FIRST;
+        }
+        self.count += 1;
+        self.at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+impl Frontend {
+    /// Stops serving a frontend that broke the protocol or stopped reading. It is killed;
+    /// its channel closes when it is reaped and replaced.
+    fn drop_channel(&mut self, why: &dyn std::fmt::Display) {
+        tracing::warn!(target: "audit", peer_pid = self.pid.as_raw(), peer_uid = self.uid, verdict = "drop-channel", reason = %why, "broker channel dropped; the frontend will be restarted");
+        let _ = kill(self.pid, Signal::SIGKILL);
+        self.serving = false;
+    }
+}
+
+/// On SIGTERM, SIGINT or SIGHUP: every VM is released (its VMM killed, taps, grants and dirs
+/// undone) before the daemon exits, so that nothing outlives the broker unaccounted for.
+fn shut_down(b: &mut Broker, frontend: Option<&Frontend>, sig: Signal) -> Result<(), String> {
+    tracing::info!(signal = %sig, vms = b.vms.len(), "shutting down; releasing every VM");
+    if let Some(f) = frontend {
+        let _ = kill(f.pid, Signal::SIGTERM);
+    }
+    let ids: Vec<String> = b.vms.keys().cloned().collect();
+    for id in ids {
+        if let Err(e) = vmm::release(b, &id) {
+            tracing::error!(vm = %id, error = %e.0, "release at shutdown failed");
+        }
+    }
+    journal::save(b)
 }
 
 fn log_err(r: Result<(), String>) {
@@ -225,24 +248,16 @@ fn serve_one(b: &mut Broker, f: &Frontend) -> Result<(), WireError> {
             (Reply::Refused { reason: refusal.0 }, vec![])
         }
     };
-    if !matches!(
-        req,
-        Request::KvmCheck | Request::Inventory | Request::Connect { .. } | Request::OpenOutputs { .. }
-    ) {
+    if !matches!(req, Request::KvmCheck | Request::Inventory | Request::Connect { .. } | Request::OpenOutputs { .. }) {
         log_err(journal::save(b));
     }
     debug_assert_eq!(usize::from(reply.fd_count()), fds.len());
     let raw: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
     let id = env.id;
-    match send(
-        &f.channel,
-        Envelope { version: PROTOCOL_VERSION, id, fds: 0, body: FromBroker::Reply(reply) },
-        &raw,
-    ) {
+    match send(&f.channel, Envelope { version: PROTOCOL_VERSION, id, fds: 0, body: FromBroker::Reply(reply) }, &raw) {
         // Our own reply would not fit: the frontend did nothing wrong.
         Err(WireError::TooLarge(n)) => {
-            let body =
-                FromBroker::Reply(Reply::Refused { reason: format!("the reply ({n} bytes) is too large") });
+            let body = FromBroker::Reply(Reply::Refused { reason: format!("the reply ({n} bytes) is too large") });
             send(&f.channel, Envelope { version: PROTOCOL_VERSION, id, fds: 0, body }, &[])
         }
         // The channel is non-blocking: a frontend that stops reading is dropped, not waited for.
@@ -252,7 +267,7 @@ fn serve_one(b: &mut Broker, f: &Frontend) -> Result<(), WireError> {
 
 /// Forks the spawn helper while the broker still has every capability and no filter. It
 /// keeps the capabilities it needs to start unprivileged programs and nothing else.
-fn start_spawner(args: &Args, cfg: &Config) -> Result<OwnedFd, String> {
+fn start_spawner(args: &Args, cfg: &Config) -> Result<(OwnedFd, u32), String> {
     let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .map_err(|e| format!("socketpair: {e}"))?;
     let mut frontend_args: Vec<std::ffi::OsString> =
@@ -288,7 +303,7 @@ fn start_spawner(args: &Args, cfg: &Config) -> Result<OwnedFd, String> {
         }
         ForkResult::Parent { child } => {
             tracing::info!(pid = child.as_raw(), caps = ?SPAWNER_CAPS, "spawn helper started");
-            Ok(ours)
+            Ok((ours, child.as_raw() as u32))
         }
     }
 }
@@ -300,8 +315,7 @@ fn start_frontend(b: &Broker, cfg: &Config, listener: &UnixListener) -> Result<F
     let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .map_err(|e| format!("socketpair: {e}"))?;
     let listen = listener.as_fd().try_clone_to_owned().map_err(|e| format!("dup listener: {e}"))?;
-    nix::fcntl::fcntl(&ours, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
-        .map_err(|e| format!("channel: {e}"))?;
+    nix::fcntl::fcntl(&ours, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(|e| format!("channel: {e}"))?;
     let pid = spawner::order(&b.spawner, Order::Frontend, &[listen, theirs])?;
     let pid = Pid::from_raw(pid as i32);
     tracing::info!(pid = pid.as_raw(), uid = cfg.frontend.uid, gid = cfg.frontend.gid, "frontend started");

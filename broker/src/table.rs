@@ -164,9 +164,7 @@ pub fn dispatch(b: &mut Broker, req: &Request) -> Outcome {
         }
         Request::Connect { vm, role } => vmm::connect(b.alive(vm)?, *role),
         Request::OpenOutputs { vm } => match &b.vm(vm)?.vmm {
-            Vmm::Alive { outputs, .. } | Vmm::Exited { outputs, .. } => {
-                Ok((Reply::Outputs, outputs.reopen()?))
-            }
+            Vmm::Alive { outputs, .. } | Vmm::Exited { outputs, .. } => Ok((Reply::Outputs, outputs.reopen()?)),
             Vmm::NotSpawned => refuse(format!("VM {vm} was never spawned")),
         },
         Request::Signal { vm, signal } => {

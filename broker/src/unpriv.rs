@@ -51,8 +51,7 @@ pub fn reset_signals() -> io::Result<()> {
             continue;
         }
         // SAFETY: installing SIG_DFL involves no handler code.
-        unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) }
-            .map_err(io::Error::from)?;
+        unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) }.map_err(io::Error::from)?;
     }
     nix::sys::signal::SigSet::empty().thread_set_mask().map_err(io::Error::from)
 }
@@ -74,8 +73,7 @@ pub fn enter_vmm_namespaces(uid: u32, run_dir: &str) -> io::Result<()> {
     let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let dir = nix::fcntl::open(run_dir, flags, Mode::empty()).map_err(step("open runtime dir"))?;
     let tmpfs = |at: &str, flags: MsFlags, opts: &str| {
-        mount(Some("tmpfs"), at, Some("tmpfs"), flags | MsFlags::MS_NOSUID, Some(opts))
-            .map_err(step("mount tmpfs"))
+        mount(Some("tmpfs"), at, Some("tmpfs"), flags | MsFlags::MS_NOSUID, Some(opts)).map_err(step("mount tmpfs"))
     };
     tmpfs("/dev", MsFlags::MS_NOEXEC, "mode=0755,size=64k")?;
     for (name, major, minor) in DEV_NODES {
@@ -120,8 +118,7 @@ pub fn drop_privileges(ids: Ids) -> io::Result<()> {
     for set in [CapSet::Effective, CapSet::Permitted] {
         caps::clear(None, set).map_err(|e| io_err("clear capabilities", e))?;
     }
-    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable, CapSet::Ambient, CapSet::Bounding]
-    {
+    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable, CapSet::Ambient, CapSet::Bounding] {
         let held = caps::read(None, set).map_err(|e| io_err("read capabilities", e))?;
         if !held.is_empty() {
             return Err(io_err("drop capabilities", format!("{set:?} still holds {held:?}")));

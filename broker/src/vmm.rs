@@ -41,14 +41,10 @@ impl Outputs {
 
 /// Creates `name` in the VM's dir for the VMM to append to: returns (append fd, read fd).
 fn create_output(dir: &OwnedFd, name: &str) -> Result<(OwnedFd, OwnedFd), Refusal> {
-    let flags = OFlag::O_WRONLY
-        | OFlag::O_APPEND
-        | OFlag::O_CREAT
-        | OFlag::O_EXCL
-        | OFlag::O_NOFOLLOW
-        | OFlag::O_CLOEXEC;
-    let w = openat(dir.as_fd(), name, flags, Mode::from_bits_truncate(0o600))
-        .map_err(|e| format!("create {name}: {e}"))?;
+    let flags =
+        OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let w =
+        openat(dir.as_fd(), name, flags, Mode::from_bits_truncate(0o600)).map_err(|e| format!("create {name}: {e}"))?;
     let r = std::fs::File::open(format!("/proc/self/fd/{}", w.as_raw_fd()))?;
     Ok((w, r.into()))
 }
@@ -56,16 +52,13 @@ fn create_output(dir: &OwnedFd, name: &str) -> Result<(OwnedFd, OwnedFd), Refusa
 fn find_cloud_hypervisor(configured: Option<&Path>) -> Result<PathBuf, Refusal> {
     let found = match configured {
         Some(p) => Some(p.to_path_buf()),
-        None => std::env::var_os("PATH").and_then(|path| {
-            std::env::split_paths(&path).map(|d| d.join("cloud-hypervisor")).find(|p| p.is_file())
-        }),
+        None => std::env::var_os("PATH")
+            .and_then(|path| std::env::split_paths(&path).map(|d| d.join("cloud-hypervisor")).find(|p| p.is_file())),
     };
     match found {
         Some(p) if p.is_file() => Ok(p),
         Some(p) => Err(Refusal(format!("cloud-hypervisor not found at {}", p.display()))),
-        None => {
-            Err(Refusal("cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor".into()))
-        }
+        None => Err(Refusal("cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor".into())),
     }
 }
 
@@ -96,9 +89,7 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
     plan.check()?;
     let exe = ch.to_string_lossy().into_owned();
     if hidden_in_vmm(&exe) {
-        return Err(Refusal(format!(
-            "cloud-hypervisor at {exe} would be hidden in the VMM's mount namespace"
-        )));
+        return Err(Refusal(format!("cloud-hypervisor at {exe} would be hidden in the VMM's mount namespace")));
     }
     let mut ch_argv = vec![exe.clone()];
     ch_argv.extend(plan.args());
@@ -122,8 +113,7 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
         let (events_w, events_r) = create_output(&vm.dir, EVENT_FILE)?;
         let (report_w, _) = create_output(&vm.dir, SANDBOX_REPORT)?;
         std::io::Write::write_all(&mut std::fs::File::from(report_w), report.as_bytes())?;
-        let api =
-            UnixListener::bind(run_dir.join(API_SOCKET)).map_err(|e| format!("bind api socket: {e}"))?;
+        let api = UnixListener::bind(run_dir.join(API_SOCKET)).map_err(|e| format!("bind api socket: {e}"))?;
         let ids = (Some(Uid::from_raw(vm.uid)), Some(Gid::from_raw(vm.uid)));
         fchownat(vm.dir.as_fd(), API_SOCKET, ids.0, ids.1, AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| format!("chown api socket: {e}"))?;
@@ -145,13 +135,19 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
     // child (re-parented to this subreaper) and not yet reaped, so it cannot be reused.
     let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if raw < 0 {
-        return Err(Refusal(format!("pidfd_open {pid}: {}", std::io::Error::last_os_error())));
+        // Without a pidfd the broker could not hold the VMM: it must not run unrecorded.
+        let e = std::io::Error::last_os_error();
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = waitpid(Pid::from_raw(pid as i32), None);
+        cleanup(&vm.dir);
+        return Err(Refusal(format!("pidfd_open {pid}: {e}; the VMM was killed")));
     }
     // SAFETY: the kernel just returned this new fd to us.
     let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
-    let fds = outputs.reopen()?;
+    let fds = outputs.reopen();
+    // Recorded even if the reopen failed, so that a release finds and kills it.
     vm.vmm = Vmm::Alive { pid, pidfd, exe, outputs };
-    Ok((Reply::Spawned { pid }, fds))
+    Ok((Reply::Spawned { pid }, fds?))
 }
 
 /// Connects to one of the VMM's sockets through a handle on the node itself, never by
@@ -162,9 +158,8 @@ pub fn connect(vm: &Vm, role: SocketRole) -> Outcome {
         SocketRole::Serial => SERIAL_SOCKET,
         SocketRole::Vsock => VSOCK_SOCKET,
     };
-    let node =
-        openat(vm.dir.as_fd(), name, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|e| format!("{name}: {e}"))?;
+    let node = openat(vm.dir.as_fd(), name, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| format!("{name}: {e}"))?;
     let st = fstat(node.as_fd())?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK || st.st_uid != vm.uid {
         return Err(Refusal(format!("{name} is not a socket owned by the VM uid {}", vm.uid)));
@@ -188,9 +183,7 @@ pub fn signal(vm: &Vm, sig: VmmSignal) -> Result<(), Refusal> {
         VmmSignal::Cont => libc::SIGCONT,
     };
     // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo and no flags.
-    let r = unsafe {
-        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0)
-    };
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0) };
     if r < 0 {
         return Err(Refusal(format!("signal: {}", std::io::Error::last_os_error())));
     }

@@ -158,8 +158,7 @@ mod tests {
     /// A stand-in broker: answers Inventory, refuses Release, and sends an event first.
     fn fake_broker(fd: OwnedFd) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
-            let ev =
-                FromBroker::Event(Event::VmmExited { vm: "a".into(), pid: 7, status: ExitStatus::Code(0) });
+            let ev = FromBroker::Event(Event::VmmExited { vm: "a".into(), pid: 7, status: ExitStatus::Code(0) });
             send(&fd, Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: ev }, &[]).unwrap();
             while let Ok((env, _)) = recv::<Request>(&fd) {
                 let (reply, fds): (Reply, Vec<i32>) = match env.body {

@@ -42,9 +42,8 @@ async fn accept_backs_off_when_out_of_descriptors() {
     let server = start(spec_methods(), Limits::default());
     let addr = UnixAddr::new(&server.path).unwrap();
     // Client sockets are made before the limit drops; connecting them needs no new descriptor.
-    let clients: Vec<OwnedFd> = (0..4)
-        .map(|_| socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap())
-        .collect();
+    let clients: Vec<OwnedFd> =
+        (0..4).map(|_| socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap()).collect();
     tokio::time::sleep(Duration::from_millis(50)).await;
 
     let saved = nofile();

@@ -35,8 +35,7 @@ async fn call(c: &mut Client, method: &str, params: Value) -> Value {
 
 #[tokio::test]
 async fn discover_lists_exactly_the_served_methods() {
-    let served: BTreeSet<String> =
-        rpc::methods(manager(None).1).unwrap().method_names().map(String::from).collect();
+    let served: BTreeSet<String> = rpc::methods(manager(None).1).unwrap().method_names().map(String::from).collect();
     let (_server, mut c, _dir) = client().await;
     let r = call(&mut c, "rpc.discover", json!({})).await;
     let doc = &r["result"];
@@ -94,13 +93,8 @@ fn valid_params(method: &str) -> Value {
 }
 
 /// Methods whose backend comes later answer not-ready after validating their params.
-const NOT_READY_YET: &[&str] = &[
-    "compute.vm.start",
-    "compute.vm.stop",
-    "compute.vm.console.endpoint",
-    "compute.vm.logs",
-    "compute.vm.exec",
-];
+const NOT_READY_YET: &[&str] =
+    &["compute.vm.start", "compute.vm.stop", "compute.vm.console.endpoint", "compute.vm.logs", "compute.vm.exec"];
 
 #[tokio::test]
 async fn methods_without_a_backend_are_not_ready() {
@@ -122,12 +116,7 @@ async fn bad_params_name_the_field() {
     let cases = [
         ("compute.vm.start", json!({}), errors::INVALID_PARAMS_CODE, "vm_id"),
         ("compute.vm.start", json!({"vm_id": "Not_Valid"}), errors::INVALID_PARAMS_CODE, "vm_id"),
-        (
-            "compute.vm.stop",
-            json!({"vm_id": "a", "timeout_secs": "soon"}),
-            errors::INVALID_PARAMS_CODE,
-            "timeout_secs",
-        ),
+        ("compute.vm.stop", json!({"vm_id": "a", "timeout_secs": "soon"}), errors::INVALID_PARAMS_CODE, "timeout_secs"),
         ("compute.vm.list", json!({"all": true}), errors::INVALID_PARAMS_CODE, "all"),
         ("compute.vm.exec", json!({"vm_id": "a", "argv": []}), errors::INVALID_PARAMS_CODE, "argv"),
         ("compute.vm.create", json!({"id": "a"}), errors::INVALID_PARAMS_CODE, "vcpus"),
@@ -192,10 +181,7 @@ async fn vm_methods_over_the_socket() {
     assert_eq!(r["error"]["code"], errors::ALREADY_EXISTS, "{r}");
 
     let r = call(&mut c, "compute.vm.list", json!({})).await;
-    assert_eq!(
-        r["result"],
-        json!({"vms": [{"vm_id": "web-1", "state": "pending", "labels": {"tenant": "a"}}]})
-    );
+    assert_eq!(r["result"], json!({"vms": [{"vm_id": "web-1", "state": "pending", "labels": {"tenant": "a"}}]}));
     let r = call(&mut c, "compute.vm.status", json!({"vm_id": "web-1"})).await;
     assert_eq!(r["result"]["state"], "pending", "{r}");
     assert_eq!(r["result"]["spec"]["agent"], true, "{r}");
@@ -212,8 +198,7 @@ async fn vm_methods_over_the_socket() {
     let r = call(&mut c, "compute.vm.stop", json!({"vm_id": "web-1", "timeout_secs": 5})).await;
     assert_eq!(r["result"]["state"], "stopped", "{r}");
 
-    let tail =
-        call(&mut c, "compute.vm.events.tail", json!({"vm_id": "web-1", "since_seq": 2, "limit": 3})).await;
+    let tail = call(&mut c, "compute.vm.events.tail", json!({"vm_id": "web-1", "since_seq": 2, "limit": 3})).await;
     let seqs: Vec<u64> =
         tail["result"]["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, vec![3, 4, 5], "{tail}");

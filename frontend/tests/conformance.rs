@@ -34,9 +34,7 @@ fn examples() -> Vec<(&'static str, &'static str, Option<Value>)> {
         (
             "non-existent method",
             r#"{"jsonrpc": "2.0", "method": "foobar", "id": "1"}"#,
-            Some(
-                json!({"jsonrpc": "2.0", "error": {"code": -32601, "message": "Method not found"}, "id": "1"}),
-            ),
+            Some(json!({"jsonrpc": "2.0", "error": {"code": -32601, "message": "Method not found"}, "id": "1"})),
         ),
         (
             "invalid JSON",
@@ -46,9 +44,7 @@ fn examples() -> Vec<(&'static str, &'static str, Option<Value>)> {
         (
             "invalid Request object",
             r#"{"jsonrpc": "2.0", "method": 1, "params": "bar"}"#,
-            Some(
-                json!({"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"}, "id": null}),
-            ),
+            Some(json!({"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"}, "id": null})),
         ),
         (
             "batch, invalid JSON",
@@ -61,9 +57,7 @@ fn examples() -> Vec<(&'static str, &'static str, Option<Value>)> {
         (
             "empty array",
             r#"[]"#,
-            Some(
-                json!({"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"}, "id": null}),
-            ),
+            Some(json!({"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"}, "id": null})),
         ),
         (
             "invalid batch, not empty",

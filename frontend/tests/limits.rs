@@ -92,10 +92,7 @@ async fn a_thousand_idle_connections() {
     let grew = rss.finish();
     eprintln!("resident memory growth: {grew:.1} MiB");
     drop(idle);
-    assert!(
-        grew < RSS_BUDGET_1000_CONNECTIONS_MIB,
-        "resident memory grew by {grew:.1} MiB for {N} connections"
-    );
+    assert!(grew < RSS_BUDGET_1000_CONNECTIONS_MIB, "resident memory grew by {grew:.1} MiB for {N} connections");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

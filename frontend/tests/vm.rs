@@ -213,8 +213,7 @@ async fn history_and_sequence_survive_a_restart_and_removal_never_reuses_numbers
     let before = m.tail(None, 0, usize::MAX).unwrap();
     let status_a = m.status("a").unwrap();
     let last = m.last_seq();
-    let on_disk: u64 =
-        std::fs::read_to_string(dir.path().join(SEQUENCE_FILE)).unwrap().trim().parse().unwrap();
+    let on_disk: u64 = std::fs::read_to_string(dir.path().join(SEQUENCE_FILE)).unwrap().trim().parse().unwrap();
     assert!(on_disk >= last, "the high-water mark {on_disk} is persisted before {last} is used");
     drop(m);
 
@@ -348,8 +347,7 @@ async fn a_v1_state_file_is_migrated_to_v2() {
     assert_eq!(events[0].at, "2024-11-02T09:20:00.000Z");
 
     // Written back as v2.
-    let v2: Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("legacy-1.json")).unwrap()).unwrap();
+    let v2: Value = serde_json::from_slice(&std::fs::read(dir.path().join("legacy-1.json")).unwrap()).unwrap();
     assert_eq!(v2["schema_version"], 2);
     assert_eq!(v2["state"], "stopped");
     assert_eq!(v2["spec"]["id"], "legacy-1");
@@ -365,8 +363,7 @@ async fn a_v1_state_file_is_migrated_to_v2() {
 #[tokio::test]
 async fn a_corrupt_state_file_gives_a_failed_vm_and_is_kept_aside() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("bad.json"), b"{\"schema_version\": 2, \"vm_id\": \"bad\", \"sta")
-        .unwrap();
+    std::fs::write(dir.path().join("bad.json"), b"{\"schema_version\": 2, \"vm_id\": \"bad\", \"sta").unwrap();
     std::fs::write(dir.path().join("future.json"), br#"{"schema_version": 9}"#).unwrap();
     std::fs::write(dir.path().join(SEQUENCE_FILE), b"7\n").unwrap();
     let d = Arc::new(TestDriver::default());
@@ -379,10 +376,8 @@ async fn a_corrupt_state_file_gives_a_failed_vm_and_is_kept_aside() {
         let err = st.last_error.unwrap();
         assert!(err.contains("unreadable") && err.contains(why) && err.contains("corrupt-"), "{err}");
     }
-    let names: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert!(names.iter().any(|n| n.starts_with("bad.json.corrupt-")), "{names:?}");
     let aside = names.iter().find(|n| n.starts_with("bad.json.corrupt-")).unwrap();
     assert!(std::fs::read(dir.path().join(aside)).unwrap().ends_with(b"\"sta"), "kept as it was");

@@ -43,13 +43,11 @@ pub fn encode(mut entries: Vec<Entry>) -> Vec<u8> {
 /// file's `mode` when it has none. The mask is recomputed to cover the group class.
 pub fn with_reader(existing: Option<Vec<Entry>>, mode: u32, uid: u32) -> Vec<Entry> {
     let perm = |shift: u32| ((mode >> shift) & 7) as u16;
-    let mut entries = existing.unwrap_or_else(|| {
-        vec![(USER_OBJ, perm(6), NO_ID), (GROUP_OBJ, perm(3), NO_ID), (OTHER, perm(0), NO_ID)]
-    });
+    let mut entries = existing
+        .unwrap_or_else(|| vec![(USER_OBJ, perm(6), NO_ID), (GROUP_OBJ, perm(3), NO_ID), (OTHER, perm(0), NO_ID)]);
     entries.retain(|&(tag, _, id)| !(tag == USER && id == uid) && tag != MASK);
     entries.push((USER, READ, uid));
-    let group_class =
-        entries.iter().filter(|e| matches!(e.0, USER | GROUP | GROUP_OBJ)).fold(0, |m, e| m | e.1);
+    let group_class = entries.iter().filter(|e| matches!(e.0, USER | GROUP | GROUP_OBJ)).fold(0, |m, e| m | e.1);
     entries.push((MASK, group_class, NO_ID));
     entries
 }

@@ -7,8 +7,8 @@ use my_hypervisor_broker_proto::{ImageRole, Request, decode};
 use crate::check_path_text;
 use crate::names::check_vm_id;
 use crate::vmm::{
-    FieldError, MAX_DISKS, MAX_MEMORY_MIB, MAX_MTU, MAX_VCPUS, MIN_MTU, check_cmdline, check_ifname,
-    check_mac, check_range,
+    FieldError, MAX_DISKS, MAX_MEMORY_MIB, MAX_MTU, MAX_VCPUS, MIN_MTU, check_cmdline, check_ifname, check_mac,
+    check_range,
 };
 
 /// Kernel, initramfs and firmware, beside the disks.
@@ -77,10 +77,7 @@ mod tests {
             Request::KvmCheck,
             Request::Prepare {
                 vm: "a".into(),
-                images: vec![
-                    img("/i/k", ImageRole::Kernel),
-                    img("/i/d", ImageRole::Disk { readonly: false }),
-                ],
+                images: vec![img("/i/k", ImageRole::Kernel), img("/i/d", ImageRole::Disk { readonly: false })],
             },
             Request::CreateTap {
                 vm: "a".into(),
@@ -119,12 +116,7 @@ mod tests {
                     Image { path: "/i/k2".into(), role: ImageRole::Kernel },
                 ],
             },
-            Request::CreateTap {
-                vm: "a".into(),
-                mac: Some("ff:ff:ff:ff:ff:ff".into()),
-                mtu: None,
-                bridge: None,
-            },
+            Request::CreateTap { vm: "a".into(), mac: Some("ff:ff:ff:ff:ff:ff".into()), mtu: None, bridge: None },
             Request::CreateTap { vm: "a".into(), mac: None, mtu: Some(10), bridge: None },
             Request::CreateTap { vm: "a".into(), mac: None, mtu: None, bridge: Some("bad name".into()) },
             Request::Spawn {

@@ -80,11 +80,8 @@ impl SandboxSpec {
         for (disk, ro) in &p.disks {
             v.push(rule(disk, if *ro { read } else { read | AccessFs::WriteFile }, false));
         }
-        let dir = AccessFs::ReadFile
-            | AccessFs::WriteFile
-            | AccessFs::ReadDir
-            | AccessFs::MakeSock
-            | AccessFs::RemoveFile;
+        let dir =
+            AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::ReadDir | AccessFs::MakeSock | AccessFs::RemoveFile;
         v.push(rule(&p.run_dir, dir, false));
         v.push(rule("/dev/kvm", AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev, false));
         v.push(rule("/dev/urandom", read, false));
@@ -97,15 +94,11 @@ impl SandboxSpec {
         let w = &mut r;
         let _ = writeln!(w, "sandbox of VM {}", self.vm);
         let _ = writeln!(w, "\n[identity]\nuid {0} gid {0}, no supplementary groups", self.uid);
-        let _ = writeln!(
-            w,
-            "capabilities: effective, permitted, inheritable, ambient and bounding sets all empty"
-        );
+        let _ = writeln!(w, "capabilities: effective, permitted, inheritable, ambient and bounding sets all empty");
         let _ = writeln!(w, "no_new_privs: set; new session; umask 077; empty environment");
         let _ = writeln!(w, "\n[namespaces]\nmount: new, / made MS_REC|MS_PRIVATE");
         let _ = writeln!(w, "network: new and empty (taps arrive as fds)");
-        let nodes: Vec<String> =
-            DEV_NODES.iter().map(|(n, ma, mi)| format!("{n} (char {ma}:{mi})")).collect();
+        let nodes: Vec<String> = DEV_NODES.iter().map(|(n, ma, mi)| format!("{n} (char {ma}:{mi})")).collect();
         let _ = writeln!(w, "/dev: fresh tmpfs holding only {}, owned by uid {}", nodes.join(", "), self.uid);
         let _ = writeln!(w, "covered by empty tmpfs: {}", COVERED_DIRS.join(", "));
         let _ = writeln!(w, "bind-mounted back: {} (its runtime dir)", self.plan.run_dir);
@@ -118,11 +111,7 @@ impl SandboxSpec {
         }
         let _ = writeln!(w, "network: TCP bind and connect denied");
         let _ = writeln!(w, "scoped: abstract Unix sockets, signals");
-        let _ = writeln!(
-            w,
-            "\n[seccomp] default action: {:?}; architecture checked first",
-            self.seccomp.action()
-        );
+        let _ = writeln!(w, "\n[seccomp] default action: {:?}; architecture checked first", self.seccomp.action());
         let _ = writeln!(w, "filter 2 (stacked): clone3 -> ENOSYS, so that clone's flags are checked");
         let mut list = seccomp::vmm_allow_list();
         list.sort_by_key(|a| a.name);

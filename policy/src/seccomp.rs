@@ -71,11 +71,7 @@ macro_rules! sys {
 /// `only!(SYS_socket, 0, [..])`: allowed when argument 0 is one of the values.
 macro_rules! only {
     ($name:ident, $arg:expr, $values:expr) => {
-        Allow {
-            nr: libc::$name,
-            name: &stringify!($name)[4..],
-            when: When::ArgIn { arg: $arg, values: $values },
-        }
+        Allow { nr: libc::$name, name: &stringify!($name)[4..], when: When::ArgIn { arg: $arg, values: $values } }
     };
 }
 
@@ -255,11 +251,7 @@ pub fn vmm_allow_list() -> Vec<Allow> {
     ));
     // Threads only: clone without namespace flags; clone3 is allowed here and answered
     // ENOSYS by the second filter (its flags sit in memory, out of a filter's reach).
-    v.push(Allow {
-        nr: libc::SYS_clone,
-        name: "clone",
-        when: When::ArgClear { arg: 0, mask: CLONE_NAMESPACE_FLAGS },
-    });
+    v.push(Allow { nr: libc::SYS_clone, name: "clone", when: When::ArgClear { arg: 0, mask: CLONE_NAMESPACE_FLAGS } });
     v.extend(sys!(SYS_clone3));
     v.push(only!(SYS_prctl, 0, VMM_PRCTL));
     // Files: images, its runtime dir, /dev/kvm, /dev/urandom (Landlock decides which). Device
@@ -338,12 +330,7 @@ pub fn vmm_allow_list() -> Vec<Allow> {
         SYS_io_uring_register,
     ));
     // CH installs its own per-thread filters, and Landlock if asked to.
-    v.extend(sys!(
-        SYS_seccomp,
-        SYS_landlock_create_ruleset,
-        SYS_landlock_add_rule,
-        SYS_landlock_restrict_self
-    ));
+    v.extend(sys!(SYS_seccomp, SYS_landlock_create_ruleset, SYS_landlock_add_rule, SYS_landlock_restrict_self));
     v
 }
 
@@ -351,8 +338,7 @@ pub fn vmm_allow_list() -> Vec<Allow> {
 /// clone, whose flags the first filter checks. Everything else passes to the first filter.
 pub fn vmm_clone3_filter() -> Result<BpfProgram, seccompiler::BackendError> {
     let rules = BTreeMap::from([(libc::SYS_clone3, vec![])]);
-    SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch()?)?
-        .try_into()
+    SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch()?)?.try_into()
 }
 
 fn arch() -> Result<seccompiler::TargetArch, seccompiler::BackendError> {
@@ -371,12 +357,7 @@ pub fn compile(list: &[Allow], mode: Mode) -> Result<BpfProgram, seccompiler::Ba
             When::ArgIn { arg, values } => values
                 .iter()
                 .map(|v| {
-                    SeccompRule::new(vec![SeccompCondition::new(
-                        arg,
-                        SeccompCmpArgLen::Dword,
-                        SeccompCmpOp::Eq,
-                        *v,
-                    )?])
+                    SeccompRule::new(vec![SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *v)?])
                 })
                 .collect::<Result<_, _>>()?,
             When::ArgClear { arg, mask } => {

@@ -80,8 +80,7 @@ pub fn check_cmdline(cmdline: &str) -> Result<(), FieldError> {
 /// A unicast MAC in `aa:bb:cc:dd:ee:ff` form.
 pub fn check_mac(mac: &str) -> Result<(), FieldError> {
     let parts: Vec<&str> = mac.split(':').collect();
-    let hex =
-        parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    let hex = parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
     let multicast = hex && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 1);
     if !hex || multicast {
         return Err(FieldError::Invalid {
@@ -139,10 +138,7 @@ impl VmmPlan {
         check_range("disks", self.disks.len() as u64, 0, MAX_DISKS as u64)?;
         check_range("nets", self.nets.len() as u64, 0, MAX_NETS as u64)?;
         if self.kernel.is_some() == self.firmware.is_some() {
-            return Err(FieldError::Invalid {
-                field: "kernel",
-                reason: "exactly one of kernel and firmware".into(),
-            });
+            return Err(FieldError::Invalid { field: "kernel", reason: "exactly one of kernel and firmware".into() });
         }
         if self.kernel.is_none() && (self.initramfs.is_some() || self.cmdline.is_some()) {
             return Err(FieldError::Invalid {
@@ -188,10 +184,7 @@ impl VmmPlan {
         }
         for (i, mac) in self.nets.iter().enumerate() {
             let fd = VMM_FIRST_TAP_FD + i as i32;
-            push(
-                "--net",
-                format!("fd={fd}{}", mac.as_ref().map(|m| format!(",mac={m}")).unwrap_or_default()),
-            );
+            push("--net", format!("fd={fd}{}", mac.as_ref().map(|m| format!(",mac={m}")).unwrap_or_default()));
         }
         push("--serial", format!("socket={}/{SERIAL_SOCKET}", self.run_dir));
         push("--console", "off".into());

@@ -28,12 +28,10 @@ impl Harness {
         let root = scratch_root();
         std::fs::create_dir(root.path().join("images")).expect("images");
         let rendezvous = UnixListener::bind(root.path().join("probe.sock")).expect("bind");
-        std::fs::set_permissions(root.path().join("probe.sock"), PermissionsExt::from_mode(0o777))
-            .expect("chmod");
+        std::fs::set_permissions(root.path().join("probe.sock"), PermissionsExt::from_mode(0o777)).expect("chmod");
         let probe = staged_bin(root.path(), "probe-frontend");
         let vmm = if vmm.starts_with('/') { PathBuf::from(vmm) } else { staged_bin(root.path(), vmm) };
-        let mut args =
-            vec!["--frontend-bin", probe.to_str().unwrap(), "--cloud-hypervisor", vmm.to_str().unwrap()];
+        let mut args = vec!["--frontend-bin", probe.to_str().unwrap(), "--cloud-hypervisor", vmm.to_str().unwrap()];
         args.extend(extra);
         let d = Daemon::start_in(root, &args);
         let (probe, chan) = accept_channel(&rendezvous);
@@ -74,8 +72,7 @@ impl Harness {
         let Reply::Refused { reason } = reply else { panic!("{req:?} must be refused, got {reply:?}") };
         assert!(reason.contains(why), "{req:?}: reason {reason:?} should mention {why:?}");
         let log = self.d.log();
-        let audited =
-            log.lines().any(|l| l.contains("verdict=\"refuse\"") && l.contains(&reason.replace('"', "\\\"")));
+        let audited = log.lines().any(|l| l.contains("verdict=\"refuse\"") && l.contains(&reason.replace('"', "\\\"")));
         let audited = audited || log.lines().any(|l| l.contains("verdict=\"refuse\"") && l.contains(why));
         assert!(
             audited,
@@ -93,15 +90,9 @@ impl Drop for Harness {
         if send(&self.chan, env, &[]).is_err() {
             return;
         }
-        if let Ok((Envelope { body: FromBroker::Reply(Reply::Inventory { vms }), .. }, _)) = recv(&self.chan)
-        {
+        if let Ok((Envelope { body: FromBroker::Reply(Reply::Inventory { vms }), .. }, _)) = recv(&self.chan) {
             for v in vms {
-                let env = Envelope {
-                    version: PROTOCOL_VERSION,
-                    id: 0,
-                    fds: 0,
-                    body: Request::Release { vm: v.vm },
-                };
+                let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: Request::Release { vm: v.vm } };
                 let _ = send(&self.chan, env, &[]).and_then(|()| recv::<FromBroker>(&self.chan));
             }
         }
@@ -115,8 +106,7 @@ fn accept_channel(l: &UnixListener) -> (UnixStream, OwnedFd) {
     let mut buf = [0u8; 2];
     let mut space = nix::cmsg_space!([i32; 1]);
     let mut iov = [IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-        .expect("recvmsg");
+    let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC).expect("recvmsg");
     let fd = msg
         .cmsgs()
         .expect("cmsgs")

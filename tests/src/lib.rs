@@ -70,12 +70,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 /// Fields of /proc/PID/status, by name.
 pub fn proc_status(pid: i32) -> Option<std::collections::HashMap<String, String>> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    Some(
-        text.lines()
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-            .collect(),
-    )
+    Some(text.lines().filter_map(|l| l.split_once(':')).map(|(k, v)| (k.to_string(), v.trim().to_string())).collect())
 }
 
 /// The pids whose parent is `pid`.
@@ -150,11 +145,7 @@ impl Daemon {
             .arg(root.join("run/vms"))
             .arg("--console-dir")
             .arg(root.join("run/console"))
-            .args(if extra.contains(&"--run-dir") {
-                vec![]
-            } else {
-                vec!["--run-dir".into(), root.join("run/vmm")]
-            })
+            .args(if extra.contains(&"--run-dir") { vec![] } else { vec!["--run-dir".into(), root.join("run/vmm")] })
             .arg("--image-root")
             .arg(root.join("images"))
             .args(extra)

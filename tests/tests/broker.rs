@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use my_hypervisor_broker_proto::{
-    Envelope, Event, FromBroker, Image, ImageRole, PROTOCOL_VERSION, Reply, Request, SocketRole, VmmConfig,
-    VmmSignal, encode, recv,
+    Envelope, Event, FromBroker, Image, ImageRole, PROTOCOL_VERSION, Reply, Request, SocketRole, VmmConfig, VmmSignal,
+    encode, recv,
 };
 use my_hypervisor_tests::harness::Harness;
 use my_hypervisor_tests::{have_root, proc_status, wait_for};
@@ -65,10 +65,7 @@ fn requests_refusals_and_release() {
     let k = img(&kernel, ImageRole::Kernel);
     h.refused(prep("Bad_Id", vec![k.clone()]), "vm id");
     h.refused(
-        prep(
-            "a",
-            vec![Image { path: format!("{}/../outside.raw", images.display()), role: ImageRole::Kernel }],
-        ),
+        prep("a", vec![Image { path: format!("{}/../outside.raw", images.display()), role: ImageRole::Kernel }]),
         "'..'",
     );
     h.refused(prep("a", vec![img(&outside, ImageRole::Kernel)]), "not under any image root");
@@ -81,26 +78,16 @@ fn requests_refusals_and_release() {
 
     let (reply, _) = h.call(prep(
         "a",
-        vec![
-            k.clone(),
-            img(&disk, ImageRole::Disk { readonly: false }),
-            img(&ro, ImageRole::Disk { readonly: true }),
-        ],
+        vec![k.clone(), img(&disk, ImageRole::Disk { readonly: false }), img(&ro, ImageRole::Disk { readonly: true })],
     ));
-    assert_eq!(
-        reply,
-        Reply::Prepared { uid: VM_UID, run_dir: h.d.path("run/vmm/a").to_string_lossy().into() }
-    );
+    assert_eq!(reply, Reply::Prepared { uid: VM_UID, run_dir: h.d.path("run/vmm/a").to_string_lossy().into() });
     let dir = std::fs::metadata(h.d.path("run/vmm/a")).expect("run dir");
     assert_eq!((dir.uid(), dir.gid(), dir.mode() & 0o7777), (VM_UID, VM_UID, 0o700));
     assert_eq!(std::fs::metadata(&disk).unwrap().uid(), VM_UID, "writable disk handed to the VM uid");
     assert!(getfacl(&kernel).contains(&format!("user:{VM_UID}:r--")), "{}", getfacl(&kernel));
     assert!(!getfacl(&ro).contains("user:6"), "a world-readable image needs no ACL");
 
-    h.refused(
-        prep("b", vec![k.clone(), img(&disk, ImageRole::Disk { readonly: true })]),
-        "already granted to VM a",
-    );
+    h.refused(prep("b", vec![k.clone(), img(&disk, ImageRole::Disk { readonly: true })]), "already granted to VM a");
     h.refused(Request::Signal { vm: "a".into(), signal: VmmSignal::Term }, "never spawned");
     h.refused(Request::Connect { vm: "a".into(), role: SocketRole::Serial }, "never spawned");
 
@@ -117,20 +104,12 @@ fn requests_refusals_and_release() {
     let Reply::Tap { name } = reply else { panic!("{reply:?}") };
     let sys = PathBuf::from("/sys/class/net").join(&name);
     assert_eq!(std::fs::read_to_string(sys.join("mtu")).unwrap().trim(), "1400");
-    assert_eq!(
-        std::fs::read_link(sys.join("master")).unwrap().file_name().unwrap().to_str(),
-        Some(bridge.as_str())
-    );
-    assert_eq!(
-        std::fs::read_to_string(sys.join("tun_flags")).unwrap().trim(),
-        "0x5002",
-        "tap, no_pi, vnet_hdr"
-    );
+    assert_eq!(std::fs::read_link(sys.join("master")).unwrap().file_name().unwrap().to_str(), Some(bridge.as_str()));
+    assert_eq!(std::fs::read_to_string(sys.join("tun_flags")).unwrap().trim(), "0x5002", "tap, no_pi, vnet_hdr");
 
     let (reply, fds) = h.call(Request::Spawn { vm: "a".into(), config: config() });
     let Reply::Spawned { pid } = reply else { panic!("{reply:?}") };
-    let report =
-        std::fs::read_to_string(h.d.path("run/vmm/a/sandbox.txt")).expect("the stored sandbox report");
+    let report = std::fs::read_to_string(h.d.path("run/vmm/a/sandbox.txt")).expect("the stored sandbox report");
     assert!(report.starts_with("sandbox of VM a\n"), "{report}");
     assert_eq!(fds.len(), 2, "event-monitor file and log, read-only");
     let st = proc_status(pid as i32).expect("VMM status");
@@ -147,10 +126,7 @@ fn requests_refusals_and_release() {
     assert_eq!((reply, fds.len()), (Reply::Connected, 1));
     // A VMM that plants a symlink to a host socket gains nothing.
     std::os::unix::fs::symlink(h.d.rpc_socket(), h.d.path("run/vmm/a/vsock.sock")).expect("plant");
-    h.refused(
-        Request::Connect { vm: "a".into(), role: SocketRole::Vsock },
-        "not a socket owned by the VM uid",
-    );
+    h.refused(Request::Connect { vm: "a".into(), role: SocketRole::Vsock }, "not a socket owned by the VM uid");
 
     let (reply, _) = h.call(Request::Signal { vm: "a".into(), signal: VmmSignal::Term });
     assert_eq!(reply, Reply::Signalled);
@@ -201,8 +177,7 @@ fn malformed_messages_drop_the_channel() {
         return;
     }
     let mut h = Harness::start_with("stub-vmm", &[]);
-    let good =
-        encode(&Envelope { version: PROTOCOL_VERSION, id: 1, fds: 0, body: Request::Inventory }).unwrap();
+    let good = encode(&Envelope { version: PROTOCOL_VERSION, id: 1, fds: 0, body: Request::Inventory }).unwrap();
     let mut trailing = good.clone();
     trailing.push(0);
     let mut unknown = good.clone();
@@ -233,10 +208,7 @@ fn malformed_messages_drop_the_channel() {
             (h.d.log().matches("verdict=\"drop-channel\"").count() > n).then_some(())
         });
         h.reconnect();
-        assert!(
-            matches!(h.call(Request::Inventory).0, Reply::Inventory { .. }),
-            "{what}: a new frontend is served"
-        );
+        assert!(matches!(h.call(Request::Inventory).0, Reply::Inventory { .. }), "{what}: a new frontend is served");
     }
 }
 

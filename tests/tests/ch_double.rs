@@ -107,9 +107,7 @@ impl Vmm {
     }
 
     fn wait_event(&self, name: &str) {
-        wait_for(name, Duration::from_secs(10), || {
-            self.event_names().iter().any(|e| e == name).then_some(())
-        });
+        wait_for(name, Duration::from_secs(10), || self.event_names().iter().any(|e| e == name).then_some(()));
     }
 }
 
@@ -213,11 +211,7 @@ fn start_events_info_keep_alive_and_vmm_shutdown() {
         let mut api = v.api();
         // Two requests on one connection; micro_http's status line has no reason phrase.
         let ping = api.call("GET", "vmm.ping");
-        assert!(
-            ping.head.starts_with("HTTP/1.1 200 \r\nServer: Cloud Hypervisor API\r\n"),
-            "{name}: {}",
-            ping.head
-        );
+        assert!(ping.head.starts_with("HTTP/1.1 200 \r\nServer: Cloud Hypervisor API\r\n"), "{name}: {}", ping.head);
         assert!(ping.head.contains("Connection: keep-alive\r\n"), "{name}");
         let ping: Value = serde_json::from_str(&ping.body).unwrap();
         assert_eq!(ping["pid"], v.child.id(), "{name}");
@@ -236,15 +230,8 @@ fn start_events_info_keep_alive_and_vmm_shutdown() {
 
         // The event file: pretty-printed objects, each followed by a blank line.
         let text = std::fs::read_to_string(v.path("events.json")).unwrap();
-        assert!(
-            text.starts_with("{\n  \"timestamp\": {\n    \"secs\": 0,\n    \"nanos\": "),
-            "{name}: {text}"
-        );
-        assert!(
-            text.contains(
-                "\n  \"source\": \"vmm\",\n  \"event\": \"starting\",\n  \"properties\": null\n}\n\n"
-            )
-        );
+        assert!(text.starts_with("{\n  \"timestamp\": {\n    \"secs\": 0,\n    \"nanos\": "), "{name}: {text}");
+        assert!(text.contains("\n  \"source\": \"vmm\",\n  \"event\": \"starting\",\n  \"properties\": null\n}\n\n"));
         assert_eq!(v.event_names()[..3], ["vmm/starting", "vm/booting", "vm/booted"], "{name}");
 
         let r = api.call("PUT", "vmm.shutdown");
@@ -276,11 +263,8 @@ fn power_button_ignored_vm_shutdown_created_boot_and_sigterm() {
         assert_eq!(api.call("PUT", "vm.power-button").status, 500, "{name}");
         assert_eq!(api.call("PUT", "vm.boot").status, 204, "{name}");
         assert_eq!(api.info()["state"], "Running", "{name}");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(v.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(v.child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+            .unwrap();
         assert_eq!(v.wait_exit(Duration::from_secs(10)).code(), Some(0), "{name}");
         assert_eq!(v.event_names().last().map(String::as_str), Some("vmm/shutdown"), "{name}");
     }
@@ -397,11 +381,7 @@ fn fault_hang_answers_nothing_and_ignores_sigterm() {
     write!(api.w, "GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n").unwrap();
     let mut b = [0; 1];
     assert!(api.w.read(&mut b).is_err(), "no answer");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(v.child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(v.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert!(v.child.try_wait().unwrap().is_none(), "still there");
     assert!(v.events().is_empty());

@@ -71,11 +71,9 @@ fn existing_dirs_are_repaired_and_group_grant_applies() {
     std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     // A state dir left world-writable and owned by root must come back as documented.
     std::fs::create_dir_all(root.join("run/vms")).expect("mkdir");
-    std::fs::set_permissions(root.join("run/vms"), std::os::unix::fs::PermissionsExt::from_mode(0o777))
-        .expect("chmod");
-    let child = Daemon::command(root, &["--rpc-group", "4242", "--rpc-limit", "max-line-bytes=256"])
-        .spawn()
-        .expect("spawn");
+    std::fs::set_permissions(root.join("run/vms"), std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    let child =
+        Daemon::command(root, &["--rpc-group", "4242", "--rpc-limit", "max-line-bytes=256"]).spawn().expect("spawn");
     let d = Daemon { child, root: scratch };
     wait_for("the rpc socket", Duration::from_secs(10), || {
         std::os::unix::net::UnixStream::connect(d.rpc_socket()).ok()
@@ -88,6 +86,20 @@ fn existing_dirs_are_repaired_and_group_grant_applies() {
     let reply = d.call(&long);
     assert_eq!(reply["id"], serde_json::Value::Null, "{reply}");
     assert!(reply["error"]["message"].as_str().unwrap_or_default().contains("too big"), "{reply}");
+}
+
+#[test]
+fn a_dead_spawn_helper_stops_the_daemon() {
+    if !have_root("a_dead_spawn_helper_stops_the_daemon") {
+        return;
+    }
+    let mut d = Daemon::start(&[]);
+    let frontend = d.frontend_pid();
+    let helper = my_hypervisor_tests::children(d.pid()).into_iter().find(|&p| p != frontend).expect("the spawn helper");
+    kill(Pid::from_raw(helper), Signal::SIGKILL).expect("kill the helper");
+    let status = wait_for("the daemon to stop", Duration::from_secs(10), || d.child.try_wait().ok().flatten());
+    assert!(!status.success());
+    assert!(d.log().contains("the spawn helper exited"), "{}", d.log());
 }
 
 #[test]
@@ -110,6 +122,14 @@ fn fails_closed() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("daemon stopped") || err.contains("invalid value"), "{extra:?}: {err}");
     }
+    // A journal that still lists VMs of an earlier broker is not ignored.
+    let scratch = my_hypervisor_tests::scratch_root();
+    std::fs::create_dir_all(scratch.path().join("run/vmm")).expect("mkdir");
+    std::fs::write(scratch.path().join("run/vmm/broker.journal"), [1, 1, b'a']).expect("journal");
+    let out = Daemon::command(scratch.path(), &[]).output().expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lists VMs an earlier broker held"));
+
     // A symlink where a directory belongs is refused, not followed.
     let scratch = my_hypervisor_tests::scratch_root();
     std::fs::create_dir_all(scratch.path().join("run")).expect("mkdir");

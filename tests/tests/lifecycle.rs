@@ -20,8 +20,7 @@ impl Drop for Env {
     /// VMMs outlive their daemon by design; a test's must not outlive the test.
     fn drop(&mut self) {
         for pid in self.processes_with(&format!("{}/", self.d.path("run/vmm").display())) {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
     }
 }
@@ -35,9 +34,7 @@ impl Env {
         }
         let root = scratch_root();
         let real = std::env::var("MYHV_CLOUD_HYPERVISOR").ok();
-        let vmm = real
-            .clone()
-            .unwrap_or_else(|| staged_bin(root.path(), "ch-double").to_string_lossy().into_owned());
+        let vmm = real.clone().unwrap_or_else(|| staged_bin(root.path(), "ch-double").to_string_lossy().into_owned());
         let first = 62000 + 100 * NEXT_RANGE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let uids = first..=first + 99;
         let range = format!("{}-{}", uids.start(), uids.end());
@@ -62,9 +59,7 @@ impl Env {
     fn rpc(&self, method: &str, params: Value) -> Result<Value, (i64, String)> {
         let reply = self.d.call(&json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}));
         match reply.get("error") {
-            Some(e) => {
-                Err((e["code"].as_i64().unwrap_or(0), e["message"].as_str().unwrap_or("").to_string()))
-            }
+            Some(e) => Err((e["code"].as_i64().unwrap_or(0), e["message"].as_str().unwrap_or("").to_string())),
             None => Ok(reply["result"].clone()),
         }
     }
@@ -94,10 +89,7 @@ impl Env {
     }
 
     fn history(&self, id: &str) -> Vec<Value> {
-        self.ok("compute.vm.events.tail", json!({"vm_id": id}))["events"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        self.ok("compute.vm.events.tail", json!({"vm_id": id}))["events"].as_array().cloned().unwrap_or_default()
     }
 
     fn last_reason(&self, id: &str) -> String {
@@ -117,8 +109,7 @@ impl Env {
             .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
             .filter(|pid| {
                 let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let alive =
-                    my_hypervisor_tests::proc_status(*pid).is_some_and(|s| !s["State"].starts_with('Z'));
+                let alive = my_hypervisor_tests::proc_status(*pid).is_some_and(|s| !s["State"].starts_with('Z'));
                 alive && String::from_utf8_lossy(&cmd).contains(marker)
             })
             .collect()
@@ -182,15 +173,10 @@ fn create_start_stop_start_stop_remove_leaves_nothing() {
         );
         let stopped = env.ok("compute.vm.stop", json!({"vm_id": "a", "timeout_secs": 1}));
         assert_eq!(stopped["state"], "stopped");
-        assert_eq!(
-            env.ok("compute.vm.stop", json!({"vm_id": "a"}))["state"],
-            "stopped",
-            "stop on Stopped is a no-op"
-        );
+        assert_eq!(env.ok("compute.vm.stop", json!({"vm_id": "a"}))["state"], "stopped", "stop on Stopped is a no-op");
         assert_eq!(env.vmm_processes("a"), Vec::<i32>::new());
     }
-    let states: Vec<String> =
-        env.history("a").iter().map(|e| e["to"].as_str().unwrap_or("").to_string()).collect();
+    let states: Vec<String> = env.history("a").iter().map(|e| e["to"].as_str().unwrap_or("").to_string()).collect();
     assert_eq!(
         states,
         ["provisioning", "configured", "starting", "running", "stopping", "stopped"].repeat(2),
@@ -202,14 +188,26 @@ fn create_start_stop_start_stop_remove_leaves_nothing() {
 }
 
 #[test]
+fn stopping_the_daemon_releases_every_vm() {
+    let Some(mut env) = Env::start("stopping_the_daemon_releases_every_vm") else { return };
+    env.create("t", &env.guest(false), None);
+    env.ok("compute.vm.start", json!({"vm_id": "t"}));
+    assert_eq!(env.vmm_processes("t").len(), 1);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(env.d.pid()), nix::sys::signal::Signal::SIGTERM).expect("term");
+    let status = wait_for("the daemon to stop", Duration::from_secs(15), || env.d.child.try_wait().ok().flatten());
+    assert!(status.success(), "{status}");
+    env.assert_nothing_left("t", None);
+    env.assert_journal_empty();
+}
+
+#[test]
 fn a_vmm_crash_fails_the_vm() {
     let Some(env) = Env::start("a_vmm_crash_fails_the_vm") else { return };
     env.create("c", &env.guest(false), env.fault("crash=300").as_deref());
     env.ok("compute.vm.start", json!({"vm_id": "c"}));
     if env.real.is_some() {
         let pid = env.status("c")["pid"].as_i64().expect("pid") as i32;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
-            .expect("kill");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
     }
     env.wait_state("c", "failed", Duration::from_secs(10));
     let reason = env.last_reason("c");
@@ -352,12 +350,9 @@ fn a_frontend_killed_with_sigkill_leaves_running_vms_running() {
         before.push((env.status(id)["pid"].as_i64().expect("pid"), env.history(id)));
     }
     let old = env.d.frontend_pid();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), nix::sys::signal::Signal::SIGKILL)
-        .expect("kill -9");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), nix::sys::signal::Signal::SIGKILL).expect("kill -9");
     wait_for("a new frontend", Duration::from_secs(10), || (env.d.frontend_pid() != old).then_some(()));
-    wait_for("the new frontend to serve", Duration::from_secs(10), || {
-        env.rpc("compute.vm.list", json!({})).ok()
-    });
+    wait_for("the new frontend to serve", Duration::from_secs(10), || env.rpc("compute.vm.list", json!({})).ok());
     for (id, (pid, history)) in ids.iter().zip(&before) {
         let st = env.status(id);
         assert_eq!(st["state"], "running", "{id} stays Running");
@@ -387,15 +382,10 @@ fn a_vmm_that_dies_while_the_frontend_is_down_fails_its_vm() {
         my_hypervisor_tests::proc_status(vmm.as_raw()).is_none().then_some(())
     });
     nix::sys::signal::kill(old, nix::sys::signal::Signal::SIGKILL).expect("kill -9 the frontend");
-    wait_for("a new frontend", Duration::from_secs(10), || {
-        (env.d.frontend_pid() != old.as_raw()).then_some(())
-    });
+    wait_for("a new frontend", Duration::from_secs(10), || (env.d.frontend_pid() != old.as_raw()).then_some(()));
     env.wait_state("gone", "failed", Duration::from_secs(10));
     let reason = env.last_reason("gone");
-    assert!(
-        reason.contains("went away while the frontend was down") && reason.contains("signal 9"),
-        "{reason}"
-    );
+    assert!(reason.contains("went away while the frontend was down") && reason.contains("signal 9"), "{reason}");
     env.ok("compute.vm.remove", json!({"vm_id": "gone"}));
     env.assert_nothing_left("gone", None);
     env.assert_journal_empty();

@@ -9,9 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use my_hypervisor_broker_proto::{
-    ExitStatus, HeldVm, Image, ImageRole, Reply, Request, SocketRole, VmmConfig,
-};
+use my_hypervisor_broker_proto::{ExitStatus, HeldVm, Image, ImageRole, Reply, Request, SocketRole, VmmConfig};
 use my_hypervisor_tests::harness::Harness;
 use my_hypervisor_tests::{have_root, proc_status, pvh, staged_bin, wait_for};
 
@@ -160,8 +158,7 @@ fn forbidden_syscalls_kill_the_vmm() {
     for op in ["ptrace", "mount", "unshare", "bpf", "kexec_load", "init_module", "keyctl", "setuid"] {
         let vm = format!("k-{}", op.replace('_', "-"));
         let (_, _, log) = start(&mut h, &vm, op.as_bytes(), false);
-        let exit =
-            wait_for(&format!("{op} to end the probe"), Duration::from_secs(10), || held(&mut h, &vm).exit);
+        let exit = wait_for(&format!("{op} to end the probe"), Duration::from_secs(10), || held(&mut h, &vm).exit);
         let text = read_log(&log);
         assert_eq!(exit, ExitStatus::Signal(libc::SIGSYS), "{op}: {text}");
         assert!(!text.contains("SURVIVED"), "{op}: {text}");
@@ -184,21 +181,15 @@ fn explain_matches_golden() {
         std::fs::write(&golden, &got).expect("write golden");
     }
     let want = std::fs::read_to_string(&golden).expect("golden file");
-    assert_eq!(
-        got, want,
-        "--explain changed; if on purpose, rerun with MYHV_UPDATE_GOLDEN=1 and review the diff"
-    );
+    assert_eq!(got, want, "--explain changed; if on purpose, rerun with MYHV_UPDATE_GOLDEN=1 and review the diff");
 }
 
 /// A minimal HTTP/1.1 exchange on a connected api socket: (status, body).
 pub fn http(sock: OwnedFd, method: &str, path: &str) -> (u16, String) {
     let mut s = UnixStream::from(sock);
     s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Length: 0\r\n\r\n"
-    )
-    .expect("request");
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Length: 0\r\n\r\n")
+        .expect("request");
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -209,9 +200,7 @@ pub fn http(sock: OwnedFd, method: &str, path: &str) -> (u16, String) {
             let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status");
             let len = head
                 .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
-                })
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
                 .and_then(|v| v.parse::<usize>().ok())
                 .unwrap_or(0);
             if body.len() >= len {
@@ -252,11 +241,7 @@ fn real_cloud_hypervisor_boots_in_the_sandbox() {
         (st["Seccomp"].as_str(), st["NoNewPrivs"].as_str(), st["CapEff"].as_str()),
         ("2", "1", "0000000000000000")
     );
-    eprintln!(
-        "real cloud-hypervisor {} is Running in its sandbox; its log:\n{}",
-        ch.to_string_lossy(),
-        read_log(&log)
-    );
+    eprintln!("real cloud-hypervisor {} is Running in its sandbox; its log:\n{}", ch.to_string_lossy(), read_log(&log));
     assert_eq!(h.call(Request::Release { vm: "real".into() }).0, Reply::Released);
     let _ = staged_bin;
 }

@@ -38,10 +38,7 @@ fn create_list_status_remove_through_the_daemon() {
     assert!(r["error"]["message"].as_str().unwrap().contains("`kernel`"), "{r}");
 
     let r = call(&d, "compute.vm.list", json!({}));
-    assert_eq!(
-        r["result"],
-        json!({"vms": [{"vm_id": "web-1", "state": "pending", "labels": {"tenant": "a"}}]})
-    );
+    assert_eq!(r["result"], json!({"vms": [{"vm_id": "web-1", "state": "pending", "labels": {"tenant": "a"}}]}));
     let r = call(&d, "compute.vm.status", json!({"vm_id": "web-1"}));
     assert_eq!(r["result"]["state"], "pending", "{r}");
     assert_eq!(r["result"]["spec"]["agent"], true, "agent defaults to vsock: {r}");
@@ -67,8 +64,7 @@ fn create_list_status_remove_through_the_daemon() {
     kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill frontend");
     let r = wait_for("the restarted frontend to list web-1", Duration::from_secs(15), || {
         let alive = d.frontend_pid() != pid;
-        let r = alive
-            .then(|| std::panic::catch_unwind(|| call(&d, "compute.vm.status", json!({"vm_id": "web-1"}))));
+        let r = alive.then(|| std::panic::catch_unwind(|| call(&d, "compute.vm.status", json!({"vm_id": "web-1"}))));
         r.and_then(Result::ok).filter(|r| r.get("result").is_some())
     });
     assert_eq!(r["result"]["state"], "start_failed", "{r}");

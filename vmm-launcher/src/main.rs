@@ -12,8 +12,8 @@ use std::process::{Command, ExitCode};
 
 use clap::Parser;
 use landlock::{
-    Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, RestrictionStatus, Ruleset,
-    RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
+    Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, RestrictionStatus, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetStatus, Scope,
 };
 use my_hypervisor_policy::sandbox::{LANDLOCK_ABI, RLIMITS, SandboxSpec};
 use my_hypervisor_policy::seccomp;
@@ -74,8 +74,8 @@ fn main() -> ExitCode {
 }
 
 fn launch(args: &Args) -> Result<std::convert::Infallible, Error> {
-    let spec: SandboxSpec = serde_json::from_str(args.spec.as_deref().unwrap_or_default())
-        .map_err(step("read the sandbox spec"))?;
+    let spec: SandboxSpec =
+        serde_json::from_str(args.spec.as_deref().unwrap_or_default()).map_err(step("read the sandbox spec"))?;
     let mut expected = vec![spec.cloud_hypervisor.clone()];
     expected.extend(spec.plan.args());
     if args.vmm != expected {
@@ -86,8 +86,7 @@ fn launch(args: &Args) -> Result<std::convert::Infallible, Error> {
     set_rlimits()?;
     let status = landlock(&spec)?;
     let seccomp_filters = [
-        seccomp::compile(&seccomp::vmm_allow_list(), spec.seccomp)
-            .map_err(step("compile the seccomp filter"))?,
+        seccomp::compile(&seccomp::vmm_allow_list(), spec.seccomp).map_err(step("compile the seccomp filter"))?,
         seccomp::vmm_clone3_filter().map_err(step("compile the clone3 filter"))?,
     ];
     eprintln!(
@@ -119,8 +118,7 @@ fn set_rlimits() -> Result<(), Error> {
 /// paths get any; all TCP binds and connects are denied; abstract Unix sockets and signals
 /// are scoped to the VMM.
 fn landlock(spec: &SandboxSpec) -> Result<RestrictionStatus, Error> {
-    let level =
-        if spec.landlock_best_effort { CompatLevel::BestEffort } else { CompatLevel::HardRequirement };
+    let level = if spec.landlock_best_effort { CompatLevel::BestEffort } else { CompatLevel::HardRequirement };
     let mut ruleset = Ruleset::default()
         .set_compatibility(level)
         .handle_access(AccessFs::from_all(LANDLOCK_ABI))
@@ -140,10 +138,7 @@ fn landlock(spec: &SandboxSpec) -> Result<RestrictionStatus, Error> {
     match status.ruleset {
         RulesetStatus::FullyEnforced => {}
         _ if spec.landlock_best_effort => {
-            eprintln!(
-                "my_hypervisor-vmm-launcher: warning: landlock only {:?} on this kernel",
-                status.ruleset
-            )
+            eprintln!("my_hypervisor-vmm-launcher: warning: landlock only {:?} on this kernel", status.ruleset)
         }
         other => return Err(Error::Spec(format!("landlock is {other:?}, and a hard requirement"))),
     }

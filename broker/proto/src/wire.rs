@@ -83,12 +83,7 @@ pub fn recv<T: DeserializeOwned>(sock: impl AsFd) -> Result<(Envelope<T>, Vec<Ow
     let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (len, flags, fds) = loop {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        match recvmsg::<()>(
-            sock.as_fd().as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg_space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
+        match recvmsg::<()>(sock.as_fd().as_raw_fd(), &mut iov, Some(&mut cmsg_space), MsgFlags::MSG_CMSG_CLOEXEC) {
             Ok(msg) => {
                 let mut fds = Vec::new();
                 let mut stray = false;

@@ -47,9 +47,7 @@ pub struct MethodDef {
     pub errors: &'static [i32],
 }
 
-use errors::{
-    ALREADY_EXISTS, BUSY, ILLEGAL_TRANSITION, INVALID_SPEC, NO_SUCH_VM, NOT_READY, NOT_RUNNING, VMM_ERROR,
-};
+use errors::{ALREADY_EXISTS, BUSY, ILLEGAL_TRANSITION, INVALID_SPEC, NO_SUCH_VM, NOT_READY, NOT_RUNNING, VMM_ERROR};
 
 /// The name of the notifications `compute.vm.events.follow` sends.
 pub const EVENT_NOTIFICATION: &str = "compute.vm.event";
@@ -334,8 +332,7 @@ pub struct VmId(pub String);
 
 impl VmId {
     pub fn is_valid(s: &str) -> bool {
-        (1..=64).contains(&s.len())
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     }
 
     /// The id, when it is valid; an invalid-params error naming `vm_id` otherwise.
@@ -454,14 +451,10 @@ fn stop_params() -> Value {
 
 fn vm_spec_schema() -> Value {
     use crate::vm::spec::{MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS};
-    use my_hypervisor_policy::vmm::{
-        MAX_CMDLINE, MAX_DISKS, MAX_MEMORY_MIB, MAX_MTU, MAX_NETS, MAX_VCPUS, MIN_MTU,
-    };
+    use my_hypervisor_policy::vmm::{MAX_CMDLINE, MAX_DISKS, MAX_MEMORY_MIB, MAX_MTU, MAX_NETS, MAX_VCPUS, MIN_MTU};
     let path = |what: &str| json!({"type": "string", "description": format!("{what}: absolute, under an image root, without , = \" or control characters")});
-    let disk = object(
-        json!({"path": path("Disk image"), "readonly": {"type": "boolean", "default": false}}),
-        &["path"],
-    );
+    let disk =
+        object(json!({"path": path("Disk image"), "readonly": {"type": "boolean", "default": false}}), &["path"]);
     let net = object(
         json!({
             "bridge": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,15}$"},
@@ -661,10 +654,8 @@ pub fn openrpc_document() -> Value {
 
 fn describe(def: &MethodDef) -> Value {
     let params_schema = (def.params)();
-    let required: Vec<&str> = params_schema["required"]
-        .as_array()
-        .map(|r| r.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+    let required: Vec<&str> =
+        params_schema["required"].as_array().map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
     let params: Vec<Value> = params_schema["properties"]
         .as_object()
         .map(|props| {

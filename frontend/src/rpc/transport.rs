@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use jsonrpsee::core::id_providers::RandomIntegerIdProvider;
 use jsonrpsee::core::server::{
-    BatchResponseBuilder, BoundedSubscriptions, ConnectionId, MethodCallback, MethodResponse, MethodSink,
-    Methods, SubscriptionPermit, SubscriptionState,
+    BatchResponseBuilder, BoundedSubscriptions, ConnectionId, MethodCallback, MethodResponse, MethodSink, Methods,
+    SubscriptionPermit, SubscriptionState,
 };
 use jsonrpsee::types::error::{
     ErrorCode, reject_too_big_batch_request, reject_too_big_request, reject_too_many_subscriptions,
@@ -128,10 +128,7 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 }
 
 fn is_per_connection(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM | libc::EAGAIN)
-    )
+    matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM | libc::EAGAIN))
 }
 
 fn peer_of(stream: &UnixStream) -> Option<Peer> {
@@ -206,8 +203,7 @@ impl Reader {
                 Ok(true) => {}
                 Ok(false) => return Closed::Eof,
                 Err(Closed::LineTooLong) => {
-                    let err =
-                        MethodResponse::error(Id::Null, reject_too_big_request(limits.max_line_bytes as u32));
+                    let err = MethodResponse::error(Id::Null, reject_too_big_request(limits.max_line_bytes as u32));
                     let _ = self.sink.send(err.into_json()).await;
                     return Closed::LineTooLong;
                 }
@@ -229,9 +225,7 @@ impl Reader {
     }
 
     fn has_subscriptions(&self) -> bool {
-        self.subscription_slots
-            .get()
-            .is_some_and(|s| s.available_permits() < self.subscriptions.max() as usize)
+        self.subscription_slots.get().is_some_and(|s| s.available_permits() < self.subscriptions.max() as usize)
     }
 
     /// Handles one line: a single request, a notification or a batch. Returns what to send
@@ -296,10 +290,8 @@ impl Reader {
     /// Runs a notification's method and discards its result. Subscribing through a
     /// notification would create a subscription the client cannot name, so that is skipped.
     async fn notify(&self, notif: Notification<'_, Option<&RawValue>>) {
-        let is_call = matches!(
-            self.conn.methods.method(&notif.method),
-            Some(MethodCallback::Sync(_) | MethodCallback::Async(_))
-        );
+        let is_call =
+            matches!(self.conn.methods.method(&notif.method), Some(MethodCallback::Sync(_) | MethodCallback::Async(_)));
         if is_call {
             let req = Request::borrowed(&notif.method, notif.params, Id::Null);
             let (_, notify, _) = self.call(req).await.into_parts();

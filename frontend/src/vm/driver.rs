@@ -64,12 +64,7 @@ pub trait VmDriver: Send + Sync + 'static {
     /// After a frontend restart: takes up the VMM of a VM recorded as Starting, Running or
     /// Stopping, if it still runs (`pid` is what the record says; the event file resumes at
     /// `event_offset`).
-    fn reattach<'a>(
-        &'a self,
-        _vm_id: &'a str,
-        _pid: Option<u32>,
-        _event_offset: u64,
-    ) -> DriverFuture<'a, Reattached> {
+    fn reattach<'a>(&'a self, _vm_id: &'a str, _pid: Option<u32>, _event_offset: u64) -> DriverFuture<'a, Reattached> {
         Box::pin(async { Ok(Reattached::Gone("this driver cannot take up a running VMM".into())) })
     }
 }

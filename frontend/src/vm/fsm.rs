@@ -110,11 +110,7 @@ pub fn check(vm_id: &str, from: VmState, to: VmState) -> Result<(), ApiError> {
     if allowed(from, to) {
         Ok(())
     } else {
-        Err(ApiError::IllegalTransition {
-            vm_id: vm_id.to_string(),
-            from: from.to_string(),
-            to: to.to_string(),
-        })
+        Err(ApiError::IllegalTransition { vm_id: vm_id.to_string(), from: from.to_string(), to: to.to_string() })
     }
 }
 

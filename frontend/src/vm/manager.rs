@@ -261,22 +261,18 @@ impl Manager {
     /// Waits for the VM's operation lock (at most `op_wait`, then busy), and checks that the
     /// VM was not removed (or removed and created again) meanwhile.
     async fn lock_op(&self, vm_id: &str, slot: &Arc<Slot>) -> Result<OwnedMutexGuard<()>, ApiError> {
-        let guard = tokio::time::timeout(self.inner.op_wait, Arc::clone(&slot.op).lock_owned())
-            .await
-            .map_err(|_| ApiError::Busy {
-                vm_id: vm_id.to_string(),
-                detail: "another operation on this VM is still in progress".into(),
+        let guard =
+            tokio::time::timeout(self.inner.op_wait, Arc::clone(&slot.op).lock_owned()).await.map_err(|_| {
+                ApiError::Busy {
+                    vm_id: vm_id.to_string(),
+                    detail: "another operation on this VM is still in progress".into(),
+                }
             })?;
         self.with_entry(vm_id, slot, |_| ())?;
         Ok(guard)
     }
 
-    fn with_entry<T>(
-        &self,
-        vm_id: &str,
-        slot: &Arc<Slot>,
-        f: impl FnOnce(&mut Entry) -> T,
-    ) -> Result<T, ApiError> {
+    fn with_entry<T>(&self, vm_id: &str, slot: &Arc<Slot>, f: impl FnOnce(&mut Entry) -> T) -> Result<T, ApiError> {
         let mut j = self.journal();
         match j.vms.get_mut(vm_id) {
             Some(e) if Arc::ptr_eq(&e.slot, slot) => Ok(f(e)),
@@ -346,10 +342,7 @@ impl Manager {
         let n = j.last_seq + 1;
         if n > j.reserved {
             let high = n + SEQ_BLOCK - 1;
-            self.inner
-                .store
-                .write_sequence(high)
-                .map_err(|e| internal(format!("persisting the sequence: {e}")))?;
+            self.inner.store.write_sequence(high).map_err(|e| internal(format!("persisting the sequence: {e}")))?;
             j.reserved = high;
         }
         j.last_seq = n;
@@ -448,10 +441,7 @@ impl Manager {
             event_offset: None,
             history: VecDeque::new(),
         };
-        self.inner
-            .store
-            .write_vm(&rec.to_file(&spec.id))
-            .map_err(|e| internal(format!("writing state.json: {e}")))?;
+        self.inner.store.write_vm(&rec.to_file(&spec.id)).map_err(|e| internal(format!("writing state.json: {e}")))?;
         tracing::info!(vm = %spec.id, "VM created");
         j.vms.insert(spec.id, Entry { slot: Arc::default(), rec, removing: false });
         Ok(VmState::Pending)
@@ -487,10 +477,7 @@ impl Manager {
         if state == VmState::Failed {
             let driver = self.driver("compute.vm.remove").map_err(undo)?;
             driver.release(vm_id).await.map_err(|e| {
-                undo(ApiError::Vmm {
-                    vm_id: vm_id.to_string(),
-                    detail: format!("releasing what is left: {e}"),
-                })
+                undo(ApiError::Vmm { vm_id: vm_id.to_string(), detail: format!("releasing what is left: {e}") })
             })?;
         }
         let mut j = self.journal();
@@ -510,12 +497,7 @@ impl Manager {
         tokio::spawn(async move { this.start_op(&id, slot, driver).await }).await.map_err(internal)?
     }
 
-    async fn start_op(
-        &self,
-        vm_id: &str,
-        slot: Arc<Slot>,
-        driver: Arc<dyn VmDriver>,
-    ) -> Result<VmState, ApiError> {
+    async fn start_op(&self, vm_id: &str, slot: Arc<Slot>, driver: Arc<dyn VmDriver>) -> Result<VmState, ApiError> {
         let guard = self.lock_op(vm_id, &slot).await?;
         let (state, spec) = self.with_entry(vm_id, &slot, |e| (e.rec.state, e.rec.spec.clone()))?;
         if state == VmState::Running {
@@ -524,10 +506,7 @@ impl Manager {
         // Refuse through the table, so the error is the documented one.
         fsm::check(vm_id, state, VmState::Provisioning)?;
         let spec = spec.ok_or_else(|| {
-            ApiError::invalid_spec(
-                "spec",
-                "this VM's state file was unreadable; remove it and create it again",
-            )
+            ApiError::invalid_spec("spec", "this VM's state file was unreadable; remove it and create it again")
         })?;
         slot.stop_requested.store(false, Ordering::SeqCst);
         if state == VmState::Failed {
@@ -544,9 +523,7 @@ impl Manager {
         let pid = match driver.spawn(vm_id, &spec).await {
             Ok(pid) => pid,
             Err(e) => {
-                return self
-                    .start_failed(vm_id, &slot, &*driver, format!("spawning the VMM failed: {e}"))
-                    .await;
+                return self.start_failed(vm_id, &slot, &*driver, format!("spawning the VMM failed: {e}")).await;
             }
         };
         self.transition_with(vm_id, &slot, VmState::Starting, format!("VMM spawned (pid {pid})"), |r| {
@@ -617,10 +594,7 @@ impl Manager {
                 let (tx, rx) = watch::channel(None);
                 *join = Some(rx.clone());
                 drop(join);
-                if matches!(
-                    self.state(vm_id),
-                    Ok(VmState::Provisioning | VmState::Configured | VmState::Starting)
-                ) {
+                if matches!(self.state(vm_id), Ok(VmState::Provisioning | VmState::Configured | VmState::Starting)) {
                     slot.stop_requested.store(true, Ordering::SeqCst);
                     slot.stop_notify.notify_waiters();
                 }
@@ -669,11 +643,7 @@ impl Manager {
             }
         })?;
         slot.stop_requested.store(false, Ordering::SeqCst);
-        if to == VmState::Stopped {
-            Ok(to)
-        } else {
-            Err(ApiError::Vmm { vm_id: vm_id.to_string(), detail: reason })
-        }
+        if to == VmState::Stopped { Ok(to) } else { Err(ApiError::Vmm { vm_id: vm_id.to_string(), detail: reason }) }
     }
 
     /// After a (re)start of the frontend: takes up the VMs whose VMM may still run, each in
@@ -682,20 +652,9 @@ impl Manager {
     /// if it was being stopped).
     pub fn recover(&self) {
         let Some(driver) = self.inner.driver.clone() else { return };
-        let busy = [
-            VmState::Provisioning,
-            VmState::Configured,
-            VmState::Starting,
-            VmState::Running,
-            VmState::Stopping,
-        ];
-        let vms: Vec<String> = self
-            .journal()
-            .vms
-            .iter()
-            .filter(|(_, e)| busy.contains(&e.rec.state))
-            .map(|(id, _)| id.clone())
-            .collect();
+        let busy = [VmState::Provisioning, VmState::Configured, VmState::Starting, VmState::Running, VmState::Stopping];
+        let vms: Vec<String> =
+            self.journal().vms.iter().filter(|(_, e)| busy.contains(&e.rec.state)).map(|(id, _)| id.clone()).collect();
         for vm_id in vms {
             let (this, driver) = (self.clone(), Arc::clone(&driver));
             tokio::spawn(async move {
@@ -751,14 +710,10 @@ impl Manager {
                     Err(e) => e.to_string(),
                 };
                 let (to, reason) = match driver.release(vm_id).await {
-                    Ok(()) => (
-                        VmState::Stopped,
-                        format!("stop finished after a frontend restart: {how}; resources released"),
-                    ),
-                    Err(e) => (
-                        VmState::Failed,
-                        format!("stop after a frontend restart: {how}; releasing failed: {e}"),
-                    ),
+                    Ok(()) => {
+                        (VmState::Stopped, format!("stop finished after a frontend restart: {how}; resources released"))
+                    }
+                    Err(e) => (VmState::Failed, format!("stop after a frontend restart: {how}; releasing failed: {e}")),
                 };
                 self.transition_with(vm_id, &slot, to, reason, clear_pid)
             }
@@ -799,12 +754,8 @@ impl Manager {
                     None => Ok(()),
                 };
                 match released {
-                    Ok(()) => {
-                        (VmState::Stopped, format!("the guest shut down ({detail}); resources released"))
-                    }
-                    Err(e) => {
-                        (VmState::Failed, format!("the guest shut down ({detail}); releasing failed: {e}"))
-                    }
+                    Ok(()) => (VmState::Stopped, format!("the guest shut down ({detail}); resources released")),
+                    Err(e) => (VmState::Failed, format!("the guest shut down ({detail}); releasing failed: {e}")),
                 }
             }
             VmmEvent::Exited { clean: false, detail } => {

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use my_hypervisor_policy::vmm::{
-    MAX_CMDLINE, MAX_DISKS, MAX_MEMORY_MIB, MAX_MTU, MAX_NETS, MAX_VCPUS, MIN_MTU, check_cmdline,
-    check_ifname, check_mac,
+    MAX_CMDLINE, MAX_DISKS, MAX_MEMORY_MIB, MAX_MTU, MAX_NETS, MAX_VCPUS, MIN_MTU, check_cmdline, check_ifname,
+    check_mac,
 };
 use my_hypervisor_policy::{check_path_text, check_vm_id};
 use serde::{Deserialize, Serialize};
@@ -91,10 +91,7 @@ impl VmSpec {
             return Err(bad("vcpus", format!("must be between 1 and {MAX_VCPUS}, got {}", self.vcpus)));
         }
         if !(1..=u64::from(MAX_MEMORY_MIB)).contains(&self.memory_mib) {
-            return Err(bad(
-                "memory_mib",
-                format!("must be between 1 and {MAX_MEMORY_MIB}, got {}", self.memory_mib),
-            ));
+            return Err(bad("memory_mib", format!("must be between 1 and {MAX_MEMORY_MIB}, got {}", self.memory_mib)));
         }
         match (&self.kernel, &self.firmware) {
             (Some(_), Some(_)) => {
@@ -111,9 +108,7 @@ impl VmSpec {
                 return Err(bad("cmdline", "needs `kernel`"));
             }
         }
-        for (field, path) in
-            [("kernel", &self.kernel), ("initramfs", &self.initramfs), ("firmware", &self.firmware)]
-        {
+        for (field, path) in [("kernel", &self.kernel), ("initramfs", &self.initramfs), ("firmware", &self.firmware)] {
             if let Some(p) = path {
                 check_image_path(field, p, image_roots)?;
             }
@@ -134,14 +129,12 @@ impl VmSpec {
         }
         for (i, n) in self.nets.iter().enumerate() {
             if let Some(b) = &n.bridge {
-                check_ifname(b).map_err(|_| {
-                    bad(format!("nets[{i}].bridge"), "must be 1 to 15 characters of [A-Za-z0-9_.-]")
-                })?;
+                check_ifname(b)
+                    .map_err(|_| bad(format!("nets[{i}].bridge"), "must be 1 to 15 characters of [A-Za-z0-9_.-]"))?;
             }
             if let Some(m) = &n.mac {
-                check_mac(m).map_err(|_| {
-                    bad(format!("nets[{i}].mac"), "must be a unicast MAC like 52:54:00:12:34:56")
-                })?;
+                check_mac(m)
+                    .map_err(|_| bad(format!("nets[{i}].mac"), "must be a unicast MAC like 52:54:00:12:34:56"))?;
             }
             if let Some(mtu) = n.mtu
                 && !(MIN_MTU..=MAX_MTU).contains(&mtu)
@@ -162,10 +155,7 @@ impl VmSpec {
             let key_ok = (1..=MAX_LABEL_KEY).contains(&k.len())
                 && k.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
             if !key_ok {
-                return Err(bad(
-                    "labels",
-                    format!("a key must be 1 to {MAX_LABEL_KEY} characters of [A-Za-z0-9._/-]"),
-                ));
+                return Err(bad("labels", format!("a key must be 1 to {MAX_LABEL_KEY} characters of [A-Za-z0-9._/-]")));
             }
             if v.len() > MAX_LABEL_VALUE || v.chars().any(char::is_control) {
                 return Err(bad(
@@ -270,11 +260,7 @@ mod tests {
             ("cmdline", json!("console=ttyS0\n"), "cmdline"),
             ("cmdline", json!("x".repeat(2048)), "cmdline"),
             ("firmware", json!("/img/fw"), "firmware"),
-            (
-                "disks",
-                Value::Array(vec![json!({"path": "/srv/images/a", "readonly": true}); MAX_DISKS + 1]),
-                "disks",
-            ),
+            ("disks", Value::Array(vec![json!({"path": "/srv/images/a", "readonly": true}); MAX_DISKS + 1]), "disks"),
             ("disks", json!([{"path": "/srv/images/ok"}, {"path": "/srv/imagesX/a"}]), "disks[1].path"),
             ("nets", json!([{}, {}, {}, {}, {}]), "nets"),
             ("nets", json!([{"mac": "52:54:00:12:34"}]), "nets[0].mac"),

@@ -335,13 +335,13 @@ pub fn parse_vm_file(bytes: &[u8]) -> Result<(VmFile, bool), LoadError> {
     let version = v.get("schema_version").and_then(serde_json::Value::as_u64).unwrap_or(0);
     match version {
         1 => {
-            let f: VmFileV1 = serde_json::from_value(v)
-                .map_err(|e| LoadError::Shape { version: 1, detail: e.to_string() })?;
+            let f: VmFileV1 =
+                serde_json::from_value(v).map_err(|e| LoadError::Shape { version: 1, detail: e.to_string() })?;
             Ok((f.migrate(), true))
         }
         2 => {
-            let f: VmFile = serde_json::from_value(v)
-                .map_err(|e| LoadError::Shape { version: 2, detail: e.to_string() })?;
+            let f: VmFile =
+                serde_json::from_value(v).map_err(|e| LoadError::Shape { version: 2, detail: e.to_string() })?;
             Ok((f, false))
         }
         other => Err(LoadError::Version(other)),
@@ -392,13 +392,7 @@ pub fn rfc3339(t: SystemTime) -> String {
     let secs = d.as_secs();
     let (y, m, day) = civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    format!("{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, d.subsec_millis())
 }
 
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar.

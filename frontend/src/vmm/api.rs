@@ -37,12 +37,7 @@ pub struct VmInfo {
 }
 
 /// One request on a connected api socket; returns the body of a 2xx answer.
-pub async fn call(
-    sock: OwnedFd,
-    method: Method,
-    what: &'static str,
-    timeout: Duration,
-) -> Result<Bytes, ApiError> {
+pub async fn call(sock: OwnedFd, method: Method, what: &'static str, timeout: Duration) -> Result<Bytes, ApiError> {
     let t = |e: &dyn std::fmt::Display| ApiError::Transport(what, e.to_string());
     let exchange = async {
         let std = std::os::unix::net::UnixStream::from(sock);
@@ -60,15 +55,10 @@ pub async fn call(
             .map_err(|e| t(&e))?;
         let resp = sender.send_request(req).await.map_err(|e| t(&e))?;
         let status = resp.status();
-        let body =
-            Limited::new(resp.into_body(), MAX_RESPONSE).collect().await.map_err(|e| t(&e))?.to_bytes();
+        let body = Limited::new(resp.into_body(), MAX_RESPONSE).collect().await.map_err(|e| t(&e))?.to_bytes();
         driver.abort();
         if !status.is_success() {
-            return Err(ApiError::Status(
-                what,
-                status,
-                String::from_utf8_lossy(&body).chars().take(512).collect(),
-            ));
+            return Err(ApiError::Status(what, status, String::from_utf8_lossy(&body).chars().take(512).collect()));
         }
         Ok(body)
     };
@@ -95,8 +85,7 @@ mod tests {
             while !req.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
                 req.push(b[0]);
             }
-            let len =
-                if status == 204 { String::new() } else { format!("Content-Length: {}\r\n", body.len()) };
+            let len = if status == 204 { String::new() } else { format!("Content-Length: {}\r\n", body.len()) };
             let head = format!(
                 "HTTP/1.1 {status} \r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\nContent-Type: application/json\r\n{len}\r\n"
             );
@@ -109,8 +98,7 @@ mod tests {
     #[tokio::test]
     async fn info_and_actions_with_ch_framing() {
         let (a, b) = UnixStream::pair().unwrap();
-        let server =
-            serve(b, 200, r#"{"config":{},"state":"Running","memory_actual_size":0,"device_tree":null}"#);
+        let server = serve(b, 200, r#"{"config":{},"state":"Running","memory_actual_size":0,"device_tree":null}"#);
         assert_eq!(vm_info(a.into()).await.unwrap(), VmInfo { state: "Running".into() });
         assert!(server.join().unwrap().starts_with("GET /api/v1/vm.info HTTP/1.1\r\n"));
 

@@ -86,9 +86,7 @@ impl BrokerDriver {
                 Ok(Event::VmmExited { vm, status, .. }) => self.exited(&vm, status),
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(missed = n, "broker events missed; reading the inventory");
-                    if let Ok((Reply::Inventory { vms }, _)) =
-                        self.inner.broker.call(Request::Inventory).await
-                    {
+                    if let Ok((Reply::Inventory { vms }, _)) = self.inner.broker.call(Request::Inventory).await {
                         for v in vms {
                             if let Some(status) = v.exit {
                                 self.exited(&v.vm, status);
@@ -108,10 +106,7 @@ impl BrokerDriver {
         }
         if rt.phase.load(Ordering::SeqCst) == RUNNING {
             let clean = status == ExitStatus::Code(0);
-            let _ = self
-                .inner
-                .report
-                .send((vm_id.to_string(), VmmEvent::Exited { clean, detail: describe(status) }));
+            let _ = self.inner.report.send((vm_id.to_string(), VmmEvent::Exited { clean, detail: describe(status) }));
         }
     }
 
@@ -165,8 +160,7 @@ impl BrokerDriver {
     }
 
     async fn api(&self, vm_id: &str) -> Result<std::os::fd::OwnedFd, BrokerError> {
-        let (_, fds) =
-            self.inner.broker.call(Request::Connect { vm: vm_id.into(), role: SocketRole::Api }).await?;
+        let (_, fds) = self.inner.broker.call(Request::Connect { vm: vm_id.into(), role: SocketRole::Api }).await?;
         fds.into_iter().next().ok_or(BrokerError::Closed)
     }
 
@@ -201,28 +195,18 @@ impl BrokerDriver {
         let broker = &self.inner.broker;
         broker.call(Request::Prepare { vm: vm_id.into(), images }).await.map_err(step("prepare"))?;
         for net in &spec.nets {
-            let req = Request::CreateTap {
-                vm: vm_id.into(),
-                mac: net.mac.clone(),
-                mtu: net.mtu,
-                bridge: net.bridge.clone(),
-            };
+            let req =
+                Request::CreateTap { vm: vm_id.into(), mac: net.mac.clone(), mtu: net.mtu, bridge: net.bridge.clone() };
             broker.call(req).await.map_err(step("create tap"))?;
         }
         Ok(())
     }
 
     async fn spawn_vm(&self, vm_id: &str, spec: &VmSpec) -> Result<u32, DriverError> {
-        let memory_mib =
-            u32::try_from(spec.memory_mib).map_err(|_| DriverError::new("memory_mib too large"))?;
-        let config =
-            VmmConfig { vcpus: spec.vcpus, memory_mib, cmdline: spec.cmdline.clone(), vsock: spec.vsock };
-        let (reply, fds) = self
-            .inner
-            .broker
-            .call(Request::Spawn { vm: vm_id.into(), config })
-            .await
-            .map_err(step("spawn"))?;
+        let memory_mib = u32::try_from(spec.memory_mib).map_err(|_| DriverError::new("memory_mib too large"))?;
+        let config = VmmConfig { vcpus: spec.vcpus, memory_mib, cmdline: spec.cmdline.clone(), vsock: spec.vsock };
+        let (reply, fds) =
+            self.inner.broker.call(Request::Spawn { vm: vm_id.into(), config }).await.map_err(step("spawn"))?;
         let Reply::Spawned { pid, .. } = reply else {
             return Err(DriverError::new(format!("spawn: unexpected reply {reply:?}")));
         };
@@ -299,12 +283,7 @@ impl BrokerDriver {
         Ok(())
     }
 
-    async fn reattach_vm(
-        &self,
-        vm_id: &str,
-        pid: Option<u32>,
-        offset: u64,
-    ) -> Result<Reattached, DriverError> {
+    async fn reattach_vm(&self, vm_id: &str, pid: Option<u32>, offset: u64) -> Result<Reattached, DriverError> {
         let (reply, _) = self.inner.broker.call(Request::Inventory).await.map_err(step("inventory"))?;
         let Reply::Inventory { vms } = reply else {
             return Err(DriverError::new("inventory: unexpected reply"));
@@ -316,14 +295,9 @@ impl BrokerDriver {
             let how = held.exit.map_or("not running".to_string(), describe);
             return Ok(Reattached::Gone(format!("its VMM (pid {:?}) is gone: {how}", held.pid)));
         }
-        let (_, fds) = self
-            .inner
-            .broker
-            .call(Request::OpenOutputs { vm: vm_id.into() })
-            .await
-            .map_err(step("open outputs"))?;
-        let events =
-            fds.into_iter().next().ok_or_else(|| DriverError::new("open outputs: no event-file fd"))?;
+        let (_, fds) =
+            self.inner.broker.call(Request::OpenOutputs { vm: vm_id.into() }).await.map_err(step("open outputs"))?;
+        let events = fds.into_iter().next().ok_or_else(|| DriverError::new("open outputs: no event-file fd"))?;
         self.track(vm_id, events.into(), offset, RUNNING);
         Ok(Reattached::Alive)
     }

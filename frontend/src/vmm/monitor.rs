@@ -89,7 +89,10 @@ mod tests {
         assert!(off as usize <= first.len());
         f.write_all(&booted.as_bytes()[20..]).unwrap();
         f.write_all(b"garbage that is not json\n\n").unwrap();
-        f.write_all(br#"{"timestamp":{"secs":2,"nanos":0},"source":"guest","event":"panic","properties":{"event":"panic"}}"#).unwrap();
+        f.write_all(
+            br#"{"timestamp":{"secs":2,"nanos":0},"source":"guest","event":"panic","properties":{"event":"panic"}}"#,
+        )
+        .unwrap();
         let (evs, off2) = read_from(&f, off).unwrap();
         assert_eq!(
             evs.iter().map(|e| (e.source.as_str(), e.event.as_str())).collect::<Vec<_>>(),

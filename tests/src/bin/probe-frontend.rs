@@ -15,14 +15,8 @@ fn main() {
     let root = state_dir.as_deref().and_then(|p| p.parent()?.parent()).expect("--state-dir <root>/run/vms");
     let mut s = UnixStream::connect(root.join("probe.sock")).expect("connect to the test");
     let fds = [4];
-    sendmsg::<()>(
-        s.as_raw_fd(),
-        &[IoSlice::new(b"fd")],
-        &[ControlMessage::ScmRights(&fds)],
-        MsgFlags::empty(),
-        None,
-    )
-    .expect("pass the broker channel");
+    sendmsg::<()>(s.as_raw_fd(), &[IoSlice::new(b"fd")], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
+        .expect("pass the broker channel");
     let mut buf = [0u8; 1];
     let _ = s.read(&mut buf);
 }

@@ -18,10 +18,9 @@ fn arg_after<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
 fn outcome<T>(r: std::io::Result<T>) -> String {
     match r {
         Ok(_) => "ok".into(),
-        Err(e) => format!(
-            "denied:{}",
-            e.raw_os_error().map_or("?".into(), |n| nix::errno::Errno::from_raw(n).to_string())
-        ),
+        Err(e) => {
+            format!("denied:{}", e.raw_os_error().map_or("?".into(), |n| nix::errno::Errno::from_raw(n).to_string()))
+        }
     }
 }
 
@@ -35,9 +34,7 @@ fn main() {
     let kernel = arg_after(&args, "--kernel").expect("--kernel");
     let serial = arg_after(&args, "--serial").and_then(|s| s.strip_prefix("socket=")).expect("--serial");
     let run_dir = Path::new(serial).parent().expect("runtime dir");
-    let disk = arg_after(&args, "--disk")
-        .and_then(|d| d.strip_prefix("path="))
-        .map(|d| d.split(',').next().unwrap());
+    let disk = arg_after(&args, "--disk").and_then(|d| d.strip_prefix("path=")).map(|d| d.split(',').next().unwrap());
     let what = std::fs::read_to_string(kernel).expect("read the kernel");
     let mut words = what.split_whitespace();
     let op = words.next().unwrap_or_default();
@@ -69,9 +66,7 @@ fn main() {
         let disk = disk.expect("a --disk");
         report(
             "write-own-disk",
-            outcome(
-                std::fs::OpenOptions::new().write(true).open(disk).and_then(|mut f| f.write_all(b"disk")),
-            ),
+            outcome(std::fs::OpenOptions::new().write(true).open(disk).and_then(|mut f| f.write_all(b"disk"))),
         );
         report("socket-in-own-dir", outcome(UnixListener::bind(run_dir.join("probe.sock"))));
         let _ = writeln!(out, "READY");
@@ -84,9 +79,7 @@ fn main() {
     let r = unsafe {
         match op {
             "ptrace" => libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0),
-            "mount" => {
-                libc::syscall(libc::SYS_mount, c"none".as_ptr(), c"/".as_ptr(), c"tmpfs".as_ptr(), 0, 0)
-            }
+            "mount" => libc::syscall(libc::SYS_mount, c"none".as_ptr(), c"/".as_ptr(), c"tmpfs".as_ptr(), 0, 0),
             "unshare" => libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER),
             "bpf" => libc::syscall(libc::SYS_bpf, 0, 0, 0),
             "kexec_load" => libc::syscall(libc::SYS_kexec_load, 0, 0, 0, 0),

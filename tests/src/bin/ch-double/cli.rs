@@ -130,11 +130,7 @@ pub fn parse(args: &[String]) -> Result<Config, CliError> {
             seen.entry("help").or_default();
             continue;
         }
-        if arg.starts_with('-')
-            && !arg.starts_with("--")
-            && arg[1..].chars().all(|c| c == 'v')
-            && arg.len() > 1
-        {
+        if arg.starts_with('-') && !arg.starts_with("--") && arg[1..].chars().all(|c| c == 'v') && arg.len() > 1 {
             continue; // -v, -vv: log verbosity
         }
         let Some(long) = arg.strip_prefix("--") else {
@@ -222,9 +218,7 @@ pub fn parse(args: &[String]) -> Result<Config, CliError> {
         Some(s) => {
             let o = options(&s, &["path", "fd"]).map_err(|e| config_err("event-monitor", e))?;
             if let Some(fd) = lookup(&o, "fd") {
-                Some(Endpoint::Fd(
-                    fd.parse::<i32>().map_err(|e| config_err("event-monitor", format!("{e}")))?,
-                ))
+                Some(Endpoint::Fd(fd.parse::<i32>().map_err(|e| config_err("event-monitor", format!("{e}")))?))
             } else if let Some(p) = lookup(&o, "path") {
                 Some(Endpoint::Path(p))
             } else {
@@ -367,11 +361,7 @@ pub fn parse(args: &[String]) -> Result<Config, CliError> {
             None => 2,
         };
         let invalid = |why: String| {
-            CliError::Config(vec![
-                "Error parsing config".into(),
-                "Error validating configuration".into(),
-                why,
-            ])
+            CliError::Config(vec!["Error parsing config".into(), "Error validating configuration".into(), why])
         };
         if num_queues < 2 {
             return Err(invalid(format!("Number of queues to virtio_net less than 2: {num_queues}")));

@@ -74,9 +74,8 @@ impl SerialSocket {
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (s, o) = (stop.clone(), out.clone());
-        let thread = std::thread::Builder::new()
-            .name("serial-manager".into())
-            .spawn(move || serial_loop(listener, s, o))?;
+        let thread =
+            std::thread::Builder::new().name("serial-manager".into()).spawn(move || serial_loop(listener, s, o))?;
         Ok(SerialSocket { path: path.to_path_buf(), stop, thread: Some(thread), out })
     }
 }
@@ -161,8 +160,7 @@ impl VsockMuxer {
         let stop = Arc::new(AtomicBool::new(false));
         let streams = Streams::default();
         let (s, st, p) = (stop.clone(), streams.clone(), path.to_path_buf());
-        let thread =
-            std::thread::Builder::new().name("vsock".into()).spawn(move || vsock_loop(listener, p, s, st))?;
+        let thread = std::thread::Builder::new().name("vsock".into()).spawn(move || vsock_loop(listener, p, s, st))?;
         Ok(VsockMuxer { path: path.to_path_buf(), stop, thread: Some(thread), streams })
     }
 }
@@ -317,8 +315,7 @@ fn pvh_entry(elf: &[u8]) -> Option<(u32, Vec<Segment>)> {
 fn xen_note(mut notes: &[u8]) -> Option<u32> {
     let align = |n: usize| (n + 3) & !3;
     while notes.len() >= 12 {
-        let (namesz, descsz, kind) =
-            (u32_at(notes, 0)? as usize, u32_at(notes, 4)? as usize, u32_at(notes, 8)?);
+        let (namesz, descsz, kind) = (u32_at(notes, 0)? as usize, u32_at(notes, 4)? as usize, u32_at(notes, 8)?);
         let name = notes.get(12..12 + namesz)?;
         let desc_at = 12 + align(namesz);
         if kind == 18 && namesz == 4 && name == b"Xen\0" && descsz >= 4 {

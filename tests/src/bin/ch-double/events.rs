@@ -30,13 +30,8 @@ pub fn open(endpoint: &Endpoint) -> std::io::Result<()> {
     };
     set_nonblocking(&file);
     let (tx, rx) = channel::<String>();
-    let writer =
-        std::thread::Builder::new().name("event-monitor".into()).spawn(move || write_loop(file, rx))?;
-    let _ = MONITOR.set(Monitor {
-        start: Instant::now(),
-        tx: Mutex::new(Some(tx)),
-        writer: Mutex::new(Some(writer)),
-    });
+    let writer = std::thread::Builder::new().name("event-monitor".into()).spawn(move || write_loop(file, rx))?;
+    let _ = MONITOR.set(Monitor { start: Instant::now(), tx: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)) });
     Ok(())
 }
 
@@ -94,8 +89,7 @@ pub fn render(t: Duration, source: &str, event: &str, properties: &[(&str, &str)
     let props = if properties.is_empty() {
         "null".to_string()
     } else {
-        let items: Vec<String> =
-            properties.iter().map(|(k, v)| format!("    {}: {}", quote(k), quote(v))).collect();
+        let items: Vec<String> = properties.iter().map(|(k, v)| format!("    {}: {}", quote(k), quote(v))).collect();
         format!("{{\n{}\n  }}", items.join(",\n"))
     };
     format!(

@@ -59,10 +59,7 @@ pub fn render(status: u16, body: Option<&str>, server: &str) -> Vec<u8> {
     let mut r = format!("HTTP/1.1 {status} \r\nServer: {server}\r\nConnection: keep-alive\r\n");
     if status != 204 && status != 100 {
         let body = body.unwrap_or("");
-        r.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ));
+        r.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()));
     } else {
         r.push_str("\r\n");
     }
@@ -147,9 +144,7 @@ fn parse(buf: &[u8]) -> Parsed {
 fn peer_hung_up(stream: &UnixStream) -> bool {
     let mut b = [0u8; 1];
     // SAFETY: recv into a valid 1-byte buffer; MSG_PEEK leaves the data in place.
-    let n = unsafe {
-        libc::recv(stream.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
-    };
+    let n = unsafe { libc::recv(stream.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
     n == 0
 }
 
@@ -173,8 +168,7 @@ fn serve(mut stream: UnixStream, tx: &Sender<Msg>) {
             }
             Parsed::Bad(why) => {
                 buf.clear();
-                let body =
-                    format!("{{ \"error\": \"{why}\nAll previous unanswered requests will be dropped.\" }}");
+                let body = format!("{{ \"error\": \"{why}\nAll previous unanswered requests will be dropped.\" }}");
                 if stream.write_all(&render(400, Some(&body), "Firecracker API")).is_err() {
                     return;
                 }
@@ -186,8 +180,7 @@ fn serve(mut stream: UnixStream, tx: &Sender<Msg>) {
                     return;
                 }
                 let resp = route(&method, &path, body, tx);
-                let wrote =
-                    stream.write_all(&render(resp.status, resp.body.as_deref(), "Cloud Hypervisor API"));
+                let wrote = stream.write_all(&render(resp.status, resp.body.as_deref(), "Cloud Hypervisor API"));
                 if let Some(ack) = resp.written {
                     let _ = ack.send(());
                 }

@@ -212,11 +212,7 @@ impl Vmm {
             Some(v) => Some(VsockMuxer::create(Path::new(&v.socket)).map_err(|e| {
                 (
                     false,
-                    vec![
-                        "Error from device manager".into(),
-                        "Cannot create virtio-vsock device".into(),
-                        e.to_string(),
-                    ],
+                    vec!["Error from device manager".into(), "Cannot create virtio-vsock device".into(), e.to_string()],
                 )
             })?),
             None => None,
@@ -229,8 +225,8 @@ impl Vmm {
             return Err((true, vec!["ch_double fault: exit-at-boot".into()]));
         }
         let payload = self.cfg.kernel.as_ref().or(self.cfg.firmware.as_ref()).cloned().unwrap_or_default();
-        let kernel = std::fs::read(&payload)
-            .map_err(|e| (true, vec!["Cannot open kernel file".into(), e.to_string()]))?;
+        let kernel =
+            std::fs::read(&payload).map_err(|e| (true, vec!["Cannot open kernel file".into(), e.to_string()]))?;
         if let Some(i) = &self.cfg.initramfs {
             File::open(i).map_err(|e| (true, vec!["Cannot open initramfs file".into(), e.to_string()]))?;
         }
@@ -337,9 +333,7 @@ impl Vmm {
             disks.push(devices::open_disk(&d.path, d.readonly).map_err(|e| (false, e))?);
         }
         let vsock = match &self.cfg.vsock {
-            Some(v) => {
-                Some(VsockMuxer::create(Path::new(&v.socket)).map_err(|e| (false, vec![e.to_string()]))?)
-            }
+            Some(v) => Some(VsockMuxer::create(Path::new(&v.socket)).map_err(|e| (false, vec![e.to_string()]))?),
             None => None,
         };
         self.vm = Some(Vm { paused: false, _serial: serial, _vsock: vsock, _disks: disks });
@@ -350,12 +344,9 @@ impl Vmm {
     fn info(&self) -> Value {
         let c = &self.cfg;
         let mut payload = serde_json::Map::new();
-        for (k, v) in [
-            ("firmware", &c.firmware),
-            ("kernel", &c.kernel),
-            ("cmdline", &c.cmdline),
-            ("initramfs", &c.initramfs),
-        ] {
+        for (k, v) in
+            [("firmware", &c.firmware), ("kernel", &c.kernel), ("cmdline", &c.cmdline), ("initramfs", &c.initramfs)]
+        {
             if let Some(v) = v {
                 payload.insert(k.into(), json!(v));
             }
@@ -497,11 +488,7 @@ impl Vmm {
             }
             ApiReq::Create => error(
                 500,
-                &[
-                    "Error from API",
-                    "The VM could not be created",
-                    "Not supported by the cloud-hypervisor test double",
-                ],
+                &["Error from API", "The VM could not be created", "Not supported by the cloud-hypervisor test double"],
             ),
             ApiReq::Boot if self.vm.is_some() => {
                 error(500, &["Error from API", "The VM could not boot", "VM is already created"])
@@ -546,11 +533,7 @@ impl Vmm {
                 None => not_running("The VM could not be paused"),
                 Some(vm) if vm.paused => error(
                     500,
-                    &[
-                        "Error from API",
-                        "The VM could not be paused",
-                        "Invalid VM state transition: Paused to Paused",
-                    ],
+                    &["Error from API", "The VM could not be paused", "Invalid VM state transition: Paused to Paused"],
                 ),
                 Some(vm) => {
                     events::event("vm", "pausing", &[]);
