@@ -657,17 +657,21 @@ impl Manager {
             self.journal().vms.iter().filter(|(_, e)| busy.contains(&e.rec.state)).map(|(id, _)| id.clone()).collect();
         for vm_id in vms {
             let (this, driver) = (self.clone(), Arc::clone(&driver));
+            // Each VM's lock is taken before this returns (nothing else holds it yet), so no
+            // operation from a client can come before its recovery.
+            let Ok(slot) = self.slot(&vm_id) else { continue };
+            let Ok(guard) = Arc::clone(&slot.op).try_lock_owned() else { continue };
             tokio::spawn(async move {
-                if let Err(e) = this.recover_one(&vm_id, driver).await {
+                if let Err(e) = this.recover_one(&vm_id, &slot, driver).await {
                     tracing::error!(vm = %vm_id, error = %e, "taking up the VM after a restart failed");
                 }
+                drop(guard);
             });
         }
     }
 
-    async fn recover_one(&self, vm_id: &str, driver: Arc<dyn VmDriver>) -> Result<(), ApiError> {
-        let slot = self.slot(vm_id)?;
-        let _guard = self.lock_op(vm_id, &slot).await?;
+    async fn recover_one(&self, vm_id: &str, slot: &Arc<Slot>, driver: Arc<dyn VmDriver>) -> Result<(), ApiError> {
+        let slot = Arc::clone(slot);
         let (state, pid, offset, spec) = self.with_entry(vm_id, &slot, |e| {
             (e.rec.state, e.rec.pid, e.rec.event_offset.unwrap_or(0), e.rec.spec.clone())
         })?;

@@ -42,6 +42,9 @@ struct Runtime {
 struct Inner {
     broker: Broker,
     vms: Mutex<HashMap<String, Arc<Runtime>>>,
+    /// Exits that arrived for a VM not tracked yet (the exit event can overtake the spawn's
+    /// reply, or come between an inventory and the re-attach); `track` applies them.
+    early_exits: Mutex<HashMap<String, ExitStatus>>,
     /// Exits, panics and reboots of running VMs, for the manager.
     report: mpsc::UnboundedSender<(String, VmmEvent)>,
 }
@@ -68,7 +71,8 @@ impl BrokerDriver {
     /// arrives on the returned receiver, for `Manager::vmm_event`.
     pub fn start(broker: Broker) -> (BrokerDriver, mpsc::UnboundedReceiver<(String, VmmEvent)>) {
         let (report, rx) = mpsc::unbounded_channel();
-        let d = BrokerDriver { inner: Arc::new(Inner { broker, vms: Mutex::new(HashMap::new()), report }) };
+        let inner = Inner { broker, vms: Mutex::default(), early_exits: Mutex::default(), report };
+        let d = BrokerDriver { inner: Arc::new(inner) };
         tokio::spawn(d.clone().watch_exits());
         (d, rx)
     }
@@ -100,10 +104,15 @@ impl BrokerDriver {
     }
 
     fn exited(&self, vm_id: &str, status: ExitStatus) {
-        let Some(rt) = self.runtime(vm_id) else { return };
+        let Some(rt) = self.runtime(vm_id) else {
+            self.inner.early_exits.lock().expect("exits").insert(vm_id.to_string(), status);
+            return;
+        };
         if rt.exit.send_replace(Some(status)).is_some() {
             return;
         }
+        // The exit is published before the phase is read, and a boot that turns RUNNING
+        // reads the exit after storing the phase: one of the two sees the other.
         if rt.phase.load(Ordering::SeqCst) == RUNNING {
             let clean = status == ExitStatus::Code(0);
             let _ = self.inner.report.send((vm_id.to_string(), VmmEvent::Exited { clean, detail: describe(status) }));
@@ -156,6 +165,9 @@ impl BrokerDriver {
         });
         self.inner.vms.lock().expect("vms").insert(vm_id.to_string(), Arc::clone(&rt));
         self.watch_events(vm_id.to_string(), Arc::clone(&rt));
+        if let Some(status) = self.inner.early_exits.lock().expect("exits").remove(vm_id) {
+            self.exited(vm_id, status);
+        }
         rt
     }
 
@@ -203,6 +215,7 @@ impl BrokerDriver {
     }
 
     async fn spawn_vm(&self, vm_id: &str, spec: &VmSpec) -> Result<u32, DriverError> {
+        self.inner.early_exits.lock().expect("exits").remove(vm_id);
         let memory_mib = u32::try_from(spec.memory_mib).map_err(|_| DriverError::new("memory_mib too large"))?;
         let config = VmmConfig { vcpus: spec.vcpus, memory_mib, cmdline: spec.cmdline.clone(), vsock: spec.vsock };
         let (reply, fds) =
@@ -235,6 +248,9 @@ impl BrokerDriver {
                 Ok(sock) => match api::vm_info(sock).await {
                     Ok(info) if info.state == "Running" => {
                         rt.phase.store(RUNNING, Ordering::SeqCst);
+                        if let Some(status) = *rt.exit.borrow() {
+                            return Err(DriverError::new(format!("the VMM exited during boot ({})", describe(status))));
+                        }
                         return Ok(());
                     }
                     Ok(info) => last = format!("vm.info says {}", info.state),
@@ -280,6 +296,7 @@ impl BrokerDriver {
     async fn release_vm(&self, vm_id: &str) -> Result<(), DriverError> {
         self.inner.broker.call(Request::Release { vm: vm_id.into() }).await.map_err(step("release"))?;
         self.inner.vms.lock().expect("vms").remove(vm_id);
+        self.inner.early_exits.lock().expect("exits").remove(vm_id);
         Ok(())
     }
 

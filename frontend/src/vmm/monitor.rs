@@ -36,7 +36,12 @@ pub fn read_from(file: &std::fs::File, mut offset: u64) -> std::io::Result<(Vec<
     while offset < MAX_EVENT_FILE {
         let mut buf = vec![0u8; CHUNK.min((MAX_EVENT_FILE - offset) as usize)];
         let n = file.read_at(&mut buf, offset)?;
-        let used = parse(&buf[..n], &mut events);
+        // A whole chunk with no complete event and no separator is no event: skip it, so
+        // that a VMM cannot stop the reading for good.
+        let used = match parse(&buf[..n], &mut events) {
+            0 if n == buf.len() => n,
+            used => used,
+        };
         offset += used as u64;
         if used == 0 || n < buf.len() {
             break;
@@ -99,6 +104,16 @@ mod tests {
             [("vm", "booted"), ("guest", "panic")]
         );
         assert_eq!(read_from(&f, off2).unwrap().0, vec![]);
+    }
+
+    #[test]
+    fn a_chunk_of_junk_is_skipped() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&vec![b'x'; CHUNK + 10]).unwrap();
+        f.write_all(b"\n\n").unwrap();
+        f.write_all(ch_event(3, "guest", "panic").as_bytes()).unwrap();
+        let (evs, _) = read_from(&f, 0).unwrap();
+        assert_eq!(evs.iter().map(|e| e.event.as_str()).collect::<Vec<_>>(), ["panic"]);
     }
 
     #[test]
