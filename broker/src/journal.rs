@@ -1,6 +1,7 @@
 //! The broker's journal: what it holds for each VM (uid, VMM pid and start time, binary,
-//! taps, grants), rewritten atomically after every change, so that a broker crash or restart
-//! leaves nothing unaccounted for. Root-owned, 0600, in the run dir.
+//! taps, grants), rewritten atomically after every change, so that a broker crash leaves a
+//! record of everything it held; the daemon refuses to start while it lists VMs.
+//! Root-owned, 0600, in the run dir.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;

@@ -40,15 +40,17 @@ pub fn encode(mut entries: Vec<Entry>) -> Vec<u8> {
 }
 
 /// The ACL with a read entry for `uid` added: to the existing ACL, or to one made from the
-/// file's `mode` when it has none. The mask is recomputed to cover the group class.
+/// file's `mode` when it has none. An existing mask only gains read, so that no other named
+/// entry's effective rights grow beyond that; a new ACL's mask is the group class's union.
 pub fn with_reader(existing: Option<Vec<Entry>>, mode: u32, uid: u32) -> Vec<Entry> {
     let perm = |shift: u32| ((mode >> shift) & 7) as u16;
     let mut entries = existing
         .unwrap_or_else(|| vec![(USER_OBJ, perm(6), NO_ID), (GROUP_OBJ, perm(3), NO_ID), (OTHER, perm(0), NO_ID)]);
+    let old_mask = entries.iter().find(|e| e.0 == MASK).map(|e| e.1);
     entries.retain(|&(tag, _, id)| !(tag == USER && id == uid) && tag != MASK);
     entries.push((USER, READ, uid));
     let group_class = entries.iter().filter(|e| matches!(e.0, USER | GROUP | GROUP_OBJ)).fold(0, |m, e| m | e.1);
-    entries.push((MASK, group_class, NO_ID));
+    entries.push((MASK, old_mask.map_or(group_class, |m| m | READ), NO_ID));
     entries
 }
 
@@ -90,5 +92,14 @@ mod tests {
         let Removal::Write(left) = without_reader(b, 61001) else { panic!("61002 remains") };
         assert!(left.contains(&(USER, READ, 61002)) && !left.iter().any(|e| e.2 == 61001));
         assert_eq!(without_reader(left, 61002), Removal::Drop { group_perm: 4 });
+    }
+
+    #[test]
+    fn an_existing_mask_only_gains_read() {
+        // user:backup:rw- limited by mask::r-- must stay limited.
+        let existing =
+            vec![(USER_OBJ, 6, NO_ID), (USER, 6, 34), (GROUP_OBJ, 4, NO_ID), (MASK, 4, NO_ID), (OTHER, 0, NO_ID)];
+        let a = with_reader(Some(existing), 0o640, 61001);
+        assert!(a.contains(&(MASK, READ, NO_ID)), "{a:?}");
     }
 }

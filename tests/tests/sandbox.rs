@@ -115,6 +115,8 @@ fn escapes_fail_and_needs_succeed() {
     };
     for denied in [
         "read-etc-shadow",
+        "read-etc-passwd",
+        "list-image-root",
         "read-other-vm-dir",
         "write-beside-own-dir",
         "write-var-tmp",
