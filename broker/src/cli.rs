@@ -6,6 +6,7 @@ use clap::{Parser, ValueEnum};
 use my_hypervisor_policy::layout::{self, Ids};
 use my_hypervisor_policy::sandbox::hidden_in_vmm;
 use my_hypervisor_policy::seccomp;
+use my_hypervisor_policy::vmm::check_ifname;
 use nix::unistd::{Group, User};
 
 #[derive(Debug, Parser)]
@@ -35,6 +36,9 @@ pub struct Args {
     /// A root that kernels, initramfs, firmware and disks may come from (repeatable).
     #[arg(long = "image-root", default_value = "/var/lib/my_hypervisor/images")]
     pub image_roots: Vec<PathBuf>,
+    /// A bridge VM taps may be attached to (repeatable); a tap asks for no other.
+    #[arg(long = "allowed-bridge", value_parser = |s: &str| check_ifname(s).map(|()| s.to_string()).map_err(|e| e.to_string()))]
+    pub allowed_bridges: Vec<String>,
     /// The cloud-hypervisor binary; by default found on PATH when a VM starts.
     #[arg(long)]
     pub cloud_hypervisor: Option<PathBuf>,

@@ -104,6 +104,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         cloud_hypervisor: args.cloud_hypervisor.clone(),
         spawner,
         sandbox: SandboxOptions { seccomp: args.vmm_seccomp, landlock_best_effort: args.landlock_best_effort },
+        allowed_bridges: args.allowed_bridges.clone(),
         vms: BTreeMap::new(),
     };
     journal::save(&b)?;

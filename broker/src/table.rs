@@ -10,7 +10,7 @@
 //! |-------------|--------------------------|----------------------------------------------------------------------|
 //! | KvmCheck    | —                        | /dev/kvm opens read-write; KVM_GET_API_VERSION is 12                 |
 //! | Prepare     | VM unknown               | (policy) id, 1..=11 images, at most 8 disks, one kernel/initramfs/firmware, path text; a free uid; runtime dir is new; each image: under an image root, openat2 beneath it without symlinks, regular file, dirs above searchable, a writable disk held by no other VM and owner-rw |
-//! | CreateTap   | VM prepared, not spawned | (policy) id, mac, mtu range, bridge name; at most MAX_NETS taps      |
+//! | CreateTap   | VM prepared, not spawned | (policy) id, mac, mtu range, bridge name; the bridge is an --allowed-bridge; at most MAX_NETS taps |
 //! | Spawn       | VM prepared, not spawned | (policy) id, vcpus, memory, cmdline; cloud-hypervisor found; the whole plan re-checked |
 //! | Connect     | VMM spawned and alive    | (policy) id; node opened O_PATH|O_NOFOLLOW is a socket owned by the VM uid |
 //! | OpenOutputs | VMM spawned              | (policy) id                                                          |
@@ -40,6 +40,7 @@ pub struct Broker {
     pub cloud_hypervisor: Option<PathBuf>,
     pub spawner: OwnedFd,
     pub sandbox: SandboxOptions,
+    pub allowed_bridges: Vec<String>,
     pub vms: BTreeMap<String, Vm>,
 }
 
@@ -143,6 +144,9 @@ pub fn dispatch(b: &mut Broker, req: &Request) -> Outcome {
             Ok((reply, vec![]))
         }
         Request::CreateTap { vm, mac, mtu, bridge } => {
+            if let Some(br) = bridge.as_ref().filter(|br| !b.allowed_bridges.contains(br)) {
+                return refuse(format!("bridge {br} is not one the daemon allows (--allowed-bridge)"));
+            }
             let v = b.unspawned(vm)?;
             if v.taps.len() >= MAX_NETS {
                 return Err(FieldError::Range {

@@ -41,7 +41,7 @@ fn requests_refusals_and_release() {
     if !have_root("requests_refusals_and_release") {
         return;
     }
-    let mut h = Harness::start_with("stub-vmm", &[]);
+    let mut h = Harness::start_with("stub-vmm", &["--allowed-bridge", &bridge_name()]);
     let images = h.images();
 
     let (reply, _) = h.call(Request::KvmCheck);
@@ -92,7 +92,11 @@ fn requests_refusals_and_release() {
     h.refused(Request::Connect { vm: "a".into(), role: SocketRole::Serial }, "never spawned");
 
     // A real tap, with its MTU, on a test bridge.
-    let bridge = format!("mhtb{}", std::process::id() % 100_000);
+    let bridge = bridge_name();
+    h.refused(
+        Request::CreateTap { vm: "a".into(), mac: None, mtu: None, bridge: Some("docker0".into()) },
+        "not one the daemon allows",
+    );
     ip(&["link", "add", "name", &bridge, "type", "bridge"]);
     let _bridge = Bridge(bridge.clone());
     let (reply, _) = h.call(Request::CreateTap {
@@ -165,6 +169,11 @@ impl Drop for Bridge {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["link", "del", &self.0]).status();
     }
+}
+
+/// The test bridge the daemon of `requests_refusals_and_release` allows.
+fn bridge_name() -> String {
+    format!("mhtb{}", std::process::id() % 100_000)
 }
 
 fn config() -> VmmConfig {
