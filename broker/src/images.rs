@@ -70,8 +70,8 @@ pub fn grant(
     }
     check_traversable(Path::new(path))?;
     let undo = if writable {
-        if st.st_mode & 0o600 != 0o600 {
-            return Err(format!("{path}: a writable disk must be readable and writable by its owner"));
+        if st.st_mode & 0o600 != 0o600 || st.st_nlink != 1 {
+            return Err(format!("{path}: a writable disk must be owner-rw and have exactly one link"));
         }
         fchown(fd.as_fd(), Some(Uid::from_raw(vm_uid)), Some(Gid::from_raw(vm_uid)))
             .map_err(|e| format!("{path}: chown to the VM uid: {e}"))?;

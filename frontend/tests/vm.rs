@@ -419,3 +419,19 @@ async fn start_and_stop_without_a_driver_are_not_ready() {
     assert_eq!(m.stop("a", None).await.unwrap_err().code(), errors::NOT_READY);
     m.remove("a").await.unwrap();
 }
+
+#[tokio::test]
+async fn the_number_of_vms_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ManagerConfig::new(dir.path(), vec![PathBuf::from("/img")]);
+    cfg.max_vms = 3;
+    let m = Manager::open(cfg, None).unwrap();
+    for id in ["a", "b", "c"] {
+        m.create(spec(id)).unwrap();
+    }
+    let e = m.create(spec("d")).unwrap_err();
+    assert_eq!(e.code(), errors::INVALID_SPEC, "{e:?}");
+    assert_eq!(m.create(spec("a")), Ok(VmState::Pending), "an existing VM is still found");
+    m.remove("c").await.unwrap();
+    assert_eq!(m.create(spec("d")), Ok(VmState::Pending), "room again after a remove");
+}

@@ -43,6 +43,8 @@ pub struct ManagerConfig {
     pub image_roots: Vec<PathBuf>,
     pub ring_capacity: usize,
     pub op_wait: Duration,
+    /// The most VMs recorded at once.
+    pub max_vms: usize,
 }
 
 impl ManagerConfig {
@@ -52,6 +54,7 @@ impl ManagerConfig {
             image_roots,
             ring_capacity: DEFAULT_RING_CAPACITY,
             op_wait: DEFAULT_OP_WAIT,
+            max_vms: MAX_VMS,
         }
     }
 }
@@ -84,6 +87,9 @@ pub struct Tail {
     pub next_seq: u64,
 }
 
+/// The most VMs one frontend records by default (each has a state file and a history in memory).
+pub const MAX_VMS: usize = 4096;
+
 /// Handle to the manager; cheap to clone.
 #[derive(Clone)]
 pub struct Manager {
@@ -96,6 +102,7 @@ struct Inner {
     driver: Option<Arc<dyn VmDriver>>,
     ring_capacity: usize,
     op_wait: Duration,
+    max_vms: usize,
     journal: Mutex<Journal>,
     events: broadcast::Sender<Event>,
 }
@@ -236,6 +243,7 @@ impl Manager {
                 driver,
                 ring_capacity: ring,
                 op_wait: cfg.op_wait,
+                max_vms: cfg.max_vms,
                 journal: Mutex::new(Journal { last_seq, reserved: last_seq, vms }),
                 events,
             }),
@@ -431,6 +439,13 @@ impl Manager {
                 return Ok(e.rec.state);
             }
             return Err(ApiError::AlreadyExists { vm_id: spec.id.clone() });
+        }
+        let max = self.inner.max_vms;
+        if j.vms.len() >= max {
+            return Err(ApiError::invalid_spec(
+                "id",
+                format!("this host already records {max} VMs, the most it keeps"),
+            ));
         }
         let rec = Record {
             state: VmState::Pending,
