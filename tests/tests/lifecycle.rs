@@ -201,6 +201,25 @@ fn stopping_the_daemon_releases_every_vm() {
 }
 
 #[test]
+fn a_vmm_that_floods_its_log_is_killed_and_fails() {
+    let Some(env) = Env::start("a_vmm_that_floods_its_log_is_killed_and_fails") else { return };
+    if env.real.is_some() {
+        eprintln!(
+            "SKIP a_vmm_that_floods_its_log_is_killed_and_fails with real cloud-hypervisor: only the double floods"
+        );
+        return;
+    }
+    env.create("f", &env.guest(false), env.fault("flood-log=100").as_deref());
+    env.ok("compute.vm.start", json!({"vm_id": "f"}));
+    env.wait_state("f", "failed", Duration::from_secs(20));
+    let reason = env.last_reason("f");
+    assert!(reason.contains("the VMM was killed") && reason.contains("bytes of log or events"), "{reason}");
+    wait_for("the VMM to be gone", Duration::from_secs(10), || env.vmm_processes("f").is_empty().then_some(()));
+    env.ok("compute.vm.remove", json!({"vm_id": "f"}));
+    env.assert_nothing_left("f", None);
+}
+
+#[test]
 fn a_vmm_crash_fails_the_vm() {
     let Some(env) = Env::start("a_vmm_crash_fails_the_vm") else { return };
     env.create("c", &env.guest(false), env.fault("crash=300").as_deref());

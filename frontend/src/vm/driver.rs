@@ -87,4 +87,6 @@ pub enum VmmEvent {
     GuestPanic,
     /// The guest rebooted; the VM stays Running and the history records it.
     GuestReboot,
+    /// The VMM broke a limit (the text says which) and the driver has killed it.
+    Misbehaved(String),
 }

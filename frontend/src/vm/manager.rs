@@ -782,6 +782,7 @@ impl Manager {
             }
             VmmEvent::GuestPanic => (VmState::Failed, "the guest panicked".to_string()),
             VmmEvent::GuestReboot => (VmState::Running, "the guest rebooted".to_string()),
+            VmmEvent::Misbehaved(why) => (VmState::Failed, format!("the VMM was killed: {why}")),
         };
         self.transition_with(vm_id, &slot, to, reason, |r| {
             if exited {

@@ -3,6 +3,7 @@
 //! the VMM's event-monitor file plus the broker's exit events for what happens in between.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +25,9 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 const FORCE_WAIT: Duration = Duration::from_secs(5);
 /// How often a VMM's event file is read, and vm.info asked during a boot.
 const POLL: Duration = Duration::from_millis(100);
+/// The most a VMM may write to its log or its event file (they live on the host, in its
+/// runtime dir); past it, the VMM is killed and its VM fails.
+pub const MAX_VMM_OUTPUT: u64 = 64 * 1024 * 1024;
 
 const BOOTING: u8 = 0;
 const RUNNING: u8 = 1;
@@ -32,6 +36,7 @@ const STOPPING: u8 = 2;
 /// What the driver holds for a VM whose VMM it spawned, or took up again after a restart.
 struct Runtime {
     events: std::fs::File,
+    log: std::fs::File,
     offset: AtomicU64,
     exit: watch::Sender<Option<ExitStatus>>,
     /// BOOTING, RUNNING or STOPPING: only exits and guest events of a RUNNING VM are
@@ -124,9 +129,22 @@ impl BrokerDriver {
     fn watch_events(&self, vm_id: String, rt: Arc<Runtime>) {
         let report = self.inner.report.clone();
         let mut exit = rt.exit.subscribe();
+        let driver = self.clone();
         tokio::spawn(async move {
             loop {
                 let done = exit.borrow().is_some();
+                let size = |f: &std::fs::File| f.metadata().map_or(0, |m| m.len());
+                let output = size(&rt.events).max(size(&rt.log));
+                if !done && output > MAX_VMM_OUTPUT {
+                    let why = format!("it wrote {output} bytes of log or events, more than {MAX_VMM_OUTPUT}");
+                    tracing::warn!(vm = %vm_id, %why, "killing the VMM");
+                    let kill = Request::Signal { vm: vm_id.clone(), signal: VmmSignal::Kill };
+                    let _ = driver.inner.broker.call(kill).await;
+                    if rt.phase.swap(STOPPING, Ordering::SeqCst) == RUNNING {
+                        let _ = report.send((vm_id.clone(), VmmEvent::Misbehaved(why)));
+                    }
+                    return;
+                }
                 let from = rt.offset.load(Ordering::SeqCst);
                 match monitor::read_from(&rt.events, from) {
                     Ok((events, offset)) => {
@@ -156,9 +174,11 @@ impl BrokerDriver {
         });
     }
 
-    fn track(&self, vm_id: &str, events: std::fs::File, offset: u64, phase: u8) -> Arc<Runtime> {
+    fn track(&self, vm_id: &str, outputs: Vec<OwnedFd>, offset: u64, phase: u8) -> Result<Arc<Runtime>, DriverError> {
+        let [events, log] = <[OwnedFd; 2]>::try_from(outputs).map_err(|_| DriverError::new("expected 2 output fds"))?;
         let rt = Arc::new(Runtime {
-            events,
+            events: events.into(),
+            log: log.into(),
             offset: AtomicU64::new(offset),
             exit: watch::channel(None).0,
             phase: AtomicU8::new(phase),
@@ -168,7 +188,7 @@ impl BrokerDriver {
         if let Some(status) = self.inner.early_exits.lock().expect("exits").remove(vm_id) {
             self.exited(vm_id, status);
         }
-        rt
+        Ok(rt)
     }
 
     async fn api(&self, vm_id: &str) -> Result<std::os::fd::OwnedFd, BrokerError> {
@@ -223,8 +243,7 @@ impl BrokerDriver {
         let Reply::Spawned { pid, .. } = reply else {
             return Err(DriverError::new(format!("spawn: unexpected reply {reply:?}")));
         };
-        let events = fds.into_iter().next().ok_or_else(|| DriverError::new("spawn: no event-file fd"))?;
-        self.track(vm_id, events.into(), 0, BOOTING);
+        self.track(vm_id, fds, 0, BOOTING)?;
         Ok(pid)
     }
 
@@ -314,8 +333,7 @@ impl BrokerDriver {
         }
         let (_, fds) =
             self.inner.broker.call(Request::OpenOutputs { vm: vm_id.into() }).await.map_err(step("open outputs"))?;
-        let events = fds.into_iter().next().ok_or_else(|| DriverError::new("open outputs: no event-file fd"))?;
-        self.track(vm_id, events.into(), offset, RUNNING);
+        self.track(vm_id, fds, offset, RUNNING)?;
         Ok(Reattached::Alive)
     }
 }

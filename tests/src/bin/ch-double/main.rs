@@ -45,6 +45,7 @@
 //! | `guest-reboot=MS` | the guest reboots MS after boot (once per boot) |
 //! | `panic=MS` | the guest panics MS after boot: `guest/panic` with `--pvpanic`; it keeps running |
 //! | `quiet-exit` | events not yet written when the VMM exits are lost |
+//! | `flood-log=MS` | the VMM writes to its log without end, MS after boot |
 
 mod cli;
 mod devices;
@@ -122,6 +123,7 @@ struct Faults {
     guest_reboot: Option<u64>,
     panic: Option<u64>,
     quiet_exit: bool,
+    flood_log: Option<u64>,
 }
 
 impl Faults {
@@ -153,6 +155,7 @@ impl Faults {
                     "guest-reboot" => f.guest_reboot = Some(ms()?),
                     "panic" => f.panic = Some(ms()?),
                     "quiet-exit" => f.quiet_exit = true,
+                    "flood-log" => f.flood_log = Some(ms()?),
                     _ => return Err(format!("unknown ch_double fault {item:?}")),
                 }
             }
@@ -270,6 +273,14 @@ impl Vmm {
             (f.crash_exit, GuestEvent::CrashExit),
             (f.hang_after, GuestEvent::Hang),
         ];
+        if let Some(ms) = f.flood_log {
+            // A VMM gone wrong: it writes to its log without end.
+            let _ = std::thread::Builder::new().name("ch-double-flood".into()).spawn(move || {
+                std::thread::sleep(Duration::from_millis(ms));
+                let chunk = vec![b'x'; 1 << 20];
+                while std::io::Write::write_all(&mut std::io::stderr(), &chunk).is_ok() {}
+            });
+        }
         for (ms, ev) in timed {
             if let Some(ms) = ms {
                 let tx = self.tx.clone();
