@@ -58,7 +58,7 @@ pub fn bind_rpc_socket(path: &Path, gid: Option<u32>) -> Result<UnixListener, St
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(path, "stat", e)),
     }
-    let old = umask(Mode::from_bits_truncate(0o177));
+    let old = umask(Mode::from_bits_truncate(0o777 & !layout::RPC_SOCKET_MODE));
     let bound = UnixListener::bind(path);
     umask(old);
     let listener = bound.map_err(|e| err(path, "bind", e))?;

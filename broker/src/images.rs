@@ -34,7 +34,7 @@ enum Undo {
 
 impl Grant {
     pub fn writable(&self) -> bool {
-        matches!(self.role, ImageRole::Disk { readonly: false })
+        self.role.writable()
     }
 }
 
@@ -53,7 +53,7 @@ pub fn grant(
         .find_map(|(r, fd)| Path::new(path).strip_prefix(r).ok().map(|rel| ((r, fd), rel)))
         .filter(|(_, rel)| !rel.as_os_str().is_empty())
         .ok_or_else(|| format!("{path} is not under any image root"))?;
-    let writable = matches!(image.role, ImageRole::Disk { readonly: false });
+    let writable = image.role.writable();
     let access = if writable { OFlag::O_RDWR } else { OFlag::O_RDONLY };
     let how = OpenHow::new()
         .flags(access | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NOFOLLOW)

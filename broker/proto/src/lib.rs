@@ -67,6 +67,13 @@ pub enum ImageRole {
     Disk { readonly: bool },
 }
 
+impl ImageRole {
+    /// A writable disk: handed to the VM's uid, and held by one VM at a time.
+    pub fn writable(self) -> bool {
+        matches!(self, ImageRole::Disk { readonly: false })
+    }
+}
+
 /// The validated fields the broker turns into cloud-hypervisor's argv. Paths are not here:
 /// they come from the broker's own record of what Prepare granted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
