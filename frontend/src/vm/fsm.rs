@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::rpc::errors::ApiError;
 
 /// The nine lifecycle states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// Recorded by create; nothing is held for it.
