@@ -3,7 +3,7 @@
 //! ([`super::schema`]) describes it with schemas derived from those types, so the two cannot
 //! drift.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use jsonrpsee::core::{RegisterMethodError, SubscriptionResult};
@@ -11,6 +11,7 @@ use jsonrpsee::types::{ErrorObjectOwned, Params};
 use jsonrpsee::{PendingSubscriptionSink, RpcModule};
 use schemars::{Schema, SchemaGenerator};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::errors::{self, ApiError, parse_params};
@@ -19,7 +20,6 @@ use super::results::*;
 use super::schema::{OpenRpcDocument, openrpc_document, schema_for};
 use crate::vm::Manager;
 pub use crate::vm::spec::{DiskSpec, NetSpec, VmSpec};
-use serde::de::DeserializeOwned;
 
 /// What a method does; `dispatch` matches on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,7 +259,13 @@ async fn dispatch(
         }
         Method::Discover => {
             by_name::<Empty>(name, &params)?;
-            reply(Ok(openrpc_document()))
+            // The document never changes while the process runs.
+            static DOCUMENT: OnceLock<Value> = OnceLock::new();
+            let doc = DOCUMENT.get_or_init(|| serde_json::to_value(openrpc_document()).unwrap_or(Value::Null));
+            if doc.is_null() {
+                return Err(ApiError::Internal { detail: "the OpenRPC document does not serialize".into() }.into());
+            }
+            Ok(doc.clone())
         }
         // Served by the subscription machinery, never through here.
         Method::EventsFollow | Method::EventsUnfollow => {

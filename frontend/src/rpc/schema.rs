@@ -132,16 +132,6 @@ pub fn openrpc_document() -> OpenRpcDocument {
     }
 }
 
-/// The params of a method as one object schema (what a by-name params object must match).
-pub fn params_schema(def: &MethodDef) -> Schema {
-    (def.params)(&mut generator(Contract::Deserialize))
-}
-
-/// The result schema of a method.
-pub fn result_schema(def: &MethodDef) -> Schema {
-    (def.result)(&mut generator(Contract::Serialize))
-}
-
 fn describe(def: &MethodDef, params: &mut SchemaGenerator, results: &mut SchemaGenerator) -> MethodObject {
     let object = (def.params)(params);
     let required: Vec<&str> = object
@@ -155,10 +145,12 @@ fn describe(def: &MethodDef, params: &mut SchemaGenerator, results: &mut SchemaG
         .map(|props| {
             props
                 .iter()
-                .map(|(name, schema)| ContentDescriptor {
-                    name: name.clone(),
-                    required: required.contains(&name.as_str()),
-                    schema: Schema::try_from(schema.clone()).unwrap_or_default(),
+                .filter_map(|(name, schema)| {
+                    Some(ContentDescriptor {
+                        name: name.clone(),
+                        required: required.contains(&name.as_str()),
+                        schema: Schema::try_from(schema.clone()).ok()?,
+                    })
                 })
                 .collect()
         })
