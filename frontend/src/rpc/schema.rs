@@ -8,7 +8,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::api::{API, Method, MethodDef};
+use super::api::{API, MethodDef};
 use super::errors;
 
 /// The OpenRPC version the document follows.
@@ -166,11 +166,7 @@ fn describe(def: &MethodDef, params: &mut SchemaGenerator, results: &mut SchemaG
     MethodObject {
         name: def.name.to_string(),
         summary: def.summary.to_string(),
-        param_structure: if def.method == Method::EventsUnfollow {
-            ParamStructure::ByPosition
-        } else {
-            ParamStructure::ByName
-        },
+        param_structure: if def.by_position { ParamStructure::ByPosition } else { ParamStructure::ByName },
         params,
         result: ContentDescriptor { name: "result".to_string(), required: true, schema: (def.result)(results) },
         errors,
