@@ -38,8 +38,8 @@ pub fn schema_for<T: JsonSchema>(generator: &mut SchemaGenerator) -> Schema {
     schema
 }
 
-/// Turns `{"oneOf": [{"type": "string", "const": "a"}, ...]}` into
-/// `{"type": "string", "enum": ["a", ...]}`.
+/// Turns `{"oneOf": [{"type": "string", "const": "a", "description": "A."}, ...]}` into
+/// `{"type": "string", "enum": ["a", ...]}`, the variants' descriptions kept in the schema's.
 #[derive(Debug, Clone, Copy)]
 struct ConstsToEnum;
 
@@ -49,10 +49,16 @@ impl Transform for ConstsToEnum {
             return;
         };
         let mut values = Vec::new();
+        let mut described = Vec::new();
         for v in variants {
             let is_string = v.get("type") == Some(&Value::from("string"));
             match (v.get("const"), v.get("enum")) {
-                (Some(c @ Value::String(_)), None) if is_string => values.push(c.clone()),
+                (Some(Value::String(c)), None) if is_string => {
+                    if let Some(d) = v.get("description").and_then(Value::as_str) {
+                        described.push(format!("`{c}`: {d}"));
+                    }
+                    values.push(Value::from(c.as_str()));
+                }
                 (None, Some(Value::Array(e))) if is_string && e.iter().all(Value::is_string) => {
                     values.extend(e.iter().cloned());
                 }
@@ -62,6 +68,11 @@ impl Transform for ConstsToEnum {
         schema.remove("oneOf");
         schema.insert("type".into(), "string".into());
         schema.insert("enum".into(), Value::Array(values));
+        if !described.is_empty() {
+            let head = schema.get("description").and_then(Value::as_str).unwrap_or_default();
+            let text = [head.to_string()].into_iter().chain(described).filter(|l| !l.is_empty()).collect::<Vec<_>>();
+            schema.insert("description".into(), text.join("\n").into());
+        }
     }
 }
 
@@ -185,6 +196,9 @@ mod tests {
             s.get("enum").and_then(Value::as_array).unwrap().iter().filter_map(Value::as_str).collect();
         assert_eq!(values.len(), crate::vm::VmState::ALL.len(), "{s:?}");
         assert!(s.get("oneOf").is_none(), "{s:?}");
+        assert_eq!(values, crate::vm::VmState::ALL.map(|s| s.as_str()), "in declaration order");
+        let text = s.get("description").and_then(Value::as_str).unwrap();
+        assert!(text.contains("`start_failed`: A start failed"), "{text}");
         // A mixed oneOf is left alone.
         let mut mixed = schemars::json_schema!({"oneOf": [{"type": "string", "const": "a"}, {"type": "integer"}]});
         let before = mixed.clone();

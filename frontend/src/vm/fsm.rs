@@ -19,6 +19,7 @@ pub enum VmState {
     Configured,
     /// The VMM is spawned and the guest is booting.
     Starting,
+    /// The guest runs (and its agent answers, when `agent`).
     Running,
     /// A start failed; everything it took was released.
     StartFailed,
