@@ -170,6 +170,21 @@ fn has_type(value: &Value, t: &str) -> bool {
     }
 }
 
+/// The method `name` of an OpenRPC document.
+pub fn method<'a>(doc: &'a Value, name: &str) -> &'a Value {
+    doc["methods"].as_array().unwrap().iter().find(|m| m["name"] == name).unwrap_or_else(|| panic!("{name}"))
+}
+
+/// A method's by-name params as one object schema, rebuilt from its OpenRPC content
+/// descriptors. Unknown params are refused (docs/api.md), hence `additionalProperties`.
+pub fn params_schema(doc: &Value, name: &str) -> Value {
+    let params = method(doc, name)["params"].as_array().unwrap();
+    let properties: serde_json::Map<String, Value> =
+        params.iter().map(|p| (p["name"].as_str().unwrap().to_string(), p["schema"].clone())).collect();
+    let required: Vec<&Value> = params.iter().filter(|p| p["required"] == true).map(|p| &p["name"]).collect();
+    serde_json::json!({"type": "object", "properties": properties, "required": required, "additionalProperties": false})
+}
+
 /// Self-checks of the validator, so the tests built on it can fail.
 pub fn self_test() {
     let schema = serde_json::json!({
