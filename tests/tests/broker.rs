@@ -230,6 +230,27 @@ fn broker_is_confined() {
     assert_eq!(st["CapAmb"], "0000000000000000");
     assert_eq!(st["Seccomp"], "2", "the broker serves under its seccomp filter");
     assert_eq!(st["NoNewPrivs"], "1");
+
+    // The spawn helper holds every fd at 64 or above; the numbers a keep-list moves fds to
+    // hold only placeholders on /dev/null.
+    let exe = std::fs::read_link(format!("/proc/{}/exe", h.d.pid())).unwrap();
+    let helper = my_hypervisor_tests::children(h.d.pid())
+        .into_iter()
+        .find(|p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == exe))
+        .expect("the spawn helper");
+    let mut held = vec![];
+    for entry in std::fs::read_dir(format!("/proc/{helper}/fd")).unwrap() {
+        let entry = entry.unwrap();
+        let n: i32 = entry.file_name().to_str().unwrap().parse().unwrap();
+        let target = std::fs::read_link(entry.path()).unwrap();
+        if (3..64).contains(&n) {
+            assert_eq!(target, Path::new("/dev/null"), "fd {n} of the spawn helper");
+        } else if n >= 64 {
+            held.push(target.to_string_lossy().into_owned());
+        }
+    }
+    assert!(held.iter().any(|t| t.starts_with("socket:")), "its channel lies at 64 or above: {held:?}");
+    assert!(held.iter().any(|t| t.ends_with("my_hypervisor-vmm-launcher")), "and the launcher's handle: {held:?}");
 }
 
 /// Two VMs share a read-only image granted by ACL, on a file whose ACL already has a mask
