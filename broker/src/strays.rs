@@ -11,7 +11,7 @@
 //! an empty marker; the closer closes every batch it holds only when a marker arrives.
 
 use std::io::IoSlice;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use my_hypervisor_broker_proto::{Request, WireError, recv_keeping_fds};
 use nix::sys::socket::{AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair};
@@ -100,10 +100,11 @@ impl Strays {
         }
     }
 
-    /// Takes every message still queued on a dropped channel, so that no fd in it is
-    /// released when the channel closes.
+    /// Takes the messages still queued on a dropped channel (at most 256: a peer that keeps
+    /// sending must not hold the broker here), so that no fd in them is released when the
+    /// channel closes.
     pub fn drain(&self, chan: &OwnedFd) {
-        loop {
+        for _ in 0..256 {
             let (r, fds) = recv_keeping_fds::<Request>(chan);
             self.dispose(fds);
             if matches!(r, Err(WireError::WouldBlock | WireError::Closed | WireError::Io(_))) {
@@ -115,17 +116,12 @@ impl Strays {
 
 /// The closer: no capability, no other fd; closes what the broker hands it.
 fn closer(chan: OwnedFd) -> ! {
-    // SAFETY: moves the channel to fd 3 and closes every fd above it; nothing else in this
-    // fresh child uses them.
-    let chan = unsafe {
-        let fd = chan.as_raw_fd();
-        if fd != 3 && libc::dup2(fd, 3) < 0 {
-            libc::_exit(1);
-        }
-        libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
-        std::mem::forget(chan);
-        OwnedFd::from_raw_fd(3)
-    };
+    let fd = chan.as_raw_fd() as u32;
+    // SAFETY: closes every fd but the channel (and stdio); nothing in this fresh child uses them.
+    unsafe {
+        libc::close_range(3, fd.saturating_sub(1), 0);
+        libc::close_range(fd + 1, u32::MAX, 0);
+    }
     if crate::confine::keep_only(&[]).is_err() {
         std::process::exit(1);
     }
@@ -135,12 +131,9 @@ fn closer(chan: OwnedFd) -> ! {
         let marker = fds.is_empty();
         held.extend(fds);
         match r {
-            Err(WireError::Closed) => break,
-            Err(WireError::Io(e)) if e != nix::errno::Errno::EINTR => break,
+            Err(WireError::Closed | WireError::Io(_)) => std::process::exit(0),
             _ if marker => held.clear(),
             _ => {}
         }
     }
-    drop(held);
-    std::process::exit(0)
 }
