@@ -148,8 +148,7 @@ impl Broker {
 /// broker does.
 pub fn serve(b: &mut Broker, req: &Request) -> Handled {
     request::check(req)?;
-    let row = request::row_of(req);
-    let (_, vm) = request::name_and_vm(req);
+    let (row, vm) = request::row_of(req);
     if let Some(vm) = vm {
         request::admit(row, vm, b.held(vm))?;
     }

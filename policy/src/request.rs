@@ -73,25 +73,21 @@ pub const TABLE: &[Row] = &[
     row("Inventory", Requires::Nothing, false, 0, true),
 ];
 
-/// The variant's name and the VM it names.
-pub fn name_and_vm(req: &Request) -> (&'static str, Option<&str>) {
-    match req {
-        Request::KvmCheck => ("KvmCheck", None),
-        Request::Prepare { vm, .. } => ("Prepare", Some(vm)),
-        Request::CreateTap { vm, .. } => ("CreateTap", Some(vm)),
-        Request::Spawn { vm, .. } => ("Spawn", Some(vm)),
-        Request::Connect { vm, .. } => ("Connect", Some(vm)),
-        Request::OpenOutputs { vm } => ("OpenOutputs", Some(vm)),
-        Request::Signal { vm, .. } => ("Signal", Some(vm)),
-        Request::Release { vm } => ("Release", Some(vm)),
-        Request::Inventory => ("Inventory", None),
-    }
-}
-
-/// The request's row. Every variant has one (`tests::every_request_has_a_row`).
-pub fn row_of(req: &Request) -> &'static Row {
-    let (name, _) = name_and_vm(req);
-    TABLE.iter().find(|r| r.request == name).unwrap_or(&TABLE[0])
+/// The request's row, and the VM it names. Every variant has its row by construction
+/// (`tests::every_request_has_a_row` checks that each index names its variant).
+pub fn row_of(req: &Request) -> (&'static Row, Option<&str>) {
+    let (i, vm) = match req {
+        Request::KvmCheck => (0, None),
+        Request::Prepare { vm, .. } => (1, Some(vm)),
+        Request::CreateTap { vm, .. } => (2, Some(vm)),
+        Request::Spawn { vm, .. } => (3, Some(vm)),
+        Request::Connect { vm, .. } => (4, Some(vm)),
+        Request::OpenOutputs { vm } => (5, Some(vm)),
+        Request::Signal { vm, .. } => (6, Some(vm)),
+        Request::Release { vm } => (7, Some(vm)),
+        Request::Inventory => (8, None),
+    };
+    (&TABLE[i], vm.map(String::as_str))
 }
 
 /// A request the VM's state does not allow.
@@ -232,20 +228,20 @@ mod tests {
     fn every_request_has_a_row() {
         let mut seen = std::collections::BTreeSet::new();
         for r in samples() {
-            // Exhaustive on purpose: a new variant fails to compile here until it is listed.
-            let listed = match &r {
-                Request::KvmCheck
-                | Request::Prepare { .. }
-                | Request::CreateTap { .. }
-                | Request::Spawn { .. }
-                | Request::Connect { .. }
-                | Request::OpenOutputs { .. }
-                | Request::Signal { .. }
-                | Request::Release { .. }
-                | Request::Inventory => name_and_vm(&r).0,
+            // Exhaustive on purpose: a new variant fails to compile here until it is named.
+            let name = match &r {
+                Request::KvmCheck => "KvmCheck",
+                Request::Prepare { .. } => "Prepare",
+                Request::CreateTap { .. } => "CreateTap",
+                Request::Spawn { .. } => "Spawn",
+                Request::Connect { .. } => "Connect",
+                Request::OpenOutputs { .. } => "OpenOutputs",
+                Request::Signal { .. } => "Signal",
+                Request::Release { .. } => "Release",
+                Request::Inventory => "Inventory",
             };
-            assert_eq!(row_of(&r).request, listed, "{r:?} has no row");
-            seen.insert(listed);
+            assert_eq!(row_of(&r).0.request, name, "{r:?} has another variant's row");
+            seen.insert(name);
         }
         assert_eq!(seen.len(), 9, "samples() holds one request of each variant");
         assert_eq!(TABLE.len(), seen.len(), "one row per variant, no other");
@@ -261,6 +257,15 @@ mod tests {
         assert_eq!(admit(r("Signal"), "a", Held::Exited), Err(StateError::Exited("a".into())));
         assert_eq!(admit(r("OpenOutputs"), "a", Held::Exited), Ok(()));
         assert_eq!(admit(r("Release"), "a", Held::Unknown), Ok(()));
+        // A request that may not repeat requires a state its own success leaves behind.
+        for row in TABLE.iter().filter(|r| !r.repeats) {
+            let after = match row.request {
+                "Prepare" => Held::Prepared,
+                "Spawn" => Held::Alive,
+                other => panic!("{other} may not repeat: say here what it leaves behind"),
+            };
+            assert!(admit(row, "a", after).is_err(), "{} could repeat", row.request);
+        }
     }
 
     /// docs/adr/0002-broker.md shows exactly [`TABLE`].
