@@ -238,3 +238,67 @@ fn dispatch(b: &mut Broker, req: &Request) -> Handled {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use my_hypervisor_broker_proto::{Image, ImageRole, VmmSignal};
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    use nix::sys::stat::Mode;
+
+    use super::*;
+
+    fn broker(dir: &Path) -> Broker {
+        let (spawner, _) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        Broker {
+            run_dir: dir.to_path_buf(),
+            run_fd: open(dir, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).unwrap(),
+            image_roots: vec![],
+            vm_uids: 62060..=62069,
+            cloud_hypervisor: None,
+            spawner,
+            sandbox: SandboxOptions { seccomp: my_hypervisor_policy::seccomp::Mode::Kill, landlock_best_effort: false },
+            allowed_bridges: vec![],
+            vms: BTreeMap::new(),
+            acls: BTreeMap::new(),
+            journal_failed: false,
+            strays: crate::strays::Strays::Refused,
+        }
+    }
+
+    /// Refusals are typed: the field check, the row's state, the journal's health and an
+    /// image's check each give their own variant, before any handler changes anything.
+    #[test]
+    fn refusals_are_typed_and_the_journal_fails_closed() {
+        let dir = PathBuf::from(format!("/var/tmp/myhv-table-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        let mut b = broker(&dir);
+        let prepare = || Request::Prepare {
+            vm: "a".into(),
+            images: vec![Image { path: "/nowhere/vmlinux".into(), role: ImageRole::Kernel }],
+        };
+        assert!(matches!(serve(&mut b, &Request::Release { vm: "A".into() }), Err(Refusal::Field(_))));
+        let signal = Request::Signal { vm: "a".into(), signal: VmmSignal::Term };
+        assert!(matches!(serve(&mut b, &signal), Err(Refusal::State(StateError::NotPrepared(_)))));
+
+        // The journal cannot be written: Release is still served, Prepare is refused.
+        std::fs::create_dir(dir.join(format!("{}.tmp", journal::FILE))).unwrap();
+        assert!(matches!(serve(&mut b, &Request::Release { vm: "a".into() }), Ok((Reply::Released, _))));
+        assert!(b.journal_failed);
+        assert!(matches!(serve(&mut b, &prepare()), Err(Refusal::Journal(_))));
+        assert!(matches!(serve(&mut b, &Request::Inventory), Ok((Reply::Inventory { .. }, _))));
+        std::fs::remove_dir(dir.join(format!("{}.tmp", journal::FILE))).unwrap();
+
+        if nix::unistd::geteuid().is_root() {
+            // Writable again: the journal is retried first, then the image is refused.
+            let r = serve(&mut b, &prepare());
+            assert!(matches!(r, Err(Refusal::Image { ref why, .. }) if why == "is not under any image root"), "{r:?}");
+            assert!(!b.journal_failed && !dir.join("a").exists());
+        } else {
+            eprintln!("SKIP refusals_are_typed_and_the_journal_fails_closed (image part): needs root to chown");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -279,6 +279,10 @@ fn shared_read_only_image_acl_is_restored_exactly() {
     assert!(matches!(h.call(prep("sa")).0, Reply::Prepared { uid: 62010, .. }));
     assert!(matches!(h.call(prep("sb")).0, Reply::Prepared { uid: 62011, .. }));
     assert_eq!(acl_users(&kernel), vec![(6, 34), (READ, 62010), (READ, 62011)]);
+    // The journal records what restores the file: its original ACL bytes (postcard keeps a
+    // byte string as its length, then the bytes).
+    let journal = std::fs::read(h.d.path("run/vmm/broker.journal")).unwrap();
+    assert!(journal.windows(original.len()).any(|w| w == original.as_slice()), "the journal holds the original ACL");
 
     assert_eq!(h.call(Request::Release { vm: "sa".into() }).0, Reply::Released);
     assert_eq!(acl_users(&kernel), vec![(6, 34), (READ, 62011)], "the second VM keeps its entry");
