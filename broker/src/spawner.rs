@@ -8,7 +8,7 @@
 
 use std::ffi::{CString, OsString};
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -62,13 +62,36 @@ impl Program {
     }
 }
 
-/// Fd numbers below this are kept occupied in the helper, so that every fd it receives or
-/// opens (the kept fds, the pipes that report a failed start) lies above every number a
-/// child's keep-list moves fds to, and moving them can never overwrite one.
-const FD_FLOOR: i32 = 16;
+/// Every fd the helper holds lies at or above this number: its channel and the programs'
+/// handles are moved there at start, and the numbers below are kept occupied, so that every
+/// fd it receives or opens (the kept fds, the pipes that report a failed start) lands there
+/// too. A child's keep-list moves fds to numbers below it (`start_detached` checks), so
+/// moving them can never overwrite one, the launcher's handle least of all.
+const FD_FLOOR: i32 = 64;
+
+/// `fd` moved to FD_FLOOR or above; the old number is closed.
+fn above_floor(fd: OwnedFd) -> Result<OwnedFd, String> {
+    // SAFETY: F_DUPFD_CLOEXEC only creates a new fd, which is owned here from now on.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, FD_FLOOR) };
+    if n < FD_FLOOR {
+        return Err(format!("move fd {} above {FD_FLOOR}: {}", fd.as_raw_fd(), std::io::Error::last_os_error()));
+    }
+    // SAFETY: the kernel just returned this new fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
 
 /// The helper's loop; returns when the broker closes the channel.
-pub fn serve(chan: OwnedFd, cfg: SpawnerConfig) -> Result<(), String> {
+pub fn serve(chan: OwnedFd, mut cfg: SpawnerConfig) -> Result<(), String> {
+    let chan = above_floor(chan)?;
+    cfg.frontend.fd = above_floor(cfg.frontend.fd)?;
+    cfg.launcher.fd = above_floor(cfg.launcher.fd)?;
+    // Nothing else inherited from the daemon stays open below the floor.
+    // SAFETY: closes fds no one in this fresh process uses; what it holds is above the floor.
+    if unsafe { libc::close_range(3, FD_FLOOR as u32 - 1, 0) } < 0 {
+        return Err(format!("close inherited fds: {}", std::io::Error::last_os_error()));
+    }
+    let held = [chan.as_raw_fd(), cfg.frontend.fd.as_raw_fd(), cfg.launcher.fd.as_raw_fd()];
+    assert!(held.iter().all(|&fd| fd >= FD_FLOOR), "the spawn helper's fds lie above {FD_FLOOR}: {held:?}");
     let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
     for fd in 3..FD_FLOOR {
         // SAFETY: F_GETFD only asks whether `fd` is open; dup3 fills a free number with a
@@ -129,6 +152,9 @@ fn start_detached(
     ids: Ids,
     vmm_dir: Option<String>,
 ) -> Outcome {
+    if keep.iter().any(|&(from, to)| from < FD_FLOOR || to >= FD_FLOOR) {
+        return Err(format!("keep-list {keep:?} crosses fd {FD_FLOOR}"));
+    }
     cmd.env_clear();
     let argv: Vec<CString> = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())

@@ -19,7 +19,7 @@ use nix::unistd::{Gid, Pid, Uid, UnlinkatFlags, fchownat, unlinkat};
 
 use crate::images::revoke;
 use crate::spawner::{self, Order};
-use crate::table::{Broker, Outcome, Refusal, Vm, Vmm};
+use crate::table::{Broker, Handled, Refusal, Vm, Vmm};
 
 const RELEASE_WAIT_MS: u16 = 5000;
 
@@ -43,8 +43,8 @@ impl Outputs {
 fn create_output(dir: &OwnedFd, name: &str) -> Result<(OwnedFd, OwnedFd), Refusal> {
     let flags =
         OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let w =
-        openat(dir.as_fd(), name, flags, Mode::from_bits_truncate(0o600)).map_err(|e| format!("create {name}: {e}"))?;
+    let w = openat(dir.as_fd(), name, flags, Mode::from_bits_truncate(0o600))
+        .map_err(|e| Refusal::Vmm(format!("create {name}: {e}")))?;
     let r = std::fs::File::open(format!("/proc/self/fd/{}", w.as_raw_fd()))?;
     Ok((w, r.into()))
 }
@@ -57,15 +57,15 @@ fn find_cloud_hypervisor(configured: Option<&Path>) -> Result<PathBuf, Refusal> 
     };
     match found {
         Some(p) if p.is_file() => Ok(p),
-        Some(p) => Err(Refusal(format!("cloud-hypervisor not found at {}", p.display()))),
-        None => Err(Refusal("cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor".into())),
+        Some(p) => Err(Refusal::Vmm(format!("cloud-hypervisor not found at {}", p.display()))),
+        None => Err(Refusal::Vmm("cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor".into())),
     }
 }
 
-pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
+pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
     let ch = find_cloud_hypervisor(b.cloud_hypervisor.as_deref())?;
     let run_dir = b.run_dir.join(id);
-    let vm = b.vms.get_mut(id).ok_or("no such VM")?;
+    let vm = b.vms.get_mut(id).ok_or_else(|| Refusal::Vmm(format!("no VM {id}")))?;
     let image = |role| vm.grants.iter().find(|g| g.role == role).map(|g| g.path.clone());
     let plan = VmmPlan {
         run_dir: run_dir.to_string_lossy().into_owned(),
@@ -89,7 +89,7 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
     plan.check()?;
     let exe = ch.to_string_lossy().into_owned();
     if hidden_in_vmm(&exe) {
-        return Err(Refusal(format!("cloud-hypervisor at {exe} would be hidden in the VMM's mount namespace")));
+        return Err(Refusal::Vmm(format!("cloud-hypervisor at {exe} would be hidden in the VMM's mount namespace")));
     }
     let mut ch_argv = vec![exe.clone()];
     ch_argv.extend(plan.args());
@@ -113,10 +113,11 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
         let (events_w, events_r) = create_output(&vm.dir, EVENT_FILE)?;
         let (report_w, _) = create_output(&vm.dir, SANDBOX_REPORT)?;
         std::io::Write::write_all(&mut std::fs::File::from(report_w), report.as_bytes())?;
-        let api = UnixListener::bind(run_dir.join(API_SOCKET)).map_err(|e| format!("bind api socket: {e}"))?;
+        let api =
+            UnixListener::bind(run_dir.join(API_SOCKET)).map_err(|e| Refusal::Vmm(format!("bind api socket: {e}")))?;
         let ids = (Some(Uid::from_raw(vm.uid)), Some(Gid::from_raw(vm.uid)));
         fchownat(vm.dir.as_fd(), API_SOCKET, ids.0, ids.1, AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map_err(|e| format!("chown api socket: {e}"))?;
+            .map_err(|e| Refusal::Vmm(format!("chown api socket: {e}")))?;
         let mut fds: Vec<OwnedFd> = vec![log_w, api.into(), events_w];
         for t in &vm.taps {
             fds.push(t.fd.try_clone()?);
@@ -124,10 +125,10 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
         let order = Order::Vmm {
             uid: vm.uid,
             run_dir: spec.plan.run_dir.clone(),
-            spec: serde_json::to_string(&spec)?,
+            spec: serde_json::to_string(&spec).map_err(|e| Refusal::Vmm(e.to_string()))?,
             ch_argv,
         };
-        let pid = spawner::order(&b.spawner, order, &fds)?;
+        let pid = spawner::order(&b.spawner, order, &fds).map_err(Refusal::Vmm)?;
         Ok::<_, Refusal>((pid, Outputs { events: events_r, log: log_r }))
     })();
     let (pid, outputs) = started.inspect_err(|_| cleanup(&vm.dir))?;
@@ -140,7 +141,7 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         let _ = waitpid(Pid::from_raw(pid as i32), None);
         cleanup(&vm.dir);
-        return Err(Refusal(format!("pidfd_open {pid}: {e}; the VMM was killed")));
+        return Err(Refusal::Vmm(format!("pidfd_open {pid}: {e}; the VMM was killed")));
     }
     // SAFETY: the kernel just returned this new fd to us.
     let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
@@ -152,30 +153,30 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
 
 /// Connects to one of the VMM's sockets through a handle on the node itself, never by
 /// following a path the VMM could have replaced with a symlink.
-pub fn connect(vm: &Vm, role: SocketRole) -> Outcome {
+pub fn connect(vm: &Vm, role: SocketRole) -> Handled {
     let name = match role {
         SocketRole::Api => API_SOCKET,
         SocketRole::Serial => SERIAL_SOCKET,
         SocketRole::Vsock => VSOCK_SOCKET,
     };
     let node = openat(vm.dir.as_fd(), name, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| format!("{name}: {e}"))?;
+        .map_err(|e| Refusal::Vmm(format!("{name}: {e}")))?;
     let st = fstat(node.as_fd())?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK || st.st_uid != vm.uid {
-        return Err(Refusal(format!("{name} is not a socket owned by the VM uid {}", vm.uid)));
+        return Err(Refusal::Vmm(format!("{name} is not a socket owned by the VM uid {}", vm.uid)));
     }
     // Non-blocking: a VMM that listens but never accepts must not stall the broker.
     let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
     let sock = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
     let addr = UnixAddr::new(format!("/proc/self/fd/{}", node.as_raw_fd()).as_str())?;
-    socket::connect(sock.as_raw_fd(), &addr).map_err(|e| format!("connect {name}: {e}"))?;
+    socket::connect(sock.as_raw_fd(), &addr).map_err(|e| Refusal::Vmm(format!("connect {name}: {e}")))?;
     nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))?;
     Ok((Reply::Connected, vec![sock]))
 }
 
 pub fn signal(vm: &Vm, sig: VmmSignal) -> Result<(), Refusal> {
     let Vmm::Alive { pidfd, .. } = &vm.vmm else {
-        return Err(Refusal("no live VMM".into()));
+        return Err(Refusal::Vmm("no live VMM".into()));
     };
     let sig = match sig {
         VmmSignal::Term => libc::SIGTERM,
@@ -185,7 +186,7 @@ pub fn signal(vm: &Vm, sig: VmmSignal) -> Result<(), Refusal> {
     // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo and no flags.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0) };
     if r < 0 {
-        return Err(Refusal(format!("signal: {}", std::io::Error::last_os_error())));
+        return Err(Refusal::Vmm(format!("signal: {}", std::io::Error::last_os_error())));
     }
     Ok(())
 }
@@ -208,9 +209,8 @@ pub fn reaped(b: &mut Broker, pid: u32, status: ExitStatus) -> Option<Event> {
     Some(Event::VmmExited { vm: id.clone(), pid, status })
 }
 
-/// Kills the VMM if alive, closes the taps, undoes the image grants and removes the runtime
-/// dir. A VM the broker does not hold is already released.
-pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
+/// Kills the VMM if alive and reaps it, waiting at most RELEASE_WAIT_MS.
+pub fn stop(b: &mut Broker, id: &str) -> Result<(), Refusal> {
     let Some(vm) = b.vms.get_mut(id) else { return Ok(()) };
     if let Vmm::Alive { pid, pidfd, .. } = &vm.vmm {
         // A pidfd turns readable when its process exits; a VMM stuck in uninterruptible
@@ -219,24 +219,32 @@ pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
         let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
         signal(vm, VmmSignal::Kill)?;
         if !matches!(poll(&mut fds, PollTimeout::from(RELEASE_WAIT_MS)), Ok(n) if n > 0) {
-            return Err(Refusal(format!(
+            return Err(Refusal::Vmm(format!(
                 "VMM {pid} did not exit within {RELEASE_WAIT_MS} ms of SIGKILL; release again later"
             )));
         }
-        let status = waitpid(Pid::from_raw(pid as i32), None).map_err(|e| format!("reap VMM {pid}: {e}"))?;
+        let status =
+            waitpid(Pid::from_raw(pid as i32), None).map_err(|e| Refusal::Vmm(format!("reap VMM {pid}: {e}")))?;
         reaped(b, pid, exit_status(status).map_or(ExitStatus::Signal(libc::SIGKILL), |s| s.1));
     }
+    Ok(())
+}
+
+/// Kills the VMM if alive, closes the taps, undoes the image grants and removes the runtime
+/// dir. A VM the broker does not hold is already released.
+pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
+    stop(b, id)?;
     // Each step that fails stays recorded, so that the next release tries it again.
-    let vm = b.vms.get_mut(id).ok_or("no such VM")?;
+    let Some(vm) = b.vms.get_mut(id) else { return Ok(()) };
     vm.taps.clear();
     let mut errors: Vec<String> = Vec::new();
-    vm.grants.retain(|g| revoke(g).map_err(|e| errors.push(e)).is_err());
+    vm.grants.retain(|g| revoke(g, &mut b.acls).map_err(|e| errors.push(e)).is_err());
     match std::fs::remove_dir_all(b.run_dir.join(id)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => errors.push(format!("remove runtime dir: {e}")),
         _ => {}
     }
     if !errors.is_empty() {
-        return Err(Refusal(errors.join("; ")));
+        return Err(Refusal::Release { vm: id.to_string(), steps: errors.join("; ") });
     }
     b.vms.remove(id);
     Ok(())

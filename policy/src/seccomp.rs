@@ -155,6 +155,8 @@ pub fn broker_allow_list() -> Vec<Allow> {
     // Sockets: Unix only (VMM sockets, the api listener, the ioctl control socket).
     v.push(only!(SYS_socket, 0, UNIX_ONLY));
     v.push(only!(SYS_socketpair, 0, UNIX_ONLY));
+    // SO_PASSRIGHTS (83) off on each new frontend channel: requests never carry fds.
+    v.push(only!(SYS_setsockopt, 2, &[83]));
     v.extend(sys!(SYS_connect, SYS_bind, SYS_listen));
     // Processes the broker spawned: pidfds and signals.
     v.extend(sys!(SYS_pidfd_open, SYS_pidfd_send_signal, SYS_kill));
