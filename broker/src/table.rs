@@ -133,11 +133,7 @@ pub fn dispatch(b: &mut Broker, req: &Request) -> Outcome {
             if b.vms.contains_key(vm) {
                 return refuse(format!("VM {vm} is already prepared"));
             }
-            let uid = b
-                .vm_uids
-                .clone()
-                .find(|u| b.vms.values().all(|v| v.uid != *u))
-                .ok_or("every uid in the VM uid range is in use")?;
+            let uid = vmm::free_uid(b)?;
             let record = images::prepare(b, vm, uid, images)?;
             let reply = Reply::Prepared { uid, run_dir: b.run_dir.join(vm).to_string_lossy().into_owned() };
             b.vms.insert(vm.clone(), record);

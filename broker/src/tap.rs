@@ -1,12 +1,14 @@
 //! Tap devices by plain ioctls: TUNSETIFF on /dev/net/tun, then SIOCSIFMTU, SIOCBRADDIF and
 //! SIOCSIFFLAGS on a control socket. No netlink, no async runtime. The tap is not persistent:
-//! it goes away with the last fd, which the broker and then the VMM hold.
+//! it goes away with the last fd, which the broker and then the VMM hold. Release does not
+//! trust that alone (a tap can be made persistent): `delete` clears the flag and checks.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const SIOCBRADDIF: libc::c_ulong = 0x89a2;
 const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
@@ -51,9 +53,42 @@ fn ioctl(fd: &OwnedFd, req: libc::c_ulong, ifr: &mut IfReq, what: &str) -> Resul
     Ok(())
 }
 
-/// Creates tap `name` (already validated, at most 15 bytes), sets its MTU, attaches it to
-/// `bridge` and brings it up. Returns the tap's fd.
-pub fn create(name: &str, mtu: Option<u32>, bridge: Option<&str>) -> Result<OwnedFd, String> {
+/// Deletes tap `name`: clears its persist flag through the broker's fd and closes that fd;
+/// if the interface is still there, attaches to it by name and clears the flag again. Fails
+/// if it survives that too (then something else holds an fd of it).
+pub fn delete(name: &str, fd: OwnedFd) -> Result<(), String> {
+    let unpersist = |fd: OwnedFd| {
+        // SAFETY: TUNSETPERSIST takes an integer argument.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 0) } < 0 {
+            return Err(format!("TUNSETPERSIST 0 on {name}: {}", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    };
+    unpersist(fd)?;
+    if exists(name)? {
+        unpersist(attach(name)?)?;
+        if exists(name)? {
+            return Err(format!("tap {name} still exists after release: another process holds it"));
+        }
+    }
+    Ok(())
+}
+
+fn exists(name: &str) -> Result<bool, String> {
+    let ctl = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| format!("control socket: {e}"))?;
+    // SAFETY: SIOCGIFINDEX reads and writes one `struct ifreq`, which IfReq lays out.
+    if unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFINDEX, &mut IfReq::new(name) as *mut IfReq) } == 0 {
+        return Ok(true);
+    }
+    match std::io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::ENODEV) => Ok(false),
+        e => Err(format!("SIOCGIFINDEX on {name}: {e}")),
+    }
+}
+
+/// An fd on tap `name` (created if absent), from /dev/net/tun.
+fn attach(name: &str) -> Result<OwnedFd, String> {
     let tun = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -63,6 +98,13 @@ pub fn create(name: &str, mtu: Option<u32>, bridge: Option<&str>) -> Result<Owne
     let mut ifr = IfReq::new(name);
     ifr.set_short(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
     ioctl(&tun, TUNSETIFF, &mut ifr, "TUNSETIFF")?;
+    Ok(tun)
+}
+
+/// Creates tap `name` (already validated, at most 15 bytes), sets its MTU, attaches it to
+/// `bridge` and brings it up. Returns the tap's fd.
+pub fn create(name: &str, mtu: Option<u32>, bridge: Option<&str>) -> Result<OwnedFd, String> {
+    let tun = attach(name)?;
     let ctl = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
         .map_err(|e| format!("control socket: {e}"))?;
     if let Some(mtu) = mtu {

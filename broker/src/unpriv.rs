@@ -56,8 +56,9 @@ pub fn reset_signals() -> io::Result<()> {
     nix::sys::signal::SigSet::empty().thread_set_mask().map_err(io::Error::from)
 }
 
-/// The VMM's box, built as root in the child before it becomes the VM's uid: a new mount
-/// namespace with / made private, a fresh /dev holding only what `DEV_NODES` lists (made
+/// The VMM's box, built as root in the child (already PID 1 of its own PID namespace, with
+/// fresh IPC and UTS namespaces) before it becomes the VM's uid: a new mount namespace with /
+/// made private, a fresh /proc, a neutral hostname, a fresh /dev holding only what `DEV_NODES` lists (made
 /// with mknod: bind mounts would change the host's nodes), empty tmpfs over `COVERED_DIRS`
 /// with the VM's runtime dir bind-mounted back, and a new, empty network namespace.
 pub fn enter_vmm_namespaces(uid: u32, run_dir: &str) -> io::Result<()> {
@@ -69,6 +70,15 @@ pub fn enter_vmm_namespaces(uid: u32, run_dir: &str) -> io::Result<()> {
         .map_err(step("unshare mount and network namespaces"))?;
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(step("make / private"))?;
+    // A procfs of the new PID namespace (this process is its PID 1): it lists only the VMM's
+    // own processes, and nothing but them (subset=pid).
+    let proc_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(Some("proc"), "/proc", Some("proc"), proc_flags, Some("hidepid=invisible,subset=pid"))
+        .map_err(step("mount a fresh /proc"))?;
+    // SAFETY: sethostname reads exactly `len` bytes from a static string.
+    if unsafe { libc::sethostname(c"vmm".as_ptr(), 3) } != 0 {
+        return Err(io_err("set the hostname", io::Error::last_os_error()));
+    }
     // Opened inside the new namespace, before /run is covered, to bind it back afterwards.
     let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let dir = nix::fcntl::open(run_dir, flags, Mode::empty()).map_err(step("open runtime dir"))?;

@@ -6,7 +6,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use my_hypervisor_broker_proto::{Event, ExitStatus, ImageRole, Reply, SocketRole, VmmConfig, VmmSignal};
-use my_hypervisor_policy::sandbox::{SandboxSpec, hidden_in_vmm};
+use my_hypervisor_policy::sandbox::{SandboxSpec, hidden_in_vmm, status_uids};
 use my_hypervisor_policy::vmm::{
     API_SOCKET, EVENT_FILE, LOG_FILE, SANDBOX_REPORT, SERIAL_SOCKET, VSOCK_SOCKET, VmmPlan,
 };
@@ -62,30 +62,35 @@ fn find_cloud_hypervisor(configured: Option<&Path>) -> Result<PathBuf, Refusal> 
     }
 }
 
+/// The lowest uid of the range that no VM holds and no process runs under. A uid some
+/// process still runs under (something outlived its VM) is never handed out, and each skip
+/// is logged as an error. It needs a /proc that shows every process (no hidepid).
+pub fn free_uid(b: &Broker) -> Result<u32, Refusal> {
+    let mut running = Vec::new();
+    for e in std::fs::read_dir("/proc").map_err(|e| format!("/proc: {e}"))? {
+        let Ok(pid) = e?.file_name().to_string_lossy().parse::<u32>() else { continue };
+        // A process that exited meanwhile has no status any more.
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
+        running.extend(status_uids(&status).into_iter().map(|u| (pid, u)));
+    }
+    for uid in b.vm_uids.clone().filter(|u| b.vms.values().all(|v| v.uid != *u)) {
+        match running.iter().find(|(_, u)| *u == uid) {
+            Some((pid, _)) => {
+                tracing::error!(uid, pid, "a process runs under a free VM uid: the uid is not handed out")
+            }
+            None => return Ok(uid),
+        }
+    }
+    Err(Refusal("every uid in the VM uid range is held by a VM or in use by a process".into()))
+}
+
 pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
     let ch = find_cloud_hypervisor(b.cloud_hypervisor.as_deref())?;
     let run_dir = b.run_dir.join(id);
     let vm = b.vms.get_mut(id).ok_or("no such VM")?;
-    let image = |role| vm.grants.iter().find(|g| g.role == role).map(|g| g.path.clone());
-    let plan = VmmPlan {
-        run_dir: run_dir.to_string_lossy().into_owned(),
-        kernel: image(ImageRole::Kernel),
-        initramfs: image(ImageRole::Initramfs),
-        firmware: image(ImageRole::Firmware),
-        cmdline: cfg.cmdline.clone(),
-        disks: vm
-            .grants
-            .iter()
-            .filter_map(|g| match g.role {
-                ImageRole::Disk { readonly } => Some((g.path.clone(), readonly)),
-                _ => None,
-            })
-            .collect(),
-        nets: vm.taps.iter().map(|t| t.mac.clone()).collect(),
-        vcpus: cfg.vcpus,
-        memory_mib: cfg.memory_mib,
-        vsock: cfg.vsock,
-    };
+    let images: Vec<(ImageRole, String)> = vm.grants.iter().map(|g| (g.role, g.path.clone())).collect();
+    let nets = vm.taps.iter().map(|t| t.mac.clone()).collect();
+    let plan = VmmPlan::new(run_dir.to_string_lossy().into_owned(), &images, nets, cfg);
     plan.check()?;
     let exe = ch.to_string_lossy().into_owned();
     if hidden_in_vmm(&exe) {
@@ -127,23 +132,10 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
             spec: serde_json::to_string(&spec)?,
             ch_argv,
         };
-        let pid = spawner::order(&b.spawner, order, &fds)?;
-        Ok::<_, Refusal>((pid, Outputs { events: events_r, log: log_r }))
+        let started = spawner::order(&b.spawner, order, &fds)?;
+        Ok::<_, Refusal>((started, Outputs { events: events_r, log: log_r }))
     })();
-    let (pid, outputs) = started.inspect_err(|_| cleanup(&vm.dir))?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1. The pid is our
-    // child (re-parented to this subreaper) and not yet reaped, so it cannot be reused.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if raw < 0 {
-        // Without a pidfd the broker could not hold the VMM: it must not run unrecorded.
-        let e = std::io::Error::last_os_error();
-        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-        let _ = waitpid(Pid::from_raw(pid as i32), None);
-        cleanup(&vm.dir);
-        return Err(Refusal(format!("pidfd_open {pid}: {e}; the VMM was killed")));
-    }
-    // SAFETY: the kernel just returned this new fd to us.
-    let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
+    let (spawner::Started { pid, pidfd }, outputs) = started.inspect_err(|_| cleanup(&vm.dir))?;
     let fds = outputs.reopen();
     // Recorded even if the reopen failed, so that a release finds and kills it.
     vm.vmm = Vmm::Alive { pid, pidfd, exe, outputs };
@@ -208,7 +200,8 @@ pub fn reaped(b: &mut Broker, pid: u32, status: ExitStatus) -> Option<Event> {
     Some(Event::VmmExited { vm: id.clone(), pid, status })
 }
 
-/// Kills the VMM if alive, closes the taps, undoes the image grants and removes the runtime
+/// Kills the VMM if alive (as PID 1 of its PID namespace, it takes every process it forked
+/// with it), deletes the taps, undoes the image grants and removes the runtime
 /// dir. A VM the broker does not hold is already released.
 pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
     let Some(vm) = b.vms.get_mut(id) else { return Ok(()) };
@@ -228,8 +221,10 @@ pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
     }
     // Each step that fails stays recorded, so that the next release tries it again.
     let vm = b.vms.get_mut(id).ok_or("no such VM")?;
-    vm.taps.clear();
     let mut errors: Vec<String> = Vec::new();
+    for t in std::mem::take(&mut vm.taps) {
+        errors.extend(crate::tap::delete(&t.name, t.fd).err());
+    }
     vm.grants.retain(|g| revoke(g).map_err(|e| errors.push(e)).is_err());
     match std::fs::remove_dir_all(b.run_dir.join(id)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => errors.push(format!("remove runtime dir: {e}")),

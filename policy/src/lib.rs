@@ -9,5 +9,6 @@ pub mod request;
 pub mod sandbox;
 pub mod seccomp;
 pub mod vmm;
+pub mod vmm_filter;
 
 pub use names::{NameError, check_path_text, check_vm_id};

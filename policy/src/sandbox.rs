@@ -11,10 +11,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::seccomp::{self, When};
 use crate::vmm::{VMM_API_FD, VMM_EVENT_FD, VMM_FIRST_TAP_FD, VmmPlan};
+use crate::vmm_filter;
 
 /// The Landlock ABI the rules target (Linux 6.12): filesystem rights with IoctlDev (V5),
 /// TCP bind and connect (V4), and scoping of abstract Unix sockets and signals (V6).
 pub const LANDLOCK_ABI: ABI = ABI::V6;
+
+/// The namespaces each VMM starts in from its clone: a new PID namespace, of which the VMM
+/// is PID 1 (when it dies, the kernel kills everything left in it), and fresh IPC and UTS
+/// namespaces. Mount and network namespaces follow in the child, before it drops root.
+pub const VMM_CLONE_FLAGS: u64 = (libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) as u64;
 
 /// Directories covered by an empty tmpfs in the VMM's mount namespace. Landlock before ABI
 /// 9 does not control connecting to Unix sockets by path, so the VMM must not see the host's
@@ -57,6 +63,12 @@ pub struct Rule {
     pub optional: bool,
 }
 
+/// The real, effective, saved and filesystem uids on the `Uid:` line of a /proc/PID/status.
+pub fn status_uids(status: &str) -> Vec<u32> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or_default();
+    line.split_whitespace().filter_map(|u| u.parse().ok()).collect()
+}
+
 /// True if `path` lies in a directory the VMM's namespace covers.
 pub fn hidden_in_vmm(path: &str) -> bool {
     COVERED_DIRS.iter().any(|d| Path::new(path).starts_with(d))
@@ -96,10 +108,13 @@ impl SandboxSpec {
         let _ = writeln!(w, "\n[identity]\nuid {0} gid {0}, no supplementary groups", self.uid);
         let _ = writeln!(w, "capabilities: effective, permitted, inheritable, ambient and bounding sets all empty");
         let _ = writeln!(w, "no_new_privs: set; new session; umask 077; empty environment");
-        let _ = writeln!(w, "\n[namespaces]\nmount: new, / made MS_REC|MS_PRIVATE");
+        let _ = writeln!(w, "\n[namespaces]\npid: new; the VMM is its PID 1, and everything in it dies with the VMM");
+        let _ = writeln!(w, "ipc, uts: new");
+        let _ = writeln!(w, "mount: new, / made MS_REC|MS_PRIVATE");
         let _ = writeln!(w, "network: new and empty (taps arrive as fds)");
         let nodes: Vec<String> = DEV_NODES.iter().map(|(n, ma, mi)| format!("{n} (char {ma}:{mi})")).collect();
         let _ = writeln!(w, "/dev: fresh tmpfs holding only {}, owned by uid {}", nodes.join(", "), self.uid);
+        let _ = writeln!(w, "/proc: a fresh procfs of the new pid namespace (hidepid=invisible)");
         let _ = writeln!(w, "covered by empty tmpfs: {}", COVERED_DIRS.join(", "));
         let _ = writeln!(w, "bind-mounted back: {} (its runtime dir)", self.plan.run_dir);
         let mode = if self.landlock_best_effort { "best effort" } else { "hard requirement" };
@@ -112,14 +127,28 @@ impl SandboxSpec {
         let _ = writeln!(w, "network: TCP bind and connect denied");
         let _ = writeln!(w, "scoped: abstract Unix sockets, signals");
         let _ = writeln!(w, "\n[seccomp] default action: {:?}; architecture checked first", self.seccomp.action());
-        let _ = writeln!(w, "filter 2 (stacked): clone3 -> ENOSYS, so that clone's flags are checked");
+        let _ = writeln!(w, "filter 2 (stacked, never kills; every call it answers is allowed by filter 1):");
+        for (name, _) in vmm_filter::ENOSYS_CALLS {
+            let _ = writeln!(w, "  {name} -> ENOSYS");
+        }
+        let allowed: Vec<String> = vmm_filter::VMM_IOCTLS.iter().map(|(n, v)| format!("{n} ({v:#x})")).collect();
+        let _ = writeln!(w, "  ioctl allowed: KVM (type {:#x}), {}", vmm_filter::KVM_IOCTL_TYPE, allowed.join(", "));
+        let refused: Vec<&str> = vmm_filter::REFUSED_IOCTLS.iter().map(|r| r.0).collect();
+        let _ = writeln!(
+            w,
+            "  any other ioctl -> {:?}, among them {}",
+            vmm_filter::refused_ioctl_action(self.seccomp),
+            refused.join(", ")
+        );
         let mut list = seccomp::vmm_allow_list();
         list.sort_by_key(|a| a.name);
         for a in list {
             let _ = match a.when {
                 When::Always => writeln!(w, "allow {}", a.name),
                 When::ArgIn { arg, values } => writeln!(w, "allow {} if arg{arg} in {values:#x?}", a.name),
-                When::ArgClear { arg, mask } => writeln!(w, "allow {} if arg{arg} & {mask:#x} == 0", a.name),
+                When::ArgMasked { arg, mask, value } => {
+                    writeln!(w, "allow {} if arg{arg} & {mask:#x} == {value:#x}", a.name)
+                }
             };
         }
         let _ = writeln!(w, "\n[rlimits]");

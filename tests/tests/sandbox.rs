@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -40,9 +41,9 @@ fn config() -> VmmConfig {
     VmmConfig { vcpus: 1, memory_mib: 64, cmdline: None, vsock: false }
 }
 
-/// Prepares `vm` with `kernel` holding `content` (and a writable disk), spawns it, and
-/// returns its uid, pid and log fd.
-fn start(h: &mut Harness, vm: &str, content: &[u8], disk: bool) -> (u32, u32, OwnedFd) {
+/// Prepares `vm` with `kernel` holding `content` (and a writable disk, and a tap), spawns it,
+/// and returns its uid, pid and log fd.
+fn start(h: &mut Harness, vm: &str, content: &[u8], disk: bool, tap: bool) -> (u32, u32, OwnedFd) {
     let kernel = h.images().join(format!("{vm}.kernel"));
     std::fs::write(&kernel, content).expect("kernel");
     let mut images = vec![image(&kernel, ImageRole::Kernel)];
@@ -54,6 +55,10 @@ fn start(h: &mut Harness, vm: &str, content: &[u8], disk: bool) -> (u32, u32, Ow
     }
     let (reply, _) = h.call(Request::Prepare { vm: vm.into(), images });
     let Reply::Prepared { uid, .. } = reply else { panic!("prepare {vm}: {reply:?}") };
+    if tap {
+        let (reply, _) = h.call(Request::CreateTap { vm: vm.into(), mac: None, mtu: None, bridge: None });
+        assert!(matches!(reply, Reply::Tap { .. }), "create tap for {vm}: {reply:?}");
+    }
     let (reply, fds) = h.call(Request::Spawn { vm: vm.into(), config: config() });
     let Reply::Spawned { pid, .. } = reply else { panic!("spawn {vm}: {reply:?}") };
     let log = fds.into_iter().nth(1).expect("log fd");
@@ -82,7 +87,7 @@ fn escapes_fail_and_needs_succeed() {
         return;
     }
     let run = RunDir::new("escape");
-    let mut h = Harness::start_with("sandbox-probe", &["--run-dir", &run.vmm()]);
+    let mut h = Harness::start_with("sandbox-probe", &["--run-dir", &run.vmm(), "--vm-uid-range", "62100-62109"]);
     let host_socket = PathBuf::from(format!("/run/myhv-escape-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&host_socket);
     let _listener = UnixListener::bind(&host_socket).expect("host socket");
@@ -101,7 +106,7 @@ fn escapes_fail_and_needs_succeed() {
     assert!(matches!(reply, Reply::Prepared { .. }), "{reply:?}");
 
     let content = format!("all {}", host_socket.display());
-    let (uid, pid, log) = start(&mut h, "a", content.as_bytes(), true);
+    let (uid, pid, log) = start(&mut h, "a", content.as_bytes(), true, true);
     let text = wait_for("the probe's report", Duration::from_secs(20), || {
         let t = read_log(&log);
         t.contains("READY").then_some(t)
@@ -123,6 +128,10 @@ fn escapes_fail_and_needs_succeed() {
         "open-dev-mem",
         "open-disk-device",
         "exec-bin-sh",
+        "exec-image",
+        "exec-run-dir-file",
+        "read-etc-hostname",
+        "list-proc",
         "connect-tcp",
         "connect-host-unix-socket",
     ] {
@@ -132,8 +141,24 @@ fn escapes_fail_and_needs_succeed() {
             "{denied} must fail with EACCES, EPERM or ENOENT, got {r}\n{text}"
         );
     }
-    for allowed in ["read-kernel", "kvm-create-vm", "write-own-disk", "socket-in-own-dir"] {
+    for allowed in ["read-kernel", "kvm-create-vm", "write-own-disk", "socket-in-own-dir", "tap-tungetiff"] {
         assert_eq!(result(allowed), "ok", "{allowed}\n{text}");
+    }
+    // Refused by request number on the tap fd the broker passed, with an errno, not a kill.
+    for refused in ["tap-tunsetpersist", "tap-siocsifhwaddr"] {
+        assert!(result(refused).starts_with("denied:ENOTTY"), "{refused}\n{text}");
+    }
+    assert!(result("io-uring-setup").starts_with("denied:ENOSYS"), "{text}");
+    // Its /proc is a procfs of its own PID namespace, where it is PID 1 and alone.
+    let procs: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root/proc"))
+        .expect("the probe's /proc, seen from outside")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.parse::<u32>().is_ok())
+        .collect();
+    assert_eq!(procs, vec!["1".to_string()], "the probe's /proc lists only its own namespace");
+    let ns = |kind: &str, p: &str| std::fs::read_link(format!("/proc/{p}/ns/{kind}")).expect("ns link");
+    for kind in ["pid", "ipc", "uts", "mnt", "net"] {
+        assert_ne!(ns(kind, &pid.to_string()), ns(kind, "self"), "the probe has its own {kind} namespace");
     }
     assert!(text.contains("landlock ABI 6 FullyEnforced"), "{text}");
 
@@ -146,7 +171,7 @@ fn escapes_fail_and_needs_succeed() {
     }
     assert_eq!(st["NoNewPrivs"], "1");
     assert_eq!(st["Seccomp"], "2");
-    assert_eq!(st["Seccomp_filters"], "2", "the allow-list and the clone3 filter");
+    assert_eq!(st["Seccomp_filters"], "2", "the allow-list and the second filter");
     assert_eq!(h.call(Request::Release { vm: "a".into() }).0, Reply::Released);
 }
 
@@ -156,16 +181,94 @@ fn forbidden_syscalls_kill_the_vmm() {
         return;
     }
     let run = RunDir::new("sigsys");
-    let mut h = Harness::start_with("sandbox-probe", &["--run-dir", &run.vmm()]);
-    for op in ["ptrace", "mount", "unshare", "bpf", "kexec_load", "init_module", "keyctl", "setuid"] {
+    let mut h = Harness::start_with("sandbox-probe", &["--run-dir", &run.vmm(), "--vm-uid-range", "62110-62129"]);
+    for op in ["fork", "ptrace", "mount", "unshare", "bpf", "kexec_load", "init_module", "keyctl", "setuid"] {
         let vm = format!("k-{}", op.replace('_', "-"));
-        let (_, _, log) = start(&mut h, &vm, op.as_bytes(), false);
+        let (_, _, log) = start(&mut h, &vm, op.as_bytes(), false, false);
         let exit = wait_for(&format!("{op} to end the probe"), Duration::from_secs(10), || held(&mut h, &vm).exit);
         let text = read_log(&log);
         assert_eq!(exit, ExitStatus::Signal(libc::SIGSYS), "{op}: {text}");
         assert!(!text.contains("SURVIVED"), "{op}: {text}");
         assert_eq!(h.call(Request::Release { vm }).0, Reply::Released);
     }
+}
+
+/// Every pid whose real, effective, saved or filesystem uid is `uid`.
+fn pids_of_uid(uid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if proc_status(pid)
+            .is_some_and(|s| s.get("Uid").is_some_and(|u| u.split_whitespace().any(|x| x == uid.to_string())))
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_forked_child_ends_with_its_vm() {
+    if !have_root("a_forked_child_ends_with_its_vm") {
+        return;
+    }
+    let run = RunDir::new("fork");
+    // The debugging mode lets the fork through (and logs it), as a stand-in for a VMM that
+    // found a way to fork.
+    let args = ["--run-dir", &run.vmm(), "--vm-uid-range", "62140-62149", "--vmm-seccomp", "log"];
+    let mut h = Harness::start_with("sandbox-probe", &args);
+    let (uid, pid, log) = start(&mut h, "f", b"fork", false, true);
+    wait_for("the probe to fork", Duration::from_secs(20), || read_log(&log).contains("FORKED").then_some(()));
+    let child = wait_for("the forked child", Duration::from_secs(5), || {
+        my_hypervisor_tests::children(pid as i32).into_iter().next()
+    });
+    assert_eq!(proc_status(child).expect("child")["Uid"].split_whitespace().next(), Some(uid.to_string().as_str()));
+    let tap = format!("mh{uid}n0");
+    assert!(Path::new("/sys/class/net").join(&tap).exists(), "the tap exists while the VM runs");
+    let dir = run.0.join("vmm").join("f");
+    assert!(dir.exists());
+
+    assert_eq!(h.call(Request::Release { vm: "f".into() }).0, Reply::Released);
+    assert!(proc_status(child).is_none(), "the forked child {child} outlived Release");
+    assert_eq!(pids_of_uid(uid), Vec::<i32>::new(), "processes still run under the VM uid {uid}");
+    assert!(!Path::new("/sys/class/net").join(&tap).exists(), "tap {tap} outlived Release");
+    assert!(!dir.exists(), "the run dir outlived Release");
+    // The next VM may take the uid.
+    std::fs::write(h.images().join("g.kernel"), b"x").expect("kernel");
+    let images = vec![image(&h.images().join("g.kernel"), ImageRole::Kernel)];
+    assert!(
+        matches!(h.call(Request::Prepare { vm: "g".into(), images }).0, Reply::Prepared { uid: u, .. } if u == uid)
+    );
+    assert_eq!(h.call(Request::Release { vm: "g".into() }).0, Reply::Released);
+}
+
+#[test]
+fn a_uid_in_use_is_not_handed_out() {
+    if !have_root("a_uid_in_use_is_not_handed_out") {
+        return;
+    }
+    let run = RunDir::new("uidbusy");
+    let mut h = Harness::start_with("sandbox-probe", &["--run-dir", &run.vmm(), "--vm-uid-range", "62150-62159"]);
+    // A process left under the first uid of the range, as an orphan of an old VMM would be.
+    let mut orphan = std::process::Command::new("sleep")
+        .arg("60")
+        .uid(62150)
+        .gid(62150)
+        .spawn()
+        .expect("start a process as uid 62150");
+    wait_for("the orphan to run as 62150", Duration::from_secs(5), || pids_of_uid(62150).first().copied());
+    std::fs::write(h.images().join("u.kernel"), b"x").expect("kernel");
+    let images = vec![image(&h.images().join("u.kernel"), ImageRole::Kernel)];
+    let (reply, _) = h.call(Request::Prepare { vm: "u".into(), images });
+    let _ = orphan.kill();
+    let _ = orphan.wait();
+    assert!(matches!(reply, Reply::Prepared { uid: 62151, .. }), "uid 62150 is in use: {reply:?}");
+    let log = h.d.log();
+    assert!(
+        log.lines().any(|l| l.contains("ERROR") && l.contains("62150") && l.contains(&orphan.id().to_string())),
+        "the skipped uid and its process are logged as an error:\n{log}"
+    );
+    assert_eq!(h.call(Request::Release { vm: "u".into() }).0, Reply::Released);
 }
 
 #[test]
@@ -225,9 +328,9 @@ fn real_cloud_hypervisor_boots_in_the_sandbox() {
         return;
     }
     let run = RunDir::new("realch");
-    let mut h = Harness::start_with(&ch.to_string_lossy(), &["--run-dir", &run.vmm()]);
+    let mut h = Harness::start_with(&ch.to_string_lossy(), &["--run-dir", &run.vmm(), "--vm-uid-range", "62130-62139"]);
     let guest = pvh::guest("my_hypervisor sandbox test guest", false);
-    let (_, pid, log) = start(&mut h, "real", &guest, false);
+    let (_, pid, log) = start(&mut h, "real", &guest, false, false);
     let state = wait_for("vm.info to say Running", Duration::from_secs(20), || {
         let (reply, fds) = h.call(Request::Connect { vm: "real".into(), role: SocketRole::Api });
         if reply != Reply::Connected {
