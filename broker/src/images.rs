@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use my_hypervisor_broker_proto::{Image, ImageRole};
 use my_hypervisor_policy::check_path_text;
 use my_hypervisor_policy::layout::VM_RUN_DIR_MODE;
-use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat, openat2};
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 use nix::sys::stat::{Mode, SFlag, fchmod, fstat, mkdirat};
-use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, unlinkat};
+use nix::unistd::{Gid, Uid, fchown};
 
 use crate::table::{Broker, Refusal, Vm, Vmm};
 
@@ -92,9 +92,7 @@ pub fn prepare(b: &Broker, vm: &str, uid: u32, images: &[Image]) -> Result<Vm, R
     mkdirat(b.run_fd.as_fd(), vm, mode).map_err(|e| format!("create runtime dir {vm}: {e}"))?;
     let mut grants: Vec<Grant> = Vec::new();
     let result = (|| {
-        let dir =
-            openat(b.run_fd.as_fd(), vm, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())?;
-        fchown(dir.as_fd(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))?;
+        let dir = crate::vmm::open_run_dir(b, vm, uid)?;
         for image in images {
             let held = |inode, writable: bool| {
                 let mut all = b.vms.iter().flat_map(|(id, v)| v.grants.iter().map(move |g| (id, g)));
@@ -112,7 +110,7 @@ pub fn prepare(b: &Broker, vm: &str, uid: u32, images: &[Image]) -> Result<Vm, R
         Ok(dir) => Ok(Vm { uid, dir, grants, taps: vec![], vmm: Vmm::NotSpawned }),
         Err(e) => {
             grants.iter().for_each(|g| drop(revoke(g)));
-            let _ = unlinkat(b.run_fd.as_fd(), vm, UnlinkatFlags::RemoveDir);
+            let _ = crate::vmm::remove_run_dir(b, vm);
             Err(e)
         }
     }

@@ -20,7 +20,7 @@ use nix::sys::stat::Mode;
 use nix::unistd::pipe2;
 use serde::{Deserialize, Serialize};
 
-use crate::unpriv::{drop_privileges, enter_vmm_namespaces, place_fds, reset_signals};
+use crate::unpriv::{drop_privileges, enter_vmm_namespaces, place_fds, reset_signals, run_dir_tmpfs};
 
 /// The fd numbers the frontend finds its inheritance at.
 pub const FRONTEND_LISTEN_FD: i32 = 3;
@@ -33,6 +33,8 @@ pub enum Order {
     /// fds: the VMM log (stdout and stderr), then the VMM's own fds from fd 3 up. `spec` is
     /// the VM's `SandboxSpec` as JSON, for the launcher.
     Vmm { uid: u32, run_dir: String, spec: String, ch_argv: Vec<String> },
+    /// fd: a VM's run dir. Mount its tmpfs, owned by `uid`; or with none, unmount it.
+    RunDir { uid: Option<u32> },
 }
 
 /// The helper's answer: the pid, with its pidfd attached; or why the start failed.
@@ -84,9 +86,8 @@ pub fn serve(chan: OwnedFd, cfg: SpawnerConfig) -> Result<(), String> {
             Err(WireError::Closed) => return Ok(()),
             Err(e) => return Err(format!("order: {e}")),
         };
-        let outcome = start(&cfg, env.body, fds);
-        let (body, pidfd) = match outcome {
-            Ok(s) => (Ok(s.pid), Some(s.pidfd)),
+        let (body, pidfd) = match start(&cfg, env.body, fds) {
+            Ok(s) => (Ok(s.as_ref().map_or(0, |s| s.pid)), s.map(|s| s.pidfd)),
             Err(e) => {
                 tracing::error!(error = %e, "spawn failed");
                 (Err(e), None)
@@ -105,31 +106,27 @@ fn c_args(prog: &Program, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> 
         .collect()
 }
 
-fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Result<Started, String> {
-    let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+/// Carries out one order: a started program, or `None` for a run dir (un)mount.
+fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Result<Option<Started>, String> {
     match order {
         Order::Frontend => {
             let [listen, chan] = <[OwnedFd; 2]>::try_from(fds).map_err(|_| "frontend order needs 2 fds")?;
             let argv = c_args(&cfg.frontend, &cfg.frontend_args)?;
             // stdout and stderr stay the daemon's.
-            let keep = vec![
-                (null.as_raw_fd(), 0),
-                (1, 1),
-                (2, 2),
-                (listen.as_raw_fd(), FRONTEND_LISTEN_FD),
-                (chan.as_raw_fd(), FRONTEND_BROKER_FD),
-            ];
-            start_detached(argv, &cfg.frontend, keep, cfg.frontend_ids, 0, None)
+            let keep =
+                vec![(1, 1), (2, 2), (listen.as_raw_fd(), FRONTEND_LISTEN_FD), (chan.as_raw_fd(), FRONTEND_BROKER_FD)];
+            start_detached(argv, &cfg.frontend, keep, cfg.frontend_ids, 0, None).map(Some)
         }
+        Order::RunDir { uid } => run_dir_tmpfs(uid, fds.first().ok_or("run dir order needs a dir fd")?).map(|()| None),
         Order::Vmm { uid, run_dir, spec, ch_argv } => {
-            let mut fds = fds.into_iter();
-            let log = fds.next().ok_or("vmm order needs a log fd")?;
-            let rest: Vec<OwnedFd> = fds.collect();
             let args = ["--spec".to_string(), spec, "--".to_string()].into_iter().chain(ch_argv);
             let argv = c_args(&cfg.launcher, args)?;
-            let mut keep = vec![(null.as_raw_fd(), 0), (log.as_raw_fd(), 1), (log.as_raw_fd(), 2)];
-            keep.extend(rest.iter().enumerate().map(|(i, fd)| (fd.as_raw_fd(), 3 + i as i32)));
-            start_detached(argv, &cfg.launcher, keep, Ids { uid, gid: uid }, VMM_CLONE_FLAGS, Some(run_dir))
+            // fds: the log (stdout and stderr), then the VMM's own from 3 up.
+            let mut keep: Vec<(i32, i32)> = fds.iter().map(|fd| fd.as_raw_fd()).zip(2..).collect();
+            keep.first_mut().ok_or("vmm order needs a log fd")?.1 = 1;
+            keep.insert(1, (fds[0].as_raw_fd(), 2));
+            let ids = Ids { uid, gid: uid };
+            start_detached(argv, &cfg.launcher, keep, ids, VMM_CLONE_FLAGS, Some(run_dir)).map(Some)
         }
     }
 }
@@ -168,7 +165,7 @@ pub unsafe fn fork_sibling(ns_flags: u64) -> std::io::Result<Option<Started>> {
     }
 }
 
-/// Starts `prog` with `argv` as `ids`, with exactly `keep` inherited (stdio included), from
+/// Starts `prog` with `argv` as `ids`, with exactly /dev/null as stdin and `keep` inherited, from
 /// a clone with `ns_flags` that is the broker's child; for a VMM (`vmm_dir` set), inside its
 /// mount and network namespaces too. Returns once the program has exec'd.
 fn start_detached(
@@ -180,6 +177,8 @@ fn start_detached(
     vmm_dir: Option<String>,
 ) -> Result<Started, String> {
     let exe = prog.fd.as_raw_fd();
+    let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    let keep: Vec<(i32, i32)> = std::iter::once((null.as_raw_fd(), 0)).chain(keep).collect();
     // One line comes back on this pipe: the step that failed in the child. A successful exec
     // closes it (CLOEXEC) with nothing written.
     let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
@@ -236,11 +235,20 @@ fn prepare_child(keep: &[(i32, i32)], vmm_dir: Option<&str>, ids: Ids) -> std::i
 /// The broker's side: hands one order and its fds to the helper and waits for the outcome:
 /// the started program's pid and pidfd.
 pub fn order(chan: &OwnedFd, order: Order, fds: &[OwnedFd]) -> Result<Started, String> {
+    let (pid, fds) = order_raw(chan, order, fds)?;
+    let pidfd = fds.into_iter().next().ok_or("spawn helper: no pidfd came with the pid")?;
+    Ok(Started { pid, pidfd })
+}
+
+/// Mounts (`uid` set) or unmounts the tmpfs of the VM run dir `dir`, through the helper.
+pub fn run_dir(chan: &OwnedFd, uid: Option<u32>, dir: OwnedFd) -> Result<(), String> {
+    order_raw(chan, Order::RunDir { uid }, &[dir]).map(drop)
+}
+
+fn order_raw(chan: &OwnedFd, order: Order, fds: &[OwnedFd]) -> Result<(u32, Vec<OwnedFd>), String> {
     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: order };
     send(chan, env, &raw).map_err(|e| format!("spawn helper: {e}"))?;
     let (reply, fds) = recv::<Outcome>(chan).map_err(|e| format!("spawn helper: {e}"))?;
-    let pid = reply.body?;
-    let pidfd = fds.into_iter().next().ok_or("spawn helper: no pidfd came with the pid")?;
-    Ok(Started { pid, pidfd })
+    Ok((reply.body?, fds))
 }

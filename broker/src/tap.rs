@@ -53,42 +53,29 @@ fn ioctl(fd: &OwnedFd, req: libc::c_ulong, ifr: &mut IfReq, what: &str) -> Resul
     Ok(())
 }
 
-/// Deletes tap `name`: clears its persist flag through the broker's fd and closes that fd;
-/// if the interface is still there, attaches to it by name and clears the flag again. Fails
-/// if it survives that too (then something else holds an fd of it).
+/// Deletes tap `name` explicitly: clears its persist flag through the broker's fd (a VMM
+/// could have set it), closes that fd, and checks that the interface is gone. If it is not,
+/// another process still holds an fd of it.
 pub fn delete(name: &str, fd: OwnedFd) -> Result<(), String> {
-    let unpersist = |fd: OwnedFd| {
-        // SAFETY: TUNSETPERSIST takes an integer argument.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 0) } < 0 {
-            return Err(format!("TUNSETPERSIST 0 on {name}: {}", std::io::Error::last_os_error()));
-        }
-        Ok(())
-    };
-    unpersist(fd)?;
-    if exists(name)? {
-        unpersist(attach(name)?)?;
-        if exists(name)? {
-            return Err(format!("tap {name} still exists after release: another process holds it"));
-        }
+    // SAFETY: TUNSETPERSIST takes an integer argument.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 0) } < 0 {
+        return Err(format!("TUNSETPERSIST 0 on {name}: {}", std::io::Error::last_os_error()));
     }
-    Ok(())
-}
-
-fn exists(name: &str) -> Result<bool, String> {
+    drop(fd);
     let ctl = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
         .map_err(|e| format!("control socket: {e}"))?;
     // SAFETY: SIOCGIFINDEX reads and writes one `struct ifreq`, which IfReq lays out.
-    if unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFINDEX, &mut IfReq::new(name) as *mut IfReq) } == 0 {
-        return Ok(true);
-    }
-    match std::io::Error::last_os_error() {
-        e if e.raw_os_error() == Some(libc::ENODEV) => Ok(false),
-        e => Err(format!("SIOCGIFINDEX on {name}: {e}")),
+    let found = unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFINDEX, &mut IfReq::new(name) as *mut IfReq) };
+    match std::io::Error::last_os_error().raw_os_error() {
+        _ if found == 0 => Err(format!("tap {name} still exists after release: another process holds it")),
+        Some(libc::ENODEV) => Ok(()),
+        e => Err(format!("SIOCGIFINDEX on {name}: {}", std::io::Error::from_raw_os_error(e.unwrap_or(0)))),
     }
 }
 
-/// An fd on tap `name` (created if absent), from /dev/net/tun.
-fn attach(name: &str) -> Result<OwnedFd, String> {
+/// Creates tap `name` (already validated, at most 15 bytes), sets its MTU, attaches it to
+/// `bridge` and brings it up. Returns the tap's fd.
+pub fn create(name: &str, mtu: Option<u32>, bridge: Option<&str>) -> Result<OwnedFd, String> {
     let tun = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -98,13 +85,6 @@ fn attach(name: &str) -> Result<OwnedFd, String> {
     let mut ifr = IfReq::new(name);
     ifr.set_short(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
     ioctl(&tun, TUNSETIFF, &mut ifr, "TUNSETIFF")?;
-    Ok(tun)
-}
-
-/// Creates tap `name` (already validated, at most 15 bytes), sets its MTU, attaches it to
-/// `bridge` and brings it up. Returns the tap's fd.
-pub fn create(name: &str, mtu: Option<u32>, bridge: Option<&str>) -> Result<OwnedFd, String> {
-    let tun = attach(name)?;
     let ctl = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
         .map_err(|e| format!("control socket: {e}"))?;
     if let Some(mtu) = mtu {

@@ -3,11 +3,11 @@
 //! VMM launcher after its namespaces are set up.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use caps::CapSet;
 use my_hypervisor_policy::layout::Ids;
-use my_hypervisor_policy::sandbox::{COVERED_DIRS, DEV_NODES, hidden_in_vmm};
+use my_hypervisor_policy::sandbox::{COVERED_DIRS, DEV_NODES, hidden_in_vmm, run_dir_tmpfs_options};
 use nix::fcntl::OFlag;
 use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
 
@@ -88,13 +88,8 @@ pub fn enter_vmm_namespaces(uid: u32, run_dir: &str) -> io::Result<()> {
     tmpfs("/dev", MsFlags::MS_NOEXEC, "mode=0755,size=64k")?;
     for (name, major, minor) in DEV_NODES {
         let node = format!("/dev/{name}");
-        mknod(
-            node.as_str(),
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o600),
-            makedev((*major).into(), (*minor).into()),
-        )
-        .map_err(step("mknod"))?;
+        let dev = makedev((*major).into(), (*minor).into());
+        mknod(node.as_str(), SFlag::S_IFCHR, Mode::from_bits_truncate(0o600), dev).map_err(step("mknod"))?;
         nix::unistd::chown(node.as_str(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))
             .map_err(step("chown dev node"))?;
     }
@@ -112,6 +107,20 @@ pub fn enter_vmm_namespaces(uid: u32, run_dir: &str) -> io::Result<()> {
             .map_err(step("bind-mount the runtime dir"))?;
     }
     Ok(())
+}
+
+/// In the spawn helper: mounts a VM's run dir tmpfs, owned by `uid`, over the directory `dir`
+/// names; or, with no uid, lazily unmounts the tmpfs at `dir` (the broker and the frontend
+/// may still hold files of it; it is freed when they close them).
+pub fn run_dir_tmpfs(uid: Option<u32>, dir: &OwnedFd) -> Result<(), String> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    let at = format!("/proc/self/fd/{}", dir.as_raw_fd());
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    match uid {
+        Some(uid) => mount(Some("tmpfs"), at.as_str(), Some("tmpfs"), flags, Some(run_dir_tmpfs_options(uid).as_str()))
+            .map_err(|e| format!("mount the run dir's tmpfs: {e}")),
+        None => umount2(at.as_str(), MntFlags::MNT_DETACH).map_err(|e| format!("unmount the run dir's tmpfs: {e}")),
+    }
 }
 
 /// Becomes `ids` with no supplementary groups, every capability set empty (bounding and

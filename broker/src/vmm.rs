@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use my_hypervisor_broker_proto::{Event, ExitStatus, ImageRole, Reply, SocketRole, VmmConfig, VmmSignal};
 use my_hypervisor_policy::sandbox::{SandboxSpec, hidden_in_vmm, status_uids};
 use my_hypervisor_policy::vmm::{
-    API_SOCKET, EVENT_FILE, LOG_FILE, SANDBOX_REPORT, SERIAL_SOCKET, VSOCK_SOCKET, VmmPlan,
+    API_SOCKET, EVENT_FILE, LOG_FILE, SANDBOX_REPORT, VmmPlan, signal_number, socket_name,
 };
 use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -50,15 +50,37 @@ fn create_output(dir: &OwnedFd, name: &str) -> Result<(OwnedFd, OwnedFd), Refusa
 }
 
 fn find_cloud_hypervisor(configured: Option<&Path>) -> Result<PathBuf, Refusal> {
-    let found = match configured {
-        Some(p) => Some(p.to_path_buf()),
-        None => std::env::var_os("PATH")
-            .and_then(|path| std::env::split_paths(&path).map(|d| d.join("cloud-hypervisor")).find(|p| p.is_file())),
-    };
-    match found {
-        Some(p) if p.is_file() => Ok(p),
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    match configured {
+        Some(p) if p.is_file() => Ok(p.to_path_buf()),
         Some(p) => Err(Refusal(format!("cloud-hypervisor not found at {}", p.display()))),
-        None => Err(Refusal("cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor".into())),
+        None => std::env::split_paths(&path)
+            .map(|d| d.join("cloud-hypervisor"))
+            .find(|p| p.is_file())
+            .ok_or_else(|| Refusal("cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor".into())),
+    }
+}
+
+/// Mounts the VM's own size-limited tmpfs on its new run dir `vm` (through the spawn helper)
+/// and opens it; the tmpfs is owned by `uid`, mode 0700.
+pub fn open_run_dir(b: &Broker, vm: &str, uid: u32) -> Result<OwnedFd, Refusal> {
+    let open =
+        || openat(b.run_fd.as_fd(), vm, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty());
+    spawner::run_dir(&b.spawner, Some(uid), open()?)?;
+    Ok(open()?)
+}
+
+/// Unmounts the run dir's tmpfs (EINVAL, not a mount point, if it was never mounted), then
+/// removes the dir and anything left below it.
+pub fn remove_run_dir(b: &Broker, vm: &str) -> Result<(), String> {
+    if let Ok(dir) =
+        openat(b.run_fd.as_fd(), vm, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+    {
+        let _ = spawner::run_dir(&b.spawner, None, dir);
+    }
+    match std::fs::remove_dir_all(b.run_dir.join(vm)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("remove runtime dir: {e}")),
+        _ => Ok(()),
     }
 }
 
@@ -145,11 +167,7 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
 /// Connects to one of the VMM's sockets through a handle on the node itself, never by
 /// following a path the VMM could have replaced with a symlink.
 pub fn connect(vm: &Vm, role: SocketRole) -> Outcome {
-    let name = match role {
-        SocketRole::Api => API_SOCKET,
-        SocketRole::Serial => SERIAL_SOCKET,
-        SocketRole::Vsock => VSOCK_SOCKET,
-    };
+    let name = socket_name(role);
     let node = openat(vm.dir.as_fd(), name, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| format!("{name}: {e}"))?;
     let st = fstat(node.as_fd())?;
@@ -169,11 +187,7 @@ pub fn signal(vm: &Vm, sig: VmmSignal) -> Result<(), Refusal> {
     let Vmm::Alive { pidfd, .. } = &vm.vmm else {
         return Err(Refusal("no live VMM".into()));
     };
-    let sig = match sig {
-        VmmSignal::Term => libc::SIGTERM,
-        VmmSignal::Kill => libc::SIGKILL,
-        VmmSignal::Cont => libc::SIGCONT,
-    };
+    let sig = signal_number(sig);
     // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo and no flags.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0) };
     if r < 0 {
@@ -226,10 +240,7 @@ pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
         errors.extend(crate::tap::delete(&t.name, t.fd).err());
     }
     vm.grants.retain(|g| revoke(g).map_err(|e| errors.push(e)).is_err());
-    match std::fs::remove_dir_all(b.run_dir.join(id)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => errors.push(format!("remove runtime dir: {e}")),
-        _ => {}
-    }
+    errors.extend(remove_run_dir(b, id).err());
     if !errors.is_empty() {
         return Err(Refusal(errors.join("; ")));
     }

@@ -9,6 +9,7 @@ use std::path::Path;
 use landlock::{ABI, AccessFs, BitFlags};
 use serde::{Deserialize, Serialize};
 
+use crate::layout::VM_RUN_DIR_MODE;
 use crate::seccomp::{self, When};
 use crate::vmm::{VMM_API_FD, VMM_EVENT_FD, VMM_FIRST_TAP_FD, VmmPlan};
 use crate::vmm_filter;
@@ -63,6 +64,18 @@ pub struct Rule {
     pub optional: bool,
 }
 
+/// Each VM's run dir is its own tmpfs, so that a VMM's writes (its log, events and socket
+/// nodes) stop at a limit instead of filling the host's /run. The size is above twice the
+/// frontend's 64 MiB kill of a VMM whose log or events grow past it, so that backstop can
+/// still fire; the inode count bounds the socket nodes a VMM can make.
+pub const RUN_DIR_BYTES: u64 = 160 << 20;
+pub const RUN_DIR_INODES: u32 = 64;
+
+/// The mount options of a VM's run dir tmpfs (mounted nosuid, nodev, noexec), owned by `uid`.
+pub fn run_dir_tmpfs_options(uid: u32) -> String {
+    format!("size={RUN_DIR_BYTES},nr_inodes={RUN_DIR_INODES},mode={:o},uid={uid},gid={uid}", VM_RUN_DIR_MODE)
+}
+
 /// The real, effective, saved and filesystem uids on the `Uid:` line of a /proc/PID/status.
 pub fn status_uids(status: &str) -> Vec<u32> {
     let line = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or_default();
@@ -114,9 +127,14 @@ impl SandboxSpec {
         let _ = writeln!(w, "network: new and empty (taps arrive as fds)");
         let nodes: Vec<String> = DEV_NODES.iter().map(|(n, ma, mi)| format!("{n} (char {ma}:{mi})")).collect();
         let _ = writeln!(w, "/dev: fresh tmpfs holding only {}, owned by uid {}", nodes.join(", "), self.uid);
-        let _ = writeln!(w, "/proc: a fresh procfs of the new pid namespace (hidepid=invisible)");
+        let _ = writeln!(w, "/proc: a fresh procfs of the new pid namespace (hidepid=invisible, subset=pid)");
         let _ = writeln!(w, "covered by empty tmpfs: {}", COVERED_DIRS.join(", "));
         let _ = writeln!(w, "bind-mounted back: {} (its runtime dir)", self.plan.run_dir);
+        let _ = writeln!(
+            w,
+            "runtime dir: its own tmpfs of {} MiB and {RUN_DIR_INODES} inodes (nosuid, nodev, noexec)",
+            RUN_DIR_BYTES >> 20
+        );
         let mode = if self.landlock_best_effort { "best effort" } else { "hard requirement" };
         let _ = writeln!(w, "\n[landlock] ABI {} ({mode}); everything else denied", LANDLOCK_ABI as u32);
         for rule in self.landlock_rules() {

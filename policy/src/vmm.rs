@@ -1,7 +1,7 @@
 //! What a VMM may be given: limits on every field a client controls, and the one function
 //! that turns validated fields into cloud-hypervisor's argv.
 
-use my_hypervisor_broker_proto::{ImageRole, VmmConfig};
+use my_hypervisor_broker_proto::{ImageRole, SocketRole, VmmConfig, VmmSignal};
 
 use crate::names::{NameError, check_path_text};
 
@@ -54,6 +54,24 @@ pub const EVENT_FILE: &str = "events.json";
 pub const LOG_FILE: &str = "vmm.log";
 /// The VMM's effective sandbox, as stored by the broker at spawn.
 pub const SANDBOX_REPORT: &str = "sandbox.txt";
+
+/// The file name of a VMM socket in its runtime dir.
+pub fn socket_name(role: SocketRole) -> &'static str {
+    match role {
+        SocketRole::Api => API_SOCKET,
+        SocketRole::Serial => SERIAL_SOCKET,
+        SocketRole::Vsock => VSOCK_SOCKET,
+    }
+}
+
+/// The signals the frontend may have the broker send a VMM.
+pub fn signal_number(sig: VmmSignal) -> i32 {
+    match sig {
+        VmmSignal::Term => libc::SIGTERM,
+        VmmSignal::Kill => libc::SIGKILL,
+        VmmSignal::Cont => libc::SIGCONT,
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FieldError {

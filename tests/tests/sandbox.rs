@@ -319,6 +319,39 @@ pub fn http(sock: OwnedFd, method: &str, path: &str) -> (u16, String) {
     }
 }
 
+#[test]
+fn writes_stop_at_the_run_dirs_limit() {
+    if !have_root("writes_stop_at_the_run_dirs_limit") {
+        return;
+    }
+    let run = RunDir::new("fill");
+    let mut h = Harness::start_with("sandbox-probe", &["--run-dir", &run.vmm(), "--vm-uid-range", "62170-62179"]);
+    let (_, _, log) = start(&mut h, "w", b"fill", false, false);
+    let exit = wait_for("the probe to fill its run dir", Duration::from_secs(60), || held(&mut h, "w").exit);
+    let dir = run.0.join("vmm").join("w");
+    let st = nix::sys::statvfs::statvfs(&dir).expect("statvfs of the run dir");
+    assert_eq!(st.blocks() * st.fragment_size(), 160 << 20, "the run dir is its own 160 MiB tmpfs");
+    assert_eq!(st.files(), 64, "with 64 inodes");
+    let dev = |p: &Path| std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(p).expect("stat"));
+    assert_ne!(dev(&dir.join("vmm.log")), dev(&run.0), "the log is not on the host's /run");
+    let ExitStatus::Code(mib) = exit else { panic!("the probe must stop writing, not die: {exit:?}") };
+    assert!((150..=160).contains(&mib), "the log stopped at {mib} MiB, not at the limit");
+    let len = std::fs::metadata(dir.join("vmm.log")).expect("log").len();
+    assert!(len <= 160 << 20, "{len}");
+    let mut head = String::new();
+    use std::io::Seek;
+    let mut f = std::fs::File::from(log);
+    f.seek(std::io::SeekFrom::Start(0)).expect("seek");
+    f.take(4096).read_to_string(&mut head).ok();
+    let sockets = head.lines().find_map(|l| l.strip_prefix("SOCKETS ")).expect("the socket count");
+    let (n, why) = sockets.split_once(' ').expect("count and outcome");
+    assert!(why.starts_with("denied:ENOSPC"), "{sockets}");
+    // 64 inodes: the root, vmm.log, events.json, sandbox.txt and api.sock are the broker's.
+    assert!(n.parse::<u32>().expect("count") <= 59, "{sockets}");
+    assert_eq!(h.call(Request::Release { vm: "w".into() }).0, Reply::Released);
+    assert!(!dir.exists(), "the run dir outlived Release");
+}
+
 /// The seccomp audit records (type 1326) of `pid` in the kernel log so far.
 fn seccomp_records(pid: u32) -> Vec<String> {
     use std::os::unix::fs::OpenOptionsExt;

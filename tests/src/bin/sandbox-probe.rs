@@ -5,6 +5,8 @@
 //!   a VMM needs, print one `RESULT <name> <outcome>` line each, then `READY`, and idle;
 //! - `fork`: fork a child that idles; print `FORKED <pid>` (the child's pid in the probe's
 //!   PID namespace) and idle. Should die by SIGSYS unless the daemon runs `--vmm-seccomp log`;
+//! - `fill`: bind Unix sockets in its run dir until that fails, print `SOCKETS <n> <outcome>`,
+//!   then write to its log until that fails, and exit with the MiB written as its status;
 //! - `<syscall>`: make that one forbidden syscall, which should kill it with SIGSYS; if it
 //!   returns, print `SURVIVED <syscall> <outcome>`.
 
@@ -106,6 +108,26 @@ fn main() {
         loop {
             std::thread::park();
         }
+    }
+    if op == "fill" {
+        let mut socks = Vec::new();
+        let err = loop {
+            match UnixListener::bind(run_dir.join(format!("s{}.sock", socks.len()))) {
+                Ok(l) => socks.push(l),
+                Err(e) => break e,
+            }
+        };
+        let _ = writeln!(out, "SOCKETS {} {}", socks.len(), outcome::<()>(Err(err)));
+        let _ = out.flush();
+        let chunk = vec![b'x'; 1 << 16];
+        let mut written: u64 = 0;
+        while let Ok(n) = out.write(&chunk) {
+            if n == 0 {
+                break;
+            }
+            written += n as u64;
+        }
+        std::process::exit((written >> 20).min(255) as i32);
     }
     if op == "fork" {
         // SAFETY: the probe is single-threaded here; the child only sleeps.
