@@ -22,7 +22,8 @@ pub struct Grant {
     pub role: ImageRole,
     /// (st_dev, st_ino): a writable disk belongs to one VM at a time.
     pub inode: (u64, u64),
-    fd: OwnedFd,
+    /// Also bound into the VMM's minimal root (ADR 0003).
+    pub fd: OwnedFd,
     undo: Undo,
 }
 

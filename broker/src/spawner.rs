@@ -13,6 +13,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use my_hypervisor_broker_proto::{Envelope, PROTOCOL_VERSION, WireError, recv, send};
+use my_hypervisor_policy::elf::closure;
 use my_hypervisor_policy::layout::Ids;
 use my_hypervisor_policy::sandbox::VMM_CLONE_FLAGS;
 use nix::fcntl::OFlag;
@@ -20,7 +21,7 @@ use nix::sys::stat::Mode;
 use nix::unistd::pipe2;
 use serde::{Deserialize, Serialize};
 
-use crate::unpriv::{drop_privileges, enter_vmm_namespaces, place_fds, reset_signals, run_dir_tmpfs};
+use crate::unpriv::{VmmRoot, drop_privileges, enter_vmm_namespaces, place_fds, reset_signals, run_dir_tmpfs};
 
 /// The fd numbers the frontend finds its inheritance at.
 pub const FRONTEND_LISTEN_FD: i32 = 3;
@@ -30,9 +31,10 @@ pub const FRONTEND_BROKER_FD: i32 = 4;
 pub enum Order {
     /// fds: the RPC listener and the frontend's end of a new broker channel.
     Frontend,
-    /// fds: the VMM log (stdout and stderr), then the VMM's own fds from fd 3 up. `spec` is
-    /// the VM's `SandboxSpec` as JSON, for the launcher.
-    Vmm { uid: u32, run_dir: String, spec: String, ch_argv: Vec<String> },
+    /// fds: the VMM log (stdout and stderr), then the VMM's own fds from fd 3 up, then one fd
+    /// per entry of `binds`, (path, writable), bound into its minimal root: its images and
+    /// its runtime dir. `spec` is the VM's `SandboxSpec` as JSON, for the launcher.
+    Vmm { uid: u32, spec: String, ch_argv: Vec<String>, binds: Vec<(String, bool)> },
     /// fd: a VM's run dir. Mount its tmpfs, owned by `uid`; or with none, unmount it.
     RunDir { uid: Option<u32> },
 }
@@ -118,15 +120,23 @@ fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Result<Option<
             start_detached(argv, &cfg.frontend, keep, cfg.frontend_ids, 0, None).map(Some)
         }
         Order::RunDir { uid } => run_dir_tmpfs(uid, fds.first().ok_or("run dir order needs a dir fd")?).map(|()| None),
-        Order::Vmm { uid, run_dir, spec, ch_argv } => {
+        Order::Vmm { uid, spec, ch_argv, binds } => {
+            // The new root holds CH's and the launcher's ELF closure, but not the launcher
+            // itself: it is exec'd through its pinned handle.
+            let launcher = cfg.launcher.path.to_string_lossy();
+            let mut files = closure(&[&ch_argv[0], &launcher], |p| std::fs::read(p).ok()).map_err(|e| e.to_string())?;
+            files.retain(|f| *f != launcher);
+            let n = fds.len().checked_sub(binds.len()).ok_or("vmm order has fewer fds than binds")?;
+            let binds = binds.into_iter().zip(&fds[n..]).map(|((p, w), fd)| (p, w, fd.as_raw_fd())).collect();
+            let root = VmmRoot { files, binds };
             let args = ["--spec".to_string(), spec, "--".to_string()].into_iter().chain(ch_argv);
             let argv = c_args(&cfg.launcher, args)?;
             // fds: the log (stdout and stderr), then the VMM's own from 3 up.
-            let mut keep: Vec<(i32, i32)> = fds.iter().map(|fd| fd.as_raw_fd()).zip(2..).collect();
+            let mut keep: Vec<(i32, i32)> = fds[..n].iter().map(|fd| fd.as_raw_fd()).zip(2..).collect();
             keep.first_mut().ok_or("vmm order needs a log fd")?.1 = 1;
             keep.insert(1, (fds[0].as_raw_fd(), 2));
             let ids = Ids { uid, gid: uid };
-            start_detached(argv, &cfg.launcher, keep, ids, VMM_CLONE_FLAGS, Some(run_dir)).map(Some)
+            start_detached(argv, &cfg.launcher, keep, ids, VMM_CLONE_FLAGS, Some(root)).map(Some)
         }
     }
 }
@@ -166,15 +176,15 @@ pub unsafe fn fork_sibling(ns_flags: u64) -> std::io::Result<Option<Started>> {
 }
 
 /// Starts `prog` with `argv` as `ids`, with exactly /dev/null as stdin and `keep` inherited, from
-/// a clone with `ns_flags` that is the broker's child; for a VMM (`vmm_dir` set), inside its
-/// mount and network namespaces too. Returns once the program has exec'd.
+/// a clone with `ns_flags` that is the broker's child; for a VMM (`vmm` set), inside its
+/// mount and network namespaces and its minimal root too. Returns once the program has exec'd.
 fn start_detached(
     argv: Vec<CString>,
     prog: &Program,
     keep: Vec<(i32, i32)>,
     ids: Ids,
     ns_flags: u64,
-    vmm_dir: Option<String>,
+    vmm: Option<VmmRoot>,
 ) -> Result<Started, String> {
     let exe = prog.fd.as_raw_fd();
     let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
@@ -187,7 +197,7 @@ fn start_detached(
         Some(started) => started,
         None => {
             drop(r);
-            let err = prepare_child(&keep, vmm_dir.as_deref(), ids).and_then(|()| {
+            let err = prepare_child(&keep, vmm.as_ref(), ids).and_then(|()| {
                 let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
                 ptrs.push(std::ptr::null());
                 let env: [*const libc::c_char; 1] = [std::ptr::null()];
@@ -223,11 +233,11 @@ fn start_detached(
 }
 
 /// Everything between fork and exec, in order.
-fn prepare_child(keep: &[(i32, i32)], vmm_dir: Option<&str>, ids: Ids) -> std::io::Result<()> {
+fn prepare_child(keep: &[(i32, i32)], vmm: Option<&VmmRoot>, ids: Ids) -> std::io::Result<()> {
     reset_signals()?;
     place_fds(keep)?;
-    if let Some(dir) = vmm_dir {
-        enter_vmm_namespaces(ids.uid, dir)?;
+    if let Some(root) = vmm {
+        enter_vmm_namespaces(ids.uid, root)?;
     }
     drop_privileges(ids)
 }

@@ -6,7 +6,8 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use my_hypervisor_broker_proto::{Event, ExitStatus, ImageRole, Reply, SocketRole, VmmConfig, VmmSignal};
-use my_hypervisor_policy::sandbox::{SandboxSpec, hidden_in_vmm, status_uids};
+use my_hypervisor_policy::elf;
+use my_hypervisor_policy::sandbox::{SandboxSpec, status_uids};
 use my_hypervisor_policy::vmm::{
     API_SOCKET, EVENT_FILE, LOG_FILE, SANDBOX_REPORT, VmmPlan, signal_number, socket_name,
 };
@@ -115,15 +116,14 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
     let plan = VmmPlan::new(run_dir.to_string_lossy().into_owned(), &images, nets, cfg);
     plan.check()?;
     let exe = ch.to_string_lossy().into_owned();
-    if hidden_in_vmm(&exe) {
-        return Err(Refusal(format!("cloud-hypervisor at {exe} would be hidden in the VMM's mount namespace")));
-    }
+    let interpreter = elf::needs(&exe, &std::fs::read(&ch).map_err(|e| format!("{exe}: {e}"))?)?.interpreter;
     let mut ch_argv = vec![exe.clone()];
     ch_argv.extend(plan.args());
     let spec = SandboxSpec {
         vm: id.to_string(),
         uid: vm.uid,
         cloud_hypervisor: exe.clone(),
+        interpreter,
         plan,
         seccomp: b.sandbox.seccomp,
         landlock_best_effort: b.sandbox.landlock_best_effort,
@@ -145,15 +145,12 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
         fchownat(vm.dir.as_fd(), API_SOCKET, ids.0, ids.1, AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| format!("chown api socket: {e}"))?;
         let mut fds: Vec<OwnedFd> = vec![log_w, api.into(), events_w];
-        for t in &vm.taps {
-            fds.push(t.fd.try_clone()?);
+        for fd in vm.taps.iter().map(|t| &t.fd).chain(vm.grants.iter().map(|g| &g.fd)).chain([&vm.dir]) {
+            fds.push(fd.try_clone()?);
         }
-        let order = Order::Vmm {
-            uid: vm.uid,
-            run_dir: spec.plan.run_dir.clone(),
-            spec: serde_json::to_string(&spec)?,
-            ch_argv,
-        };
+        let mut binds: Vec<(String, bool)> = vm.grants.iter().map(|g| (g.path.clone(), g.writable())).collect();
+        binds.push((spec.plan.run_dir.clone(), true));
+        let order = Order::Vmm { uid: vm.uid, spec: serde_json::to_string(&spec)?, ch_argv, binds };
         let started = spawner::order(&b.spawner, order, &fds)?;
         Ok::<_, Refusal>((started, Outputs { events: events_r, log: log_r }))
     })();

@@ -9,6 +9,7 @@ use std::path::Path;
 use landlock::{ABI, AccessFs, BitFlags};
 use serde::{Deserialize, Serialize};
 
+use crate::elf;
 use crate::layout::VM_RUN_DIR_MODE;
 use crate::seccomp::{self, When};
 use crate::vmm::{VMM_API_FD, VMM_EVENT_FD, VMM_FIRST_TAP_FD, VmmPlan};
@@ -23,6 +24,10 @@ pub const LANDLOCK_ABI: ABI = ABI::V6;
 /// namespaces. Mount and network namespaces follow in the child, before it drops root.
 pub const VMM_CLONE_FLAGS: u64 = (libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) as u64;
 
+/// Where the VMM's minimal root is built, on a fresh tmpfs mounted over this directory in
+/// the VMM's own mount namespace, before pivot_root makes it `/`.
+pub const ROOT_STAGE: &str = "/tmp";
+
 /// Directories covered by an empty tmpfs in the VMM's mount namespace. Landlock before ABI
 /// 9 does not control connecting to Unix sockets by path, so the VMM must not see the host's
 /// sockets. The VM's own runtime dir is bind-mounted back; images and the CH binary may not
@@ -31,11 +36,6 @@ pub const COVERED_DIRS: &[&str] = &["/run", "/var/run", "/tmp", "/dev/shm"];
 
 /// The VMM's /dev, a fresh tmpfs: (name, char major, minor), each owned by the VM uid.
 pub const DEV_NODES: &[(&str, u32, u32)] = &[("kvm", 10, 232), ("urandom", 1, 9), ("null", 1, 3)];
-
-/// Read-only and executable for the dynamic loader and the shared libraries a cargo-built CH
-/// links against (glibc and friends). Granting the system library dirs is simpler and
-/// sturdier than chasing each library; they hold no secrets and nothing there is writable.
-pub const SYSTEM_LIB_PATHS: &[&str] = &["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/etc/ld.so.cache"];
 
 /// (resource, soft = hard limit). No core dumps (guest memory), enough fds for CH (it grows
 /// its fd table to 4096 at start), and a cap on tasks for the VM's own uid. RLIMIT_FSIZE is
@@ -49,6 +49,9 @@ pub struct SandboxSpec {
     pub uid: u32,
     /// The cloud-hypervisor binary.
     pub cloud_hypervisor: String,
+    /// Its ELF interpreter (PT_INTERP), if it is dynamically linked.
+    #[serde(default)]
+    pub interpreter: Option<String>,
     pub plan: VmmPlan,
     pub seccomp: seccomp::Mode,
     /// Landlock as a hard requirement (default), or best effort with a warning.
@@ -94,10 +97,9 @@ impl SandboxSpec {
         let exec = AccessFs::Execute | AccessFs::ReadFile;
         let rule = |path: &str, access, optional| Rule { path: path.to_string(), access, optional };
         let mut v = vec![rule(&self.cloud_hypervisor, exec, false)];
-        for p in SYSTEM_LIB_PATHS {
-            let access = if p.ends_with(".cache") { read } else { exec | AccessFs::ReadDir };
-            v.push(rule(p, access, true));
-        }
+        v.extend(self.interpreter.iter().map(|i| rule(i, exec, false)));
+        // The minimal root holds only the libraries CH and the launcher need (elf::closure).
+        v.extend(elf::LIB_DIRS.iter().map(|d| rule(d, read, true)));
         let p = &self.plan;
         for image in [&p.kernel, &p.initramfs, &p.firmware].into_iter().flatten() {
             v.push(rule(image, read, false));
@@ -127,9 +129,13 @@ impl SandboxSpec {
         let _ = writeln!(w, "network: new and empty (taps arrive as fds)");
         let nodes: Vec<String> = DEV_NODES.iter().map(|(n, ma, mi)| format!("{n} (char {ma}:{mi})")).collect();
         let _ = writeln!(w, "/dev: fresh tmpfs holding only {}, owned by uid {}", nodes.join(", "), self.uid);
-        let _ = writeln!(w, "/proc: a fresh procfs of the new pid namespace (hidepid=invisible, subset=pid)");
-        let _ = writeln!(w, "covered by empty tmpfs: {}", COVERED_DIRS.join(", "));
-        let _ = writeln!(w, "bind-mounted back: {} (its runtime dir)", self.plan.run_dir);
+        let _ = writeln!(w, "root: pivot_root into a fresh read-only tmpfs holding only /dev, the files below, and");
+        let _ = writeln!(w, "  the ELF interpreters and libraries of cloud-hypervisor and the launcher (read-only)");
+        let _ = writeln!(
+            w,
+            "  its runtime dir and images, bound from the broker's fds (noexec; disks read-only unless writable)"
+        );
+        let _ = writeln!(w, "/proc: absent");
         let _ = writeln!(
             w,
             "runtime dir: its own tmpfs of {} MiB and {RUN_DIR_INODES} inodes (nosuid, nodev, noexec)",
