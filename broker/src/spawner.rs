@@ -21,7 +21,7 @@ use nix::sys::stat::Mode;
 use nix::unistd::pipe2;
 use serde::{Deserialize, Serialize};
 
-use crate::unpriv::{VmmRoot, drop_privileges, enter_vmm_namespaces, place_fds, reset_signals, run_dir_tmpfs};
+use crate::unpriv::{VmmRoot, drop_privileges, enter_vmm_namespaces, place_fds, reset_signals, run_dir_tmpfs, sys};
 
 /// The fd numbers the frontend finds its inheritance at.
 pub const FRONTEND_LISTEN_FD: i32 = 3;
@@ -166,10 +166,8 @@ pub unsafe fn fork_sibling(ns_flags: u64) -> std::io::Result<Option<Started>> {
     args[1] = &mut pidfd as *mut libc::c_int as u64;
     // SAFETY: clone3 without CLONE_VM or a stack is a fork: the child runs on a copy of this
     // stack and memory. `args` and `pidfd` outlive the call; the kernel writes only `pidfd`.
-    let r = unsafe { libc::syscall(libc::SYS_clone3, args.as_ptr(), std::mem::size_of_val(&args)) };
-    match r {
+    match sys("clone3", unsafe { libc::syscall(libc::SYS_clone3, args.as_ptr(), std::mem::size_of_val(&args)) })? {
         0 => Ok(None),
-        r if r < 0 => Err(std::io::Error::last_os_error()),
         // SAFETY: the kernel just stored this new fd for us (CLONE_PIDFD).
         pid => Ok(Some(Started { pid: pid as u32, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) } })),
     }
@@ -193,7 +191,7 @@ fn start_detached(
     // closes it (CLOEXEC) with nothing written.
     let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     // SAFETY: the spawn helper is single-threaded.
-    let started = match unsafe { fork_sibling(ns_flags) }.map_err(|e| format!("clone3: {e}"))? {
+    let started = match unsafe { fork_sibling(ns_flags) }.map_err(|e| e.to_string())? {
         Some(started) => started,
         None => {
             drop(r);

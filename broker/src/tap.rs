@@ -33,12 +33,6 @@ impl IfReq {
     fn set_short(&mut self, v: i16) {
         self.data[..2].copy_from_slice(&v.to_ne_bytes());
     }
-    fn short(&self) -> i16 {
-        i16::from_ne_bytes([self.data[0], self.data[1]])
-    }
-    fn int(&self) -> i32 {
-        i32::from_ne_bytes([self.data[0], self.data[1], self.data[2], self.data[3]])
-    }
 }
 
 fn ioctl(fd: &OwnedFd, req: libc::c_ulong, ifr: &mut IfReq, what: &str) -> Result<(), String> {
@@ -58,9 +52,8 @@ fn ioctl(fd: &OwnedFd, req: libc::c_ulong, ifr: &mut IfReq, what: &str) -> Resul
 /// another process still holds an fd of it.
 pub fn delete(name: &str, fd: OwnedFd) -> Result<(), String> {
     // SAFETY: TUNSETPERSIST takes an integer argument.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 0) } < 0 {
-        return Err(format!("TUNSETPERSIST 0 on {name}: {}", std::io::Error::last_os_error()));
-    }
+    crate::unpriv::sys("TUNSETPERSIST 0", unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 0) }.into())
+        .map_err(|e| format!("{name}: {e}"))?;
     drop(fd);
     let ctl = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
         .map_err(|e| format!("control socket: {e}"))?;
@@ -95,14 +88,13 @@ pub fn create(name: &str, mtu: Option<u32>, bridge: Option<&str>) -> Result<Owne
     if let Some(bridge) = bridge {
         let mut r = IfReq::new(name);
         ioctl(&ctl, libc::SIOCGIFINDEX, &mut r, "SIOCGIFINDEX")?;
-        let index = r.int();
         let mut b = IfReq::new(bridge);
-        b.set_int(index);
+        b.data[..4].copy_from_slice(&r.data[..4]); // the tap's index
         ioctl(&ctl, SIOCBRADDIF, &mut b, "SIOCBRADDIF")?;
     }
     let mut r = IfReq::new(name);
     ioctl(&ctl, libc::SIOCGIFFLAGS, &mut r, "SIOCGIFFLAGS")?;
-    let up = r.short() | libc::IFF_UP as i16;
+    let up = i16::from_ne_bytes([r.data[0], r.data[1]]) | libc::IFF_UP as i16;
     r.set_short(up);
     ioctl(&ctl, libc::SIOCSIFFLAGS, &mut r, "SIOCSIFFLAGS")?;
     Ok(tun)

@@ -23,22 +23,15 @@ pub fn place_fds(fds: &[(RawFd, RawFd)]) -> io::Result<()> {
     for &(src, target) in fds {
         assert!(target < SCRATCH, "fd targets are small numbers");
         // SAFETY: F_DUPFD_CLOEXEC only creates a new fd; `src` is owned by the caller.
-        let t = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, SCRATCH) };
-        if t < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        tmp.push((t, target));
+        tmp.push((sys("dup a kept fd", unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, SCRATCH) }.into())?, target));
     }
     let first_free = fds.iter().map(|f| f.1 + 1).max().unwrap_or(3).max(3);
     // SAFETY: only marks fds close-on-exec; no fd is closed under anyone's feet.
-    if unsafe { libc::close_range(first_free as u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let cloexec = unsafe { libc::close_range(first_free as u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) };
+    sys("close_range", cloexec.into())?;
     for (t, target) in tmp {
         // SAFETY: dup2 onto a number the keep-list reserves; the scratch fd is CLOEXEC.
-        if unsafe { libc::dup2(t, target) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        sys("dup2", unsafe { libc::dup2(t as RawFd, target) }.into())?;
     }
     Ok(())
 }
@@ -46,12 +39,10 @@ pub fn place_fds(fds: &[(RawFd, RawFd)]) -> io::Result<()> {
 /// Gives the new program default signal handling: nothing blocked (the broker blocks the
 /// signals it reads from a signalfd) and nothing ignored (ignored signals survive exec).
 pub fn reset_signals() -> io::Result<()> {
-    for sig in nix::sys::signal::Signal::iterator() {
-        if matches!(sig, nix::sys::signal::Signal::SIGKILL | nix::sys::signal::Signal::SIGSTOP) {
-            continue;
-        }
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    for sig in Signal::iterator().filter(|s| !matches!(s, Signal::SIGKILL | Signal::SIGSTOP)) {
         // SAFETY: installing SIG_DFL involves no handler code.
-        unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) }.map_err(io::Error::from)?;
+        unsafe { signal(sig, SigHandler::SigDfl) }.map_err(io::Error::from)?;
     }
     nix::sys::signal::SigSet::empty().thread_set_mask().map_err(io::Error::from)
 }
@@ -67,17 +58,16 @@ pub struct VmmRoot {
 /// A detached copy of the mount at `fd` (open_tree with OPEN_TREE_CLONE), made while still
 /// in the mount namespace the fd belongs to; `move_mount` attaches it in the new one.
 fn clone_mount(fd: RawFd) -> io::Result<OwnedFd> {
-    const OPEN_TREE_CLONE: libc::c_int = 1;
-    // SAFETY: open_tree takes an fd, an empty C string (AT_EMPTY_PATH) and flags, and
-    // returns a new fd or -1.
-    let r = unsafe {
-        libc::syscall(libc::SYS_open_tree, fd, c"".as_ptr(), OPEN_TREE_CLONE | libc::O_CLOEXEC | libc::AT_EMPTY_PATH)
-    };
-    if r < 0 {
-        return Err(io_err("open_tree", io::Error::last_os_error()));
-    }
+    let flags = 1 | libc::O_CLOEXEC | libc::AT_EMPTY_PATH; // OPEN_TREE_CLONE
+    // SAFETY: open_tree takes an fd, an empty C string and flags; returns a new fd or -1.
+    let r = sys("open_tree", unsafe { libc::syscall(libc::SYS_open_tree, fd, c"".as_ptr(), flags) })?;
     // SAFETY: the kernel just returned this new fd to us.
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as RawFd) })
+}
+
+/// A raw syscall's result, or the error with `what` failed.
+pub fn sys(what: &str, r: libc::c_long) -> io::Result<libc::c_long> {
+    if r < 0 { Err(io_err(what, io::Error::last_os_error())) } else { Ok(r) }
 }
 
 /// The VMM's box, built as root in the child (already PID 1 of its own PID namespace, with
@@ -120,27 +110,14 @@ pub fn enter_vmm_namespaces(uid: u32, root: &VmmRoot) -> io::Result<()> {
         let target = at(path);
         let parent = std::path::Path::new(&target).parent().ok_or_else(|| io_err(path, "no parent"))?;
         std::fs::create_dir_all(parent).map_err(|e| io_err("create a dir of the new root", e))?;
-        let is_dir = SFlag::from_bits_truncate(nix::sys::stat::fstat(&mnt).map_err(step("fstat"))?.st_mode)
-            .contains(SFlag::S_IFDIR);
+        let is_dir = nix::sys::stat::fstat(&mnt).map_err(step("fstat"))?.st_mode & libc::S_IFMT == libc::S_IFDIR;
         let made = if is_dir { std::fs::create_dir(&target) } else { std::fs::File::create(&target).map(drop) };
         made.map_err(|e| io_err("create a mount point", e))?;
         let c_target = std::ffi::CString::new(target.as_str()).map_err(|e| io_err("mount point", e))?;
-        const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+        let (src, dst, cwd, empty_path) = (mnt.as_raw_fd(), c_target.as_ptr(), libc::AT_FDCWD, 4); // MOVE_MOUNT_F_EMPTY_PATH
         // SAFETY: move_mount takes two (dirfd, C string) pairs and flags; both strings
         // outlive the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_move_mount,
-                mnt.as_raw_fd(),
-                c"".as_ptr(),
-                libc::AT_FDCWD,
-                c_target.as_ptr(),
-                MOVE_MOUNT_F_EMPTY_PATH,
-            )
-        };
-        if r < 0 {
-            return Err(io_err(&format!("move_mount {path}"), io::Error::last_os_error()));
-        }
+        sys("move_mount", unsafe { libc::syscall(libc::SYS_move_mount, src, c"".as_ptr(), cwd, dst, empty_path) })?;
         let flags = F::MS_BIND | F::MS_REMOUNT | F::MS_NOSUID | F::MS_NODEV | flags;
         mount(None::<&str>, target.as_str(), None::<&str>, flags, None::<&str>).map_err(step("remount a bind"))?;
     }
@@ -151,10 +128,7 @@ pub fn enter_vmm_namespaces(uid: u32, root: &VmmRoot) -> io::Result<()> {
     let ro = F::MS_REMOUNT | F::MS_RDONLY | F::MS_NOSUID | F::MS_NODEV | F::MS_NOEXEC;
     mount(None::<&str>, "/", None::<&str>, ro, None::<&str>).map_err(step("make the new root read-only"))?;
     // SAFETY: sethostname reads exactly `len` bytes from a static string.
-    if unsafe { libc::sethostname(c"vmm".as_ptr(), 3) } != 0 {
-        return Err(io_err("set the hostname", io::Error::last_os_error()));
-    }
-    Ok(())
+    sys("sethostname", unsafe { libc::sethostname(c"vmm".as_ptr(), 3) }.into()).map(drop)
 }
 
 /// In the spawn helper: mounts a VM's run dir tmpfs, owned by `uid`, over the directory `dir`
@@ -164,11 +138,11 @@ pub fn run_dir_tmpfs(uid: Option<u32>, dir: &OwnedFd) -> Result<(), String> {
     use nix::mount::{MntFlags, MsFlags, mount, umount2};
     let at = format!("/proc/self/fd/{}", dir.as_raw_fd());
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    match uid {
-        Some(uid) => mount(Some("tmpfs"), at.as_str(), Some("tmpfs"), flags, Some(run_dir_tmpfs_options(uid).as_str()))
-            .map_err(|e| format!("mount the run dir's tmpfs: {e}")),
-        None => umount2(at.as_str(), MntFlags::MNT_DETACH).map_err(|e| format!("unmount the run dir's tmpfs: {e}")),
-    }
+    let r = match uid {
+        Some(uid) => mount(Some("tmpfs"), at.as_str(), Some("tmpfs"), flags, Some(run_dir_tmpfs_options(uid).as_str())),
+        None => umount2(at.as_str(), MntFlags::MNT_DETACH),
+    };
+    r.map_err(|e| format!("{} the run dir's tmpfs: {e}", if uid.is_some() { "mount" } else { "unmount" }))
 }
 
 /// Becomes `ids` with no supplementary groups, every capability set empty (bounding and

@@ -16,7 +16,8 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
 use nix::sys::stat::{Mode, SFlag, fstat};
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{Gid, Pid, Uid, UnlinkatFlags, fchownat, unlinkat};
+use nix::unistd::UnlinkatFlags::NoRemoveDir;
+use nix::unistd::{Gid, Pid, Uid, fchownat, unlinkat};
 
 use crate::images::revoke;
 use crate::spawner::{self, Order};
@@ -97,12 +98,8 @@ pub fn free_uid(b: &Broker) -> Result<u32, Refusal> {
         running.extend(status_uids(&status).into_iter().map(|u| (pid, u)));
     }
     for uid in b.vm_uids.clone().filter(|u| b.vms.values().all(|v| v.uid != *u)) {
-        match running.iter().find(|(_, u)| *u == uid) {
-            Some((pid, _)) => {
-                tracing::error!(uid, pid, "a process runs under a free VM uid: the uid is not handed out")
-            }
-            None => return Ok(uid),
-        }
+        let Some((pid, _)) = running.iter().find(|(_, u)| *u == uid) else { return Ok(uid) };
+        tracing::error!(uid, pid, "a process runs under a free VM uid: the uid is not handed out");
     }
     Err(Refusal("every uid in the VM uid range is held by a VM or in use by a process".into()))
 }
@@ -130,11 +127,8 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
     };
     let report = spec.report();
     // On failure, remove what this attempt created, so that it can be tried again.
-    let cleanup = |dir: &OwnedFd| {
-        for name in [LOG_FILE, EVENT_FILE, SANDBOX_REPORT, API_SOCKET] {
-            let _ = unlinkat(dir.as_fd(), name, UnlinkatFlags::NoRemoveDir);
-        }
-    };
+    let cleanup =
+        |dir: &OwnedFd| [LOG_FILE, EVENT_FILE, SANDBOX_REPORT, API_SOCKET].map(|n| unlinkat(dir, n, NoRemoveDir));
     let started = (|| {
         let (log_w, log_r) = create_output(&vm.dir, LOG_FILE)?;
         let (events_w, events_r) = create_output(&vm.dir, EVENT_FILE)?;
@@ -154,7 +148,7 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
         let started = spawner::order(&b.spawner, order, &fds)?;
         Ok::<_, Refusal>((started, Outputs { events: events_r, log: log_r }))
     })();
-    let (spawner::Started { pid, pidfd }, outputs) = started.inspect_err(|_| cleanup(&vm.dir))?;
+    let (spawner::Started { pid, pidfd }, outputs) = started.inspect_err(|_| _ = cleanup(&vm.dir))?;
     let fds = outputs.reopen();
     // Recorded even if the reopen failed, so that a release finds and kills it.
     vm.vmm = Vmm::Alive { pid, pidfd, exe, outputs };
