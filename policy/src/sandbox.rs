@@ -28,10 +28,8 @@ pub const VMM_CLONE_FLAGS: u64 = (libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc
 /// the VMM's own mount namespace, before pivot_root makes it `/`.
 pub const ROOT_STAGE: &str = "/tmp";
 
-/// Directories covered by an empty tmpfs in the VMM's mount namespace. Landlock before ABI
-/// 9 does not control connecting to Unix sockets by path, so the VMM must not see the host's
-/// sockets. The VM's own runtime dir is bind-mounted back; images and the CH binary may not
-/// live below these.
+/// Directories of the host's runtime state (sockets among them) where image roots may not
+/// lie. The VMM sees none of them: its minimal root holds only what it needs (ADR 0003).
 pub const COVERED_DIRS: &[&str] = &["/run", "/var/run", "/tmp", "/dev/shm"];
 
 /// The VMM's /dev, a fresh tmpfs: (name, char major, minor), each owned by the VM uid.
