@@ -91,7 +91,7 @@ pub fn serve(chan: OwnedFd, cfg: SpawnerConfig) -> Result<(), String> {
         let (body, pidfd) = match start(&cfg, env.body, fds) {
             Ok(s) => (Ok(s.as_ref().map_or(0, |s| s.pid)), s.map(|s| s.pidfd)),
             Err(e) => {
-                tracing::error!(error = %e, "spawn failed");
+                tracing::error!(error = %e, "order failed");
                 (Err(e), None)
             }
         };

@@ -416,6 +416,8 @@ mod tests {
         }
         let vmm = nrs(&vmm_allow_list());
         for forbidden in [
+            libc::SYS_fork,
+            libc::SYS_vfork,
             libc::SYS_ptrace,
             libc::SYS_mount,
             libc::SYS_umount2,
