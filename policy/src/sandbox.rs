@@ -127,11 +127,13 @@ impl SandboxSpec {
         let _ = writeln!(w, "network: new and empty (taps arrive as fds)");
         let nodes: Vec<String> = DEV_NODES.iter().map(|(n, ma, mi)| format!("{n} (char {ma}:{mi})")).collect();
         let _ = writeln!(w, "/dev: fresh tmpfs holding only {}, owned by uid {}", nodes.join(", "), self.uid);
-        let _ = writeln!(w, "root: pivot_root into a fresh read-only tmpfs holding only /dev, the files below, and");
-        let _ = writeln!(w, "  the ELF interpreters and libraries of cloud-hypervisor and the launcher (read-only)");
+        let _ = writeln!(w, "root: pivot_root into a fresh tmpfs, then read-only, holding only:");
+        let _ = writeln!(w, "  /dev (above)");
+        let _ =
+            writeln!(w, "  {} and the launcher's ELF interpreters and libraries (read-only)", self.cloud_hypervisor);
         let _ = writeln!(
             w,
-            "  its runtime dir and images, bound from the broker's fds (noexec; disks read-only unless writable)"
+            "  the runtime dir and images, bound from the broker's fds (noexec; disks read-only unless writable)"
         );
         let _ = writeln!(w, "/proc: absent");
         let _ = writeln!(
@@ -156,12 +158,11 @@ impl SandboxSpec {
         let allowed: Vec<String> = vmm_filter::VMM_IOCTLS.iter().map(|(n, v)| format!("{n} ({v:#x})")).collect();
         let _ = writeln!(w, "  ioctl allowed: KVM (type {:#x}), {}", vmm_filter::KVM_IOCTL_TYPE, allowed.join(", "));
         let refused: Vec<&str> = vmm_filter::REFUSED_IOCTLS.iter().map(|r| r.0).collect();
-        let _ = writeln!(
-            w,
-            "  any other ioctl -> {:?}, among them {}",
-            vmm_filter::refused_ioctl_action(self.seccomp),
-            refused.join(", ")
-        );
+        let answer = match self.seccomp {
+            seccomp::Mode::Log => "allowed and logged (debugging)",
+            seccomp::Mode::Kill | seccomp::Mode::Errno => "ENOTTY",
+        };
+        let _ = writeln!(w, "  any other ioctl -> {answer}, among them {}", refused.join(", "));
         let mut list = seccomp::vmm_allow_list();
         list.sort_by_key(|a| a.name);
         for a in list {
