@@ -15,9 +15,9 @@ use my_hypervisor_broker_proto::{Image, ImageRole};
 use my_hypervisor_policy::check_path_text;
 use my_hypervisor_policy::layout::{VM_RUN_DIR_MODE, check_image_file};
 use my_hypervisor_policy::vmm::FieldError;
-use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat, openat2};
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
 use nix::sys::stat::{Mode, fchmod, fstat, mkdirat};
-use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, unlinkat};
+use nix::unistd::{Gid, Uid, fchown};
 use serde::{Deserialize, Serialize};
 
 use crate::table::{Broker, Refusal, Vm, Vmm};
@@ -29,7 +29,8 @@ pub struct Grant {
     pub role: ImageRole,
     /// (st_dev, st_ino): a writable disk belongs to one VM at a time.
     pub inode: (u64, u64),
-    fd: OwnedFd,
+    /// Also bound into the VMM's minimal root (ADR 0003).
+    pub fd: OwnedFd,
     undo: Undo,
 }
 
@@ -127,11 +128,9 @@ pub fn prepare(b: &mut Broker, vm: &str, uid: u32, images: &[Image]) -> Result<V
     let mode = Mode::from_bits_truncate(VM_RUN_DIR_MODE);
     mkdirat(b.run_fd.as_fd(), vm, mode).map_err(|e| Refusal::RunDir(format!("create {vm}: {e}")))?;
     let mut grants: Vec<Grant> = Vec::new();
+    let dir = crate::vmm::open_run_dir(b, vm, uid).inspect_err(|_| drop(crate::vmm::remove_run_dir(b, vm)))?;
     let (vms, acls) = (&b.vms, &mut b.acls);
     let result = (|| {
-        let dir =
-            openat(b.run_fd.as_fd(), vm, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())?;
-        fchown(dir.as_fd(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))?;
         for image in images {
             let held = |inode, writable: bool| {
                 let mut all = vms.iter().flat_map(|(id, v)| v.grants.iter().map(move |g| (id, g)));
@@ -149,7 +148,7 @@ pub fn prepare(b: &mut Broker, vm: &str, uid: u32, images: &[Image]) -> Result<V
         Ok(dir) => Ok(Vm { uid, dir, grants, taps: vec![], vmm: Vmm::NotSpawned }),
         Err(e) => {
             grants.iter().for_each(|g| drop(revoke(g, acls)));
-            let _ = unlinkat(b.run_fd.as_fd(), vm, UnlinkatFlags::RemoveDir);
+            let _ = crate::vmm::remove_run_dir(b, vm);
             Err(e)
         }
     }

@@ -339,8 +339,7 @@ fn start_frontend(b: &Broker, cfg: &Config, listener: &UnixListener) -> Result<F
     let listen = listener.as_fd().try_clone_to_owned().map_err(|e| format!("dup listener: {e}"))?;
     nix::fcntl::fcntl(&ours, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(|e| format!("channel: {e}"))?;
     b.strays.guard(&ours)?;
-    let pid = spawner::order(&b.spawner, Order::Frontend, &[listen, theirs])?;
-    let pid = Pid::from_raw(pid as i32);
+    let pid = Pid::from_raw(spawner::order(&b.spawner, Order::Frontend, &[listen, theirs])?.pid as i32);
     tracing::info!(pid = pid.as_raw(), uid = cfg.frontend.uid, gid = cfg.frontend.gid, "frontend started");
     Ok(Frontend { pid, uid: cfg.frontend.uid, started: Instant::now(), channel: ours, serving: true })
 }

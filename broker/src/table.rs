@@ -182,7 +182,7 @@ fn dispatch(b: &mut Broker, req: &Request) -> Handled {
             Ok((Reply::Kvm { api_version, extensions }, vec![]))
         }
         Request::Prepare { vm, images } => {
-            let uid = b.vm_uids.clone().find(|u| b.vms.values().all(|v| v.uid != *u)).ok_or(Refusal::NoUid)?;
+            let uid = vmm::free_uid(b)?;
             let record = images::prepare(b, vm, uid, images)?;
             let reply = Reply::Prepared { uid, run_dir: b.run_dir.join(vm).to_string_lossy().into_owned() };
             b.vms.insert(vm.clone(), record);
