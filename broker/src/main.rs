@@ -7,6 +7,7 @@
 mod cli;
 mod confine;
 mod dirs;
+mod frontend;
 mod images;
 mod journal;
 mod kvm;

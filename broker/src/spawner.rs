@@ -24,10 +24,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::unpriv::{drop_privileges, enter_vmm_namespaces, place_fds, reset_signals};
 
-/// The fd numbers the frontend finds its inheritance at.
-pub const FRONTEND_LISTEN_FD: i32 = 3;
-pub const FRONTEND_BROKER_FD: i32 = 4;
-
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Order {
     /// fds: the RPC listener and the frontend's end of a new broker channel.
@@ -41,7 +37,9 @@ pub type Outcome = Result<u32, String>;
 
 pub struct SpawnerConfig {
     pub frontend: Program,
+    /// The frontend launcher's arguments: its own, `--`, then the frontend's argv.
     pub frontend_args: Vec<OsString>,
+    pub frontend_launcher: Program,
     pub frontend_ids: Ids,
     pub launcher: Program,
 }
@@ -51,7 +49,7 @@ pub struct SpawnerConfig {
 /// directories above it, and replacing the file later changes nothing.
 pub struct Program {
     pub path: PathBuf,
-    fd: OwnedFd,
+    pub fd: OwnedFd,
 }
 
 impl Program {
@@ -98,10 +96,7 @@ fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Outcome {
     match order {
         Order::Frontend => {
             let [listen, chan] = <[OwnedFd; 2]>::try_from(fds).map_err(|_| "frontend order needs 2 fds")?;
-            let mut cmd = Command::new(&cfg.frontend.path);
-            cmd.args(&cfg.frontend_args).stdin(Stdio::null());
-            let keep = vec![(listen.as_raw_fd(), FRONTEND_LISTEN_FD), (chan.as_raw_fd(), FRONTEND_BROKER_FD)];
-            start_detached(cmd, &cfg.frontend, keep, cfg.frontend_ids, None)
+            crate::frontend::spawn(cfg, listen, chan)
         }
         Order::Vmm { uid, run_dir, spec, ch_argv } => {
             let mut fds = fds.into_iter();
