@@ -15,7 +15,7 @@ use landlock::{
     Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
     RulesetCreatedAttr, RulesetStatus, Scope,
 };
-use my_hypervisor_policy::frontend::{EXE_FD, REPORT_FD, allow_list, exe_access, landlock_rules};
+use my_hypervisor_policy::frontend::{EXE_FD, REPORT_FD, allow_list, clone3_filter, exe_access, landlock_rules};
 use my_hypervisor_policy::sandbox::LANDLOCK_ABI;
 use my_hypervisor_policy::seccomp::{self, Mode};
 
@@ -76,7 +76,7 @@ fn launch(args: &Args) -> Result<std::convert::Infallible, Error> {
     }
     landlock(args)?;
     let filter = seccomp::compile(&allow_list(), args.seccomp).map_err(step("compile seccomp filter"))?;
-    let clone3 = seccomp::vmm_clone3_filter().map_err(step("compile clone3 filter"))?;
+    let clone3 = clone3_filter().map_err(step("compile clone3 filter"))?;
     // The clone3 filter first: the main filter does not allow installing another.
     seccompiler::apply_filter(&clone3).map_err(step("install clone3 filter"))?;
     seccompiler::apply_filter(&filter).map_err(step("install seccomp filter"))?;

@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 
 use landlock::{AccessFs, BitFlags};
 
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
+
 use crate::sandbox::Rule;
-use crate::seccomp::{Allow, CLONE_NAMESPACE_FLAGS, Mode, When, only, sys};
+use crate::seccomp::{Allow, Mode, When, only, sys};
 
 /// The frontend is cloned into new mount, network (empty), PID, IPC and UTS namespaces; it
 /// is PID 1 of its PID namespace, so its death ends every process it forked.
@@ -113,6 +115,21 @@ pub fn landlock_rules(state_dir: &str, console_dir: &str) -> Vec<Rule> {
 /// them), TCGETS (is stderr a terminal).
 const FRONTEND_IOCTLS: &[u64] = &[0x5421, 0x5451, 0x5401];
 const UNIX_ONLY: &[u64] = &[libc::AF_UNIX as u64];
+/// clone(2)'s flags (the kernel reads only their low 32 bits), exactly as glibc passes them:
+/// a thread (pthread_create), and a process (fork). No namespace flag, no vfork, no
+/// CLONE_PARENT: anything else kills.
+pub const CLONE_FLAGS: &[u64] = &[
+    (libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD
+        | libc::CLONE_SYSVSEM
+        | libc::CLONE_SETTLS
+        | libc::CLONE_PARENT_SETTID
+        | libc::CLONE_CHILD_CLEARTID) as u64,
+    (libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID | libc::SIGCHLD) as u64,
+];
 const FRONTEND_PRCTL: &[u64] = &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64];
 
 /// The frontend's allow-list, observed from the real frontend (the launcher's last steps,
@@ -177,7 +194,7 @@ pub fn allow_list() -> Vec<Allow> {
     ));
     // Threads and forks, never namespaces; clone3 is answered ENOSYS by the stacked second
     // filter, so that libc falls back to clone, whose flags this one checks.
-    v.push(Allow { nr: libc::SYS_clone, name: "clone", when: When::ArgClear { arg: 0, mask: CLONE_NAMESPACE_FLAGS } });
+    v.push(only!(SYS_clone, 0, CLONE_FLAGS));
     v.extend(sys!(SYS_clone3));
     v.push(only!(SYS_prctl, 0, FRONTEND_PRCTL));
     v.push(only!(SYS_ioctl, 1, FRONTEND_IOCTLS));
@@ -227,10 +244,21 @@ pub fn allow_list() -> Vec<Allow> {
     v
 }
 
+/// The second, stacked filter: clone3 fails with ENOSYS, so that libc falls back to clone,
+/// whose flags the first filter checks (clone3's sit in memory, out of a filter's reach).
+/// Everything else passes on to the first filter.
+pub fn clone3_filter() -> Result<BpfProgram, seccompiler::BackendError> {
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|_| seccompiler::BackendError::InvalidTargetArch(std::env::consts::ARCH.into()))?;
+    let rules = std::collections::BTreeMap::from([(libc::SYS_clone3, vec![])]);
+    SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch)?.try_into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::seccomp::{Mode, compile};
+    use crate::seccomp::{CLONE_NAMESPACE_FLAGS, compile};
 
     #[test]
     fn the_list_compiles_once_per_syscall() {
@@ -281,7 +309,12 @@ mod tests {
             assert!(!nrs.contains(&forbidden), "the frontend must not be allowed syscall {forbidden}");
         }
         let clone = allow_list().into_iter().find(|a| a.nr == libc::SYS_clone).unwrap();
-        assert!(matches!(clone.when, When::ArgClear { arg: 0, mask } if mask & NAMESPACES == NAMESPACES));
+        assert!(matches!(clone.when, When::ArgIn { arg: 0, values: CLONE_FLAGS }));
+        for flags in CLONE_FLAGS {
+            assert_eq!(flags & (CLONE_NAMESPACE_FLAGS | libc::CLONE_PARENT as u64 | libc::CLONE_VFORK as u64), 0);
+        }
+        assert_eq!(NAMESPACES & !CLONE_NAMESPACE_FLAGS, 0);
+        assert!(!clone3_filter().unwrap().is_empty());
         for nr in [libc::SYS_socket, libc::SYS_socketpair] {
             let socket = allow_list().into_iter().find(|a| a.nr == nr).unwrap();
             assert!(matches!(socket.when, When::ArgIn { arg: 0, values: [1] }), "AF_UNIX only");

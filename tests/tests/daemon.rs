@@ -100,6 +100,7 @@ fn the_frontend_sandbox_refuses_escapes() {
     let cases = [
         (format!("tcp {port}"), SIGSYS),
         ("userns".to_string(), SIGSYS),
+        ("clone-userns".to_string(), SIGSYS),
         ("mount".to_string(), SIGSYS),
         ("read /etc/shadow".to_string(), EACCES),
         (format!("read {}", journal.display()), EACCES),

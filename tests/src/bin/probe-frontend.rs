@@ -5,7 +5,8 @@
 //! - `fork`: forks a child that keeps serving the listener (answering `stale`); `forked <n>`;
 //! - `try <attempt>`: runs the attempt in a forked child and answers how it ended: `ok`,
 //!   `err <errno>` or `killed <signal>`. Attempts: `tcp <port>` (connect to 127.0.0.1),
-//!   `userns` (unshare a user namespace), `mount` (a tmpfs), `read <path>`, `write <path>`.
+//!   `userns` (unshare a user namespace), `clone-userns` (clone into one), `mount` (a tmpfs),
+//!   `read <path>`, `write <path>`.
 //!
 //! It exits when the broker channel closes, as the real frontend does.
 
@@ -124,6 +125,14 @@ fn attempt_once(attempt: &[&str]) -> std::io::Result<()> {
         }
         // SAFETY: plain syscall with an integer argument.
         ["userns"] => (unsafe { libc::unshare(libc::CLONE_NEWUSER) } == 0).then_some(()).ok_or_else(os),
+        ["clone-userns"] => {
+            // SAFETY: a fork-like clone; the child leaves at once without touching memory.
+            match unsafe { libc::syscall(libc::SYS_clone, libc::CLONE_NEWUSER | libc::SIGCHLD, 0, 0, 0, 0) } {
+                0 => unsafe { libc::_exit(0) },
+                r if r < 0 => Err(os()),
+                _ => Ok(()),
+            }
+        }
         ["mount"] => {
             // SAFETY: C string literals; the kernel only reads them.
             let r = unsafe { libc::mount(c"tmpfs".as_ptr(), c"/tmp".as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null()) };
