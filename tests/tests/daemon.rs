@@ -51,6 +51,12 @@ fn frontend_runs_unprivileged_and_is_restarted() {
     for want in ["0", "1", "2", "3", "4"] {
         assert!(fds.iter().any(|f| f == want), "fd {want} in {fds:?}");
     }
+    // The launcher's fds (the pinned binary, the report pipe) are closed at the exec.
+    for fd in fds.iter().filter(|f| f.parse::<i32>().is_ok_and(|n| n > 4)) {
+        let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap_or_default();
+        let target = target.to_string_lossy();
+        assert!(!target.starts_with("pipe:") && !target.ends_with("my_hypervisor-frontend"), "fd {fd}: {target}");
+    }
     assert_eq!(std::fs::read(format!("/proc/{pid}/environ")).expect("environ"), b"", "empty environment");
 
     assert_eq!(owner_mode(&d.rpc_socket()), (0, 0, 0o600), "rpc socket");
