@@ -225,6 +225,16 @@ fn fails_closed() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("daemon stopped") || err.contains("invalid value"), "{extra:?}: {err}");
     }
+    // A frontend that cannot be confined and exec'd is a failed start, reported by the
+    // launcher: here a script, whose interpreter the frontend's Landlock rules do not allow.
+    let script = scratch.path().join("frontend.sh");
+    std::fs::write(&script, b"#!/bin/sh\nexit 0\n").expect("script");
+    std::fs::set_permissions(&script, PermissionsExt::from_mode(0o755)).expect("chmod");
+    let out = Daemon::command(scratch.path(), &["--frontend-bin", script.to_str().unwrap()]).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("start frontend: frontend sandbox: exec the frontend"), "{err}");
+
     // A journal that still lists VMs of an earlier broker is not ignored.
     let scratch = my_hypervisor_tests::scratch_root();
     std::fs::create_dir_all(scratch.path().join("run/vmm")).expect("mkdir");
