@@ -42,6 +42,9 @@ fn frontend_runs_unprivileged_and_is_restarted() {
         let of = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).expect("ns link");
         assert_ne!(of(pid), of(d.pid()), "the frontend has its own {ns} namespace");
     }
+    let net_dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).expect("the frontend's interfaces");
+    let ifaces: Vec<&str> = net_dev.lines().skip(2).filter_map(|l| Some(l.split(':').next()?.trim())).collect();
+    assert_eq!(ifaces, ["lo"], "an empty network namespace");
     // Only stdio, the listener and the broker channel are inherited.
     let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("fd dir")
