@@ -3,10 +3,8 @@
 //! every process it forked; then, as the frontend's uid, through the frontend launcher, which
 //! applies Landlock and seccomp and execs the pinned frontend binary.
 
-use std::ffi::CString;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 
 use my_hypervisor_policy::frontend::{BROKER_FD, EXE_FD, LISTEN_FD, NAMESPACES, REPORT_FD};
 
@@ -16,16 +14,12 @@ use crate::unpriv::{drop_privileges, place_fds, reset_signals};
 /// Returns the frontend's pid once the launcher has exec'd it, or the step that failed: the
 /// launcher reports on the same pipe until it execs the frontend.
 pub fn spawn(cfg: &SpawnerConfig, listen: OwnedFd, chan: OwnedFd) -> Outcome {
-    let argv: Vec<CString> = std::iter::once(cfg.frontend_launcher.path.as_os_str())
-        .chain(cfg.frontend_args.iter().map(|a| a.as_os_str()))
-        .map(|a| CString::new(a.as_bytes()).map_err(|_| "NUL in an argument".to_string()))
-        .collect::<Result<_, _>>()?;
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let fds = [&listen, &chan, &cfg.frontend.fd, &w].map(|f| f.as_raw_fd());
     let keep = [(fds[0], LISTEN_FD), (fds[1], BROKER_FD), (fds[2], EXE_FD), (fds[3], REPORT_FD)];
     let pid = clone3(NAMESPACES).map_err(|e| format!("clone3 into the frontend's namespaces: {e}"))?;
     if pid == 0 {
-        let line = format!("{}\n", child(&keep, cfg, &argv));
+        let line = format!("{}\n", child(&keep, cfg));
         // SAFETY: writes a buffer to the report pipe, then leaves without running the
         // helper's destructors or atexit handlers.
         unsafe {
@@ -42,12 +36,12 @@ pub fn spawn(cfg: &SpawnerConfig, listen: OwnedFd, chan: OwnedFd) -> Outcome {
 /// Between clone and exec, in the new namespaces: the kept fds in place, every privilege
 /// shed, then exec of the launcher through its pinned handle. Nothing is mounted in the new
 /// mount namespace, and the frontend can mount nothing (no capability, seccomp).
-fn child(keep: &[(i32, i32)], cfg: &SpawnerConfig, argv: &[CString]) -> io::Error {
+fn child(keep: &[(i32, i32)], cfg: &SpawnerConfig) -> io::Error {
     let r = reset_signals().and_then(|()| place_fds(keep)).and_then(|()| drop_privileges(cfg.frontend_ids));
     if let Err(e) = r {
         return e;
     }
-    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    let mut ptrs: Vec<*const libc::c_char> = cfg.frontend_argv.iter().map(|a| a.as_ptr()).collect();
     ptrs.push(std::ptr::null());
     let (env, exe) = ([std::ptr::null::<libc::c_char>()], cfg.frontend_launcher.fd.as_raw_fd());
     // SAFETY: argv and env are NUL-terminated arrays of C strings that outlive the call.

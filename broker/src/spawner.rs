@@ -6,7 +6,7 @@
 //! Each program is started from a short-lived intermediate child, so that it is re-parented
 //! to the broker (a child subreaper), which reaps it and reports its exit.
 
-use std::ffi::{CString, OsString};
+use std::ffi::CString;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -37,8 +37,8 @@ pub type Outcome = Result<u32, String>;
 
 pub struct SpawnerConfig {
     pub frontend: Program,
-    /// The frontend launcher's arguments: its own, `--`, then the frontend's argv.
-    pub frontend_args: Vec<OsString>,
+    /// The frontend launcher's argv (`FrontendPlan::launcher_argv`).
+    pub frontend_argv: Vec<CString>,
     pub frontend_launcher: Program,
     pub frontend_ids: Ids,
     pub launcher: Program,

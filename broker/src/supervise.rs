@@ -282,11 +282,13 @@ fn start_spawner(args: &Args, cfg: &Config) -> Result<(OwnedFd, u32), String> {
         seccomp: args.frontend_seccomp,
         landlock_best_effort: args.landlock_best_effort,
     };
+    let frontend_launcher = Program::open(sibling("my_hypervisor-frontend-launcher")?)?;
+    let frontend_argv = plan.launcher_argv(&frontend_launcher.path).map_err(|e| format!("frontend argv: {e}"))?;
     let sc = SpawnerConfig {
         frontend: Program::open(cfg.frontend_bin.clone())?,
-        frontend_args: plan.launcher_args(),
+        frontend_argv,
         frontend_ids: cfg.frontend,
-        frontend_launcher: Program::open(sibling("my_hypervisor-frontend-launcher")?)?,
+        frontend_launcher,
         launcher: Program::open(cfg.launcher_bin.clone())?,
     };
     // SAFETY: no thread exists yet, so the child may do anything the parent could.

@@ -3,7 +3,8 @@
 //! before it execs the frontend binary. Whatever binary is given as the frontend runs in it,
 //! the tests' stand-ins included.
 
-use std::ffi::OsString;
+use std::ffi::{CString, NulError, OsString};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 use landlock::{AccessFs, BitFlags};
@@ -55,7 +56,14 @@ pub struct FrontendPlan<'a> {
 }
 
 impl FrontendPlan<'_> {
-    /// The launcher's arguments: its own flags, `--`, then the frontend's argv.
+    /// The launcher's argv, `launcher` first: its own flags, `--`, then the frontend's argv.
+    /// An argument holding a NUL byte is an error.
+    pub fn launcher_argv(&self, launcher: &Path) -> Result<Vec<CString>, NulError> {
+        let args = std::iter::once(launcher.as_os_str().to_owned()).chain(self.launcher_args());
+        args.map(|a| CString::new(a.into_vec())).collect()
+    }
+
+    /// The launcher's arguments after its name.
     pub fn launcher_args(&self) -> Vec<OsString> {
         let mut v: Vec<OsString> = vec!["--state-dir".into(), self.state_dir.into()];
         v.extend(["--console-dir".into(), self.console_dir.into()]);
@@ -305,13 +313,16 @@ mod tests {
             seccomp: Mode::Log,
             landlock_best_effort: true,
         };
-        let args: Vec<String> = plan.launcher_args().into_iter().map(|a| a.into_string().unwrap()).collect();
+        let argv = plan.launcher_argv(Path::new("/bin/launcher")).unwrap();
+        let args: Vec<&str> = argv.iter().map(|a| a.to_str().unwrap()).collect();
         assert_eq!(
             args.join(" "),
-            "--state-dir /s --console-dir /c --seccomp log --landlock-best-effort -- /bin/fe --listen-fd 3 \
+            "/bin/launcher --state-dir /s --console-dir /c --seccomp log --landlock-best-effort -- /bin/fe --listen-fd 3 \
              --broker-fd 4 --state-dir /s --console-dir /c --log-format json --image-root /img \
              --rpc-max-line-bytes=256"
         );
+        let bad = [PathBuf::from("/img\0x")];
+        assert!(FrontendPlan { image_roots: &bad, ..plan }.launcher_argv(Path::new("/l")).is_err(), "NUL is refused");
     }
 
     #[test]
