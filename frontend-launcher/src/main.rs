@@ -50,8 +50,7 @@ fn step<E: std::error::Error + 'static>(step: &'static str) -> impl FnOnce(E) ->
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let err = match launch(&args) {
+    let err = match Args::try_parse().map_err(|e| Error::Refused(e.to_string())).and_then(|args| launch(&args)) {
         Ok(never) => match never {},
         Err(e) => e,
     };

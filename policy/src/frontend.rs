@@ -8,7 +8,6 @@ use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 use landlock::{AccessFs, BitFlags};
-
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
 
 use crate::sandbox::Rule;
