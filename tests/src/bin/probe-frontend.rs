@@ -61,7 +61,7 @@ fn serve(client: UnixStream, listener: &UnixListener, broker: BorrowedFd) {
     let mut lines = BufReader::new(client);
     let mut forks = 0;
     loop {
-        if !wait_readable(lines.get_ref().as_fd(), broker) {
+        if lines.buffer().is_empty() && !wait_readable(lines.get_ref().as_fd(), broker) {
             std::process::exit(0);
         }
         let mut line = String::new();
