@@ -122,15 +122,12 @@ pub fn grant(
     Ok(Grant { path: path.to_string(), role: image.role, inode, fd, undo })
 }
 
-/// Creates the VM's runtime dir (new, owned by `uid`, 0700) and grants every image. On any
-/// failure, undoes what was done so far: nothing is left behind.
+/// Grants every image, then creates the VM's runtime dir (new, on its own tmpfs owned by
+/// `uid`, 0700). On any failure, undoes what was done so far: nothing is left behind.
 pub fn prepare(b: &mut Broker, vm: &str, uid: u32, images: &[Image]) -> Result<Vm, Refusal> {
-    let mode = Mode::from_bits_truncate(VM_RUN_DIR_MODE);
-    mkdirat(b.run_fd.as_fd(), vm, mode).map_err(|e| Refusal::RunDir(format!("create {vm}: {e}")))?;
     let mut grants: Vec<Grant> = Vec::new();
-    let dir = crate::vmm::open_run_dir(b, vm, uid).inspect_err(|_| drop(crate::vmm::remove_run_dir(b, vm)))?;
     let (vms, acls) = (&b.vms, &mut b.acls);
-    let result = (|| {
+    let granted = (|| {
         for image in images {
             let held = |inode, writable: bool| {
                 let mut all = vms.iter().flat_map(|(id, v)| v.grants.iter().map(move |g| (id, g)));
@@ -142,13 +139,18 @@ pub fn prepare(b: &mut Broker, vm: &str, uid: u32, images: &[Image]) -> Result<V
             })?;
             grants.push(g);
         }
-        Ok::<_, Refusal>(dir)
+        Ok::<_, Refusal>(())
     })();
-    match result {
+    // The images first: a refused one costs no dir and no mount.
+    let dir = granted.and_then(|()| {
+        let mode = Mode::from_bits_truncate(VM_RUN_DIR_MODE);
+        mkdirat(b.run_fd.as_fd(), vm, mode).map_err(|e| Refusal::RunDir(format!("create {vm}: {e}")))?;
+        crate::vmm::open_run_dir(b, vm, uid).inspect_err(|_| drop(crate::vmm::remove_run_dir(b, vm)))
+    });
+    match dir {
         Ok(dir) => Ok(Vm { uid, dir, grants, taps: vec![], vmm: Vmm::NotSpawned }),
         Err(e) => {
-            grants.iter().for_each(|g| drop(revoke(g, acls)));
-            let _ = crate::vmm::remove_run_dir(b, vm);
+            grants.iter().for_each(|g| drop(revoke(g, &mut b.acls)));
             Err(e)
         }
     }
