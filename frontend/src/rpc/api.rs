@@ -198,11 +198,11 @@ async fn dispatch(
         Method::Create => {
             let spec = parse_params::<VmSpec>(name, &params)?;
             let id = spec.id.clone();
-            to_json(vms.create(spec).map(|state| json!({"vm_id": id, "state": state})))
+            to_json(vms.create(spec).await.map_err(ApiError::from).map(|state| json!({"vm_id": id, "state": state})))
         }
         Method::Start => {
             let id = parse_params::<VmIdParams>(name, &params)?.vm_id.checked(name)?;
-            to_json(vms.start(&id).await.map(|state| json!({"vm_id": id, "state": state})))
+            to_json(vms.start(&id).await.map_err(ApiError::from).map(|state| json!({"vm_id": id, "state": state})))
         }
         Method::Stop => {
             let p = parse_params::<StopParams>(name, &params)?;
@@ -217,15 +217,17 @@ async fn dispatch(
                 }
                 t => t.map(Duration::from_secs),
             };
-            to_json(vms.stop(&id, grace).await.map(|state| json!({"vm_id": id, "state": state})))
+            to_json(
+                vms.stop(&id, grace).await.map_err(ApiError::from).map(|state| json!({"vm_id": id, "state": state})),
+            )
         }
         Method::Remove => {
             let id = parse_params::<VmIdParams>(name, &params)?.vm_id.checked(name)?;
-            to_json(vms.remove(&id).await.map(|()| json!({"vm_id": id, "removed": true})))
+            to_json(vms.remove(&id).await.map_err(ApiError::from).map(|()| json!({"vm_id": id, "removed": true})))
         }
         Method::Status => {
             let id = parse_params::<VmIdParams>(name, &params)?.vm_id.checked(name)?;
-            to_json(vms.status(&id).and_then(|s| serde_json::to_value(s).map_err(internal)))
+            to_json(vms.status(&id).map_err(ApiError::from).and_then(|s| serde_json::to_value(s).map_err(internal)))
         }
         Method::List => {
             parse_params::<Empty>(name, &params)?;
@@ -239,7 +241,7 @@ async fn dispatch(
                 return Err(invalid_field(name, "limit", &format!("must be between 1 and {MAX_TAIL_LIMIT}")));
             }
             let tail = vms.tail(id.as_deref(), p.since_seq.unwrap_or(0), limit as usize);
-            to_json(tail.and_then(|t| serde_json::to_value(t).map_err(internal)))
+            to_json(tail.map_err(ApiError::from).and_then(|t| serde_json::to_value(t).map_err(internal)))
         }
         Method::ConsoleEndpoint => {
             parse_params::<VmIdParams>(name, &params)?.vm_id.checked(name)?;
