@@ -50,6 +50,8 @@ pub struct ManagerConfig {
     pub op_wait: Duration,
     /// The most VMs recorded at once.
     pub max_vms: usize,
+    /// Sequence numbers reserved on disk at a time.
+    pub seq_block: u64,
 }
 
 impl ManagerConfig {
@@ -60,6 +62,7 @@ impl ManagerConfig {
             ring_capacity: DEFAULT_RING_CAPACITY,
             op_wait: DEFAULT_OP_WAIT,
             max_vms: MAX_VMS,
+            seq_block: SEQ_BLOCK,
         }
     }
 }
@@ -96,6 +99,7 @@ pub(super) struct Inner {
     pub(super) ring_capacity: usize,
     pub(super) op_wait: Duration,
     pub(super) max_vms: usize,
+    pub(super) seq_block: u64,
     pub(super) records: Mutex<Records>,
     pub(super) events: broadcast::Sender<super::Event>,
     /// The per-VM queues of VMM reports, each drained by a task of its own.
@@ -204,6 +208,7 @@ impl Manager {
                 ring_capacity: ring,
                 op_wait: cfg.op_wait,
                 max_vms: cfg.max_vms,
+                seq_block: cfg.seq_block.max(2),
                 records: Mutex::new(records),
                 events,
                 reports: Mutex::default(),

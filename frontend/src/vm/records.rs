@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::error::VmError;
 use super::events::{Event, Follower};
 use super::fsm::{self, VmState};
-use super::manager::{Manager, SEQ_BLOCK, Slot, VmStatus, VmSummary};
+use super::manager::{Manager, Slot, VmStatus, VmSummary};
 use super::spec::VmSpec;
 use super::store::{Transition, VmFile, rfc3339};
 
@@ -230,8 +230,9 @@ impl Manager {
     }
 
     pub(super) fn reserve_ahead(&self, r: &mut Records) {
-        if r.last_seq + SEQ_BLOCK / 2 > r.reserved {
-            r.reserved = r.last_seq + SEQ_BLOCK;
+        let block = self.inner.seq_block;
+        if r.last_seq + block / 2 > r.reserved {
+            r.reserved = r.last_seq + block;
             self.inner.writer.write_sequence(r.reserved);
         }
     }

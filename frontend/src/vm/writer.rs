@@ -183,7 +183,10 @@ fn run(shared: &Shared, store: &dyn StateStore) {
                 tracing::error!("the state writer stops with writes that failed");
                 return;
             }
-            std::thread::sleep(pause);
+            // Retry after a pause, or as soon as something new is queued (it goes in the
+            // same batch as the retry) or the writer is closing.
+            let q = lock(&shared.queue);
+            let _ = shared.wake.wait_timeout_while(q, pause, |q| q.ticket == ticket && !q.closing);
             pause = (pause * 2).min(MAX_RETRY_PAUSE);
         } else {
             pause = FIRST_RETRY_PAUSE;
