@@ -29,13 +29,18 @@ static NEXT_RANGE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::
 
 impl Env {
     fn start(test: &str) -> Option<Env> {
+        let first = 62000 + 100 * NEXT_RANGE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Env::start_with_uids(test, first)
+    }
+
+    /// A daemon whose VM uids are `first..=first + 99`.
+    fn start_with_uids(test: &str, first: u32) -> Option<Env> {
         if !have_root(test) {
             return None;
         }
         let root = scratch_root();
         let real = std::env::var("MYHV_CLOUD_HYPERVISOR").ok();
         let vmm = real.clone().unwrap_or_else(|| staged_bin(root.path(), "ch-double").to_string_lossy().into_owned());
-        let first = 62000 + 100 * NEXT_RANGE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let uids = first..=first + 99;
         let range = format!("{}-{}", uids.start(), uids.end());
         let d = Daemon::start_in(root, &["--cloud-hypervisor", &vmm, "--vm-uid-range", &range]);
@@ -429,4 +434,27 @@ fn a_guest_reboot_is_recorded_and_the_vm_stays_running() {
     env.ok("compute.vm.stop", json!({"vm_id": "rb", "timeout_secs": 1}));
     env.ok("compute.vm.remove", json!({"vm_id": "rb"}));
     env.assert_nothing_left("rb", None);
+}
+
+#[test]
+fn a_guest_that_powers_off_during_boot_is_stopped() {
+    let Some(env) = Env::start_with_uids("a_guest_that_powers_off_during_boot_is_stopped", 62300) else { return };
+    // The PVH guest that powers off as soon as it runs, with the double and real CH alike:
+    // its VMM may exit before the boot check ever sees it running.
+    env.create("q", &env.guest(true), None);
+    let r = env.rpc("compute.vm.start", json!({"vm_id": "q"}));
+    assert!(r.is_ok(), "a guest powering off is no failed start: {r:?}");
+    env.wait_state("q", "stopped", Duration::from_secs(10));
+    let moves: Vec<(String, String)> = env
+        .history("q")
+        .iter()
+        .map(|e| (e["from"].as_str().unwrap_or("").to_string(), e["to"].as_str().unwrap_or("").to_string()))
+        .collect();
+    assert!(!moves.iter().any(|(_, to)| to == "start_failed" || to == "failed"), "{moves:?}");
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(moves[moves.len() - 2..], [pair("starting", "running"), pair("running", "stopped")], "{moves:?}");
+    eprintln!("powered off at boot: {}", env.last_reason("q"));
+    assert!(env.last_reason("q").contains("resources released"), "{}", env.last_reason("q"));
+    env.ok("compute.vm.remove", json!({"vm_id": "q"}));
+    env.assert_nothing_left("q", None);
 }
