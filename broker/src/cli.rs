@@ -67,6 +67,10 @@ pub struct Args {
     /// refusing to start VMMs on a kernel without Landlock ABI 6.
     #[arg(long)]
     pub landlock_best_effort: bool,
+    /// Debugging and tests only: do not refuse fds on frontend channels with SO_PASSRIGHTS;
+    /// hand stray fds to the closer process instead, as on kernels before 6.16.
+    #[arg(long, hide = true)]
+    pub no_passrights: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -139,6 +143,9 @@ pub fn resolve(args: &Args) -> Result<Config, String> {
         if !p.is_absolute() {
             return Err(format!("{} must be an absolute path", p.display()));
         }
+    }
+    for root in &args.image_roots {
+        layout::check_image_root_path(&root.to_string_lossy()).map_err(|e| e.to_string())?;
     }
     if let Some(root) = args.image_roots.iter().find(|r| hidden_in_vmm(&r.to_string_lossy())) {
         return Err(format!("image root {} lies where each VMM's mount namespace has an empty tmpfs", root.display()));

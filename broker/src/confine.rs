@@ -1,5 +1,5 @@
 //! The broker's and the spawn helper's own confinement: keep only the capabilities each
-//! uses (docs/adr/0002-broker-protocol.md lists them with reasons), and put the broker under
+//! uses (docs/adr/0002-broker.md lists them with reasons), and put the broker under
 //! its seccomp filter.
 
 use caps::{CapSet, Capability};

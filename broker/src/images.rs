@@ -1,28 +1,36 @@
-//! Granting a VM its images. Each path is opened beneath an image root with openat2
-//! (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS), must be a regular file, and must be reachable by
-//! the VM uid. Writable disks are handed to the VM uid by fchown for the VM's life; read-only
-//! images get a POSIX ACL entry when they are not already world-readable. Revoking undoes
-//! exactly what granting did, through the fd kept open since.
+//! Granting a VM its images. Each path is opened O_PATH beneath an image root with openat2
+//! (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS), so that nothing on the way can block; only a
+//! regular file with one link is then reopened for I/O through that handle, and it must be
+//! reachable by the VM uid. Writable disks are handed to the VM uid by fchown for the VM's
+//! life; read-only images get a POSIX ACL entry when they are not already world-readable,
+//! counted per inode, and the last revoke writes the original ACL bytes and mode back.
+//! Revoking goes through the fd kept open since the grant.
 
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use my_hypervisor_broker_proto::{Image, ImageRole};
 use my_hypervisor_policy::check_path_text;
-use my_hypervisor_policy::layout::VM_RUN_DIR_MODE;
-use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat, openat2};
-use nix::sys::stat::{Mode, SFlag, fchmod, fstat, mkdirat};
-use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, unlinkat};
+use my_hypervisor_policy::layout::{VM_RUN_DIR_MODE, check_image_file};
+use my_hypervisor_policy::vmm::FieldError;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
+use nix::sys::stat::{Mode, fchmod, fstat, mkdirat};
+use nix::unistd::{Gid, Uid, fchown};
+use serde::{Deserialize, Serialize};
 
 use crate::table::{Broker, Refusal, Vm, Vmm};
+
+pub type Acls = BTreeMap<(u64, u64), Shared>;
 
 pub struct Grant {
     pub path: String,
     pub role: ImageRole,
     /// (st_dev, st_ino): a writable disk belongs to one VM at a time.
     pub inode: (u64, u64),
-    fd: OwnedFd,
+    /// Also bound into the VMM's minimal root (ADR 0003).
+    pub fd: OwnedFd,
     undo: Undo,
 }
 
@@ -32,9 +40,33 @@ enum Undo {
     AclEntry { uid: u32 },
 }
 
+/// A read-only image granted by ACL: how many grants hold it, and the ACL bytes (none if
+/// it had no ACL) and mode it had before the first.
+pub struct Shared {
+    count: u32,
+    original: Option<Vec<u8>>,
+    mode: u32,
+}
+
+/// What puts an image back as it was before it was granted: the journal's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Restore {
+    Nothing,
+    Owner { uid: u32, gid: u32 },
+    Acl { original: Option<Vec<u8>>, mode: u32 },
+}
+
 impl Grant {
     pub fn writable(&self) -> bool {
         self.role.writable()
+    }
+
+    pub fn restore(&self, acls: &Acls) -> Restore {
+        match (&self.undo, acls.get(&self.inode)) {
+            (Undo::Chown { uid, gid }, _) => Restore::Owner { uid: *uid, gid: *gid },
+            (Undo::AclEntry { .. }, Some(s)) => Restore::Acl { original: s.original.clone(), mode: s.mode },
+            _ => Restore::Nothing,
+        }
     }
 }
 
@@ -42,44 +74,49 @@ impl Grant {
 /// in a way that conflicts with this grant.
 pub fn grant(
     roots: &[(PathBuf, OwnedFd)],
+    acls: &mut Acls,
     vm_uid: u32,
     image: &Image,
     taken: impl Fn((u64, u64), bool) -> Option<String>,
-) -> Result<Grant, String> {
+) -> Result<Grant, Refusal> {
     let path = image.path.as_str();
-    check_path_text(path).map_err(|e| e.to_string())?;
+    let refuse = |why: String| Refusal::Image { path: path.to_string(), why };
+    check_path_text(path).map_err(FieldError::from)?;
     let (root, rel) = roots
         .iter()
         .find_map(|(r, fd)| Path::new(path).strip_prefix(r).ok().map(|rel| ((r, fd), rel)))
         .filter(|(_, rel)| !rel.as_os_str().is_empty())
-        .ok_or_else(|| format!("{path} is not under any image root"))?;
+        .ok_or_else(|| refuse("is not under any image root".into()))?;
     let writable = image.role.writable();
-    let access = if writable { OFlag::O_RDWR } else { OFlag::O_RDONLY };
     let how = OpenHow::new()
-        .flags(access | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NOFOLLOW)
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
         .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let fd =
-        openat2(root.1.as_fd(), rel, how).map_err(|e| format!("{path}: open beneath {}: {e}", root.0.display()))?;
-    let st = fstat(fd.as_fd()).map_err(|e| format!("{path}: fstat: {e}"))?;
-    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-        return Err(format!("{path} is not a regular file"));
-    }
+    let node =
+        openat2(root.1.as_fd(), rel, how).map_err(|e| refuse(format!("open beneath {}: {e}", root.0.display())))?;
+    let st = fstat(node.as_fd())?;
+    check_image_file(st.st_mode, st.st_nlink as u64, writable).map_err(|why| refuse(why.into()))?;
     let inode = (st.st_dev, st.st_ino);
     if let Some(other) = taken(inode, writable) {
-        return Err(format!("{path} is already granted to VM {other}, and a writable disk belongs to one VM"));
+        return Err(refuse(format!("is already granted to VM {other}, and a writable disk belongs to one VM")));
     }
-    check_traversable(Path::new(path))?;
+    check_traversable(Path::new(path)).map_err(refuse)?;
+    // A regular file (a FIFO or a device would have been refused above): now opened for I/O,
+    // through the handle, so it is the same inode.
+    let access = if writable { OFlag::O_RDWR } else { OFlag::O_RDONLY };
+    let fd = open(
+        format!("/proc/self/fd/{}", node.as_raw_fd()).as_str(),
+        access | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
+        Mode::empty(),
+    )
+    .map_err(|e| refuse(format!("reopen: {e}")))?;
     let undo = if writable {
-        if st.st_mode & 0o600 != 0o600 || st.st_nlink != 1 {
-            return Err(format!("{path}: a writable disk must be owner-rw and have exactly one link"));
-        }
         fchown(fd.as_fd(), Some(Uid::from_raw(vm_uid)), Some(Gid::from_raw(vm_uid)))
-            .map_err(|e| format!("{path}: chown to the VM uid: {e}"))?;
+            .map_err(|e| refuse(format!("chown to the VM uid: {e}")))?;
         Undo::Chown { uid: st.st_uid, gid: st.st_gid }
     } else if st.st_mode & 0o004 != 0 {
         Undo::Nothing
     } else {
-        acl::add_reader(&fd, st.st_mode, vm_uid).map_err(|e| format!("{path}: grant read by ACL: {e}"))?;
+        acl::add_reader(&fd, acls, inode, st.st_mode, vm_uid).map_err(|e| refuse(format!("grant read by ACL: {e}")))?;
         Undo::AclEntry { uid: vm_uid }
     };
     Ok(Grant { path: path.to_string(), role: image.role, inode, fd, undo })
@@ -87,20 +124,19 @@ pub fn grant(
 
 /// Creates the VM's runtime dir (new, owned by `uid`, 0700) and grants every image. On any
 /// failure, undoes what was done so far: nothing is left behind.
-pub fn prepare(b: &Broker, vm: &str, uid: u32, images: &[Image]) -> Result<Vm, Refusal> {
+pub fn prepare(b: &mut Broker, vm: &str, uid: u32, images: &[Image]) -> Result<Vm, Refusal> {
     let mode = Mode::from_bits_truncate(VM_RUN_DIR_MODE);
-    mkdirat(b.run_fd.as_fd(), vm, mode).map_err(|e| format!("create runtime dir {vm}: {e}"))?;
+    mkdirat(b.run_fd.as_fd(), vm, mode).map_err(|e| Refusal::RunDir(format!("create {vm}: {e}")))?;
     let mut grants: Vec<Grant> = Vec::new();
+    let dir = crate::vmm::open_run_dir(b, vm, uid).inspect_err(|_| drop(crate::vmm::remove_run_dir(b, vm)))?;
+    let (vms, acls) = (&b.vms, &mut b.acls);
     let result = (|| {
-        let dir =
-            openat(b.run_fd.as_fd(), vm, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())?;
-        fchown(dir.as_fd(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))?;
         for image in images {
             let held = |inode, writable: bool| {
-                let mut all = b.vms.iter().flat_map(|(id, v)| v.grants.iter().map(move |g| (id, g)));
+                let mut all = vms.iter().flat_map(|(id, v)| v.grants.iter().map(move |g| (id, g)));
                 all.find(|(_, g)| g.inode == inode && (writable || g.writable())).map(|(id, _)| id.clone())
             };
-            let g = grant(&b.image_roots, uid, image, |inode, w| {
+            let g = grant(&b.image_roots, acls, uid, image, |inode, w| {
                 held(inode, w)
                     .or_else(|| grants.iter().find(|g| g.inode == inode && (w || g.writable())).map(|_| vm.to_string()))
             })?;
@@ -111,21 +147,21 @@ pub fn prepare(b: &Broker, vm: &str, uid: u32, images: &[Image]) -> Result<Vm, R
     match result {
         Ok(dir) => Ok(Vm { uid, dir, grants, taps: vec![], vmm: Vmm::NotSpawned }),
         Err(e) => {
-            grants.iter().for_each(|g| drop(revoke(g)));
-            let _ = unlinkat(b.run_fd.as_fd(), vm, UnlinkatFlags::RemoveDir);
+            grants.iter().for_each(|g| drop(revoke(g, acls)));
+            let _ = crate::vmm::remove_run_dir(b, vm);
             Err(e)
         }
     }
 }
 
 /// Undoes a grant through its fd. Safe to call on a grant that needs nothing undone.
-pub fn revoke(g: &Grant) -> Result<(), String> {
+pub fn revoke(g: &Grant, acls: &mut Acls) -> Result<(), String> {
     match g.undo {
         Undo::Nothing => Ok(()),
         Undo::Chown { uid, gid } => fchown(g.fd.as_fd(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
             .map_err(|e| format!("{}: restore owner: {e}", g.path)),
         Undo::AclEntry { uid } => {
-            acl::remove_reader(&g.fd, uid).map_err(|e| format!("{}: remove ACL entry: {e}", g.path))
+            acl::remove_reader(&g.fd, acls, g.inode, uid).map_err(|e| format!("{}: revoke the ACL grant: {e}", g.path))
         }
     }
 }
@@ -150,45 +186,139 @@ fn check_traversable(path: &Path) -> Result<(), String> {
 /// The ACL calls; what the entries are is `policy::acl`.
 mod acl {
     use super::*;
-    use my_hypervisor_policy::acl::{Entry, Removal, XATTR, decode, encode, with_reader, without_reader};
+    use my_hypervisor_policy::acl::{XATTR, decode, encode, with_reader, without_uid};
 
-    fn read(fd: &OwnedFd) -> std::io::Result<Option<Vec<Entry>>> {
-        let mut buf = vec![0u8; 4096];
+    /// The raw `system.posix_acl_access` bytes, or None if the file has no ACL.
+    fn read(fd: &OwnedFd) -> std::io::Result<Option<Vec<u8>>> {
+        let mut buf = vec![0u8; 65536]; // XATTR_SIZE_MAX
         // SAFETY: the buffer is valid for its length; the kernel writes at most that much.
         let n = unsafe { libc::fgetxattr(fd.as_raw_fd(), XATTR.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             return if e.raw_os_error() == Some(libc::ENODATA) { Ok(None) } else { Err(e) };
         }
-        Ok(Some(decode(&buf[..n as usize])))
+        buf.truncate(n as usize);
+        Ok(Some(buf))
     }
 
-    fn write(fd: &OwnedFd, entries: Vec<Entry>) -> std::io::Result<()> {
-        let buf = encode(entries);
+    fn write(fd: &OwnedFd, buf: &[u8]) -> std::io::Result<()> {
         // SAFETY: the buffer is valid for its length.
         let r = unsafe { libc::fsetxattr(fd.as_raw_fd(), XATTR.as_ptr(), buf.as_ptr().cast(), buf.len(), 0) };
         if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
     }
 
-    pub fn add_reader(fd: &OwnedFd, mode: u32, uid: u32) -> std::io::Result<()> {
-        write(fd, with_reader(read(fd)?, mode, uid))
+    /// Adds `uid`'s read entry; the first grant on an inode saves its ACL and mode first.
+    pub fn add_reader(fd: &OwnedFd, acls: &mut Acls, inode: (u64, u64), mode: u32, uid: u32) -> std::io::Result<()> {
+        let current = read(fd)?;
+        let entries = with_reader(current.as_deref().map(decode), mode, uid);
+        let shared = acls.entry(inode).or_insert(Shared { count: 0, original: current, mode: mode & 0o7777 });
+        let written = write(fd, &encode(entries));
+        if written.is_ok() {
+            shared.count += 1;
+        } else if shared.count == 0 {
+            acls.remove(&inode);
+        }
+        written
     }
 
-    /// Removes `uid`'s entry; when only what a mode can express is left, removes the ACL and
-    /// puts the group bits back.
-    pub fn remove_reader(fd: &OwnedFd, uid: u32) -> std::io::Result<()> {
-        let Some(entries) = read(fd)? else { return Ok(()) };
-        match without_reader(entries, uid) {
-            Removal::Write(entries) => write(fd, entries),
-            Removal::Drop { group_perm } => {
-                // SAFETY: plain syscall on an owned fd with a NUL-terminated name.
-                if unsafe { libc::fremovexattr(fd.as_raw_fd(), XATTR.as_ptr()) } < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let st = fstat(fd.as_fd())?;
-                fchmod(fd.as_fd(), Mode::from_bits_truncate((st.st_mode & !0o070 & 0o7777) | group_perm << 3))?;
-                Ok(())
+    /// Takes `uid`'s entry off while other grants hold the inode; the last one restores the
+    /// saved ACL bytes (or removes the ACL) and the saved mode, exactly.
+    pub fn remove_reader(fd: &OwnedFd, acls: &mut Acls, inode: (u64, u64), uid: u32) -> std::io::Result<()> {
+        let Some(shared) = acls.get_mut(&inode) else { return Ok(()) };
+        if shared.count > 1 {
+            if let Some(current) = read(fd)? {
+                write(fd, &encode(without_uid(decode(&current), uid)))?;
             }
+            shared.count -= 1;
+            return Ok(());
         }
+        match &shared.original {
+            Some(bytes) => write(fd, bytes)?,
+            // SAFETY: plain syscall on an owned fd with a NUL-terminated name.
+            None if unsafe { libc::fremovexattr(fd.as_raw_fd(), XATTR.as_ptr()) } < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ENODATA) {
+                    return Err(e);
+                }
+            }
+            None => {}
+        }
+        fchmod(fd.as_fd(), Mode::from_bits_truncate(shared.mode))?;
+        acls.remove(&inode);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use my_hypervisor_policy::acl::{
+        GROUP, GROUP_OBJ, MASK, NO_ID, OTHER, READ, USER, USER_OBJ, XATTR, decode, encode,
+    };
+
+    fn xattr(p: &Path) -> Option<Vec<u8>> {
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        let mut buf = vec![0u8; 65536];
+        // SAFETY: valid NUL-terminated path and a buffer valid for its length.
+        let n = unsafe { libc::getxattr(c.as_ptr(), XATTR.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        (n >= 0).then(|| buf[..n as usize].to_vec())
+    }
+
+    /// A file with a mask and named entries: two VMs are granted read, the first revoke
+    /// leaves the second's entry, and the last one puts back the exact original bytes and mode.
+    #[test]
+    fn acl_grant_then_revoke_restores_the_exact_original() {
+        let dir = PathBuf::from(format!("/var/tmp/myhv-acl-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, PermissionsExt::from_mode(0o755)).unwrap();
+        let file = dir.join("kernel");
+        std::fs::write(&file, b"k").unwrap();
+        std::fs::set_permissions(&file, PermissionsExt::from_mode(0o620)).unwrap();
+        let original_acl = vec![
+            (USER_OBJ, 6, NO_ID),
+            (USER, 6, 34),
+            (GROUP_OBJ, 2, NO_ID),
+            (GROUP, 2, 50),
+            (MASK, 2, NO_ID),
+            (OTHER, 0, NO_ID),
+        ];
+        let c = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
+        let bytes = encode(original_acl.clone());
+        // SAFETY: valid path and buffer.
+        let r = unsafe { libc::setxattr(c.as_ptr(), XATTR.as_ptr(), bytes.as_ptr().cast(), bytes.len(), 0) };
+        assert_eq!(r, 0, "set the original ACL: {}", std::io::Error::last_os_error());
+        let original = xattr(&file).unwrap();
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        let root_fd = open(&dir, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).unwrap();
+        let roots = vec![(dir.clone(), root_fd)];
+        let mut acls = Acls::new();
+        let image = Image { path: file.to_str().unwrap().into(), role: ImageRole::Kernel };
+        let a = grant(&roots, &mut acls, 62001, &image, |_, _| None).unwrap();
+        let b = grant(&roots, &mut acls, 62002, &image, |_, _| None).unwrap();
+        let both = decode(&xattr(&file).unwrap());
+        assert!(both.contains(&(USER, READ, 62001)) && both.contains(&(USER, READ, 62002)), "{both:?}");
+        assert!(matches!(a.restore(&acls), Restore::Acl { original: Some(ref o), .. } if *o == original));
+        revoke(&a, &mut acls).unwrap();
+        let left = decode(&xattr(&file).unwrap());
+        assert!(left.contains(&(USER, READ, 62002)) && !left.iter().any(|e| e.2 == 62001), "{left:?}");
+        assert!(left.contains(&(MASK, 2 | READ, NO_ID)), "the second VM keeps read: {left:?}");
+        revoke(&b, &mut acls).unwrap();
+        assert_eq!(xattr(&file).unwrap(), original, "the exact original ACL bytes");
+        assert_eq!(decode(&original), original_acl);
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode(), mode, "the original mode");
+        assert!(acls.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_opening_it() {
+        let dir = PathBuf::from(format!("/var/tmp/myhv-fifo-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        nix::unistd::mkfifo(&dir.join("k"), Mode::from_bits_truncate(0o644)).unwrap();
+        let roots = vec![(dir.clone(), open(&dir, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).unwrap())];
+        let image = Image { path: dir.join("k").to_str().unwrap().into(), role: ImageRole::Kernel };
+        let r = grant(&roots, &mut Acls::new(), 62001, &image, |_, _| None);
+        assert!(matches!(r, Err(Refusal::Image { ref why, .. }) if why == "is not a regular file"), "{:?}", r.err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,13 +1,15 @@
 //! The broker's journal: what it holds for each VM (uid, VMM pid and start time, binary,
 //! taps, grants), rewritten atomically after every change, so that a broker crash leaves a
 //! record of everything it held; the daemon refuses to start while it lists VMs.
-//! Root-owned, 0600, in the run dir.
+//! Root-owned, 0600, in the run dir. While it cannot be written the broker fails closed
+//! (`table::serve`).
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::images::Restore;
 use crate::table::{Broker, Vmm};
 
 pub const FILE: &str = "broker.journal";
@@ -21,14 +23,21 @@ pub struct Entry {
     pub start_time: Option<u64>,
     pub exe: Option<String>,
     pub taps: Vec<String>,
-    /// (path, writable)
-    pub grants: Vec<(String, bool)>,
+    /// (path, writable, what restores the file as it was before the first grant)
+    pub grants: Vec<(String, bool, Restore)>,
 }
 
 fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: count fields after the last ')'.
     stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Saves the journal and records whether that worked.
+pub fn commit(b: &mut Broker) -> Result<(), String> {
+    let r = save(b);
+    b.journal_failed = r.is_err();
+    r
 }
 
 pub fn save(b: &Broker) -> Result<(), String> {
@@ -47,7 +56,7 @@ pub fn save(b: &Broker) -> Result<(), String> {
                 start_time: pid.and_then(start_time),
                 exe,
                 taps: v.taps.iter().map(|t| t.name.clone()).collect(),
-                grants: v.grants.iter().map(|g| (g.path.clone(), g.writable())).collect(),
+                grants: v.grants.iter().map(|g| (g.path.clone(), g.writable(), g.restore(&b.acls))).collect(),
             }
         })
         .collect();

@@ -11,6 +11,7 @@ mod images;
 mod journal;
 mod kvm;
 mod spawner;
+mod strays;
 mod supervise;
 mod table;
 mod tap;

@@ -3,26 +3,25 @@
 //! socketpair made before any frontend existed, and starts exactly two kinds of program:
 //! the frontend binary and the VMM launcher, each as its own unprivileged uid.
 //!
-//! Each program is started from a short-lived intermediate child, so that it is re-parented
-//! to the broker (a child subreaper), which reaps it and reports its exit.
+//! Each program is started by clone3 with CLONE_PARENT, so that it is the broker's own child:
+//! the broker reaps it and reports its exit, and holds the pidfd the clone returned.
 
-use std::ffi::{CString, OsString};
+use std::ffi::{CString, OsStr, OsString};
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 use my_hypervisor_broker_proto::{Envelope, PROTOCOL_VERSION, WireError, recv, send};
+use my_hypervisor_policy::elf::closure;
 use my_hypervisor_policy::layout::Ids;
+use my_hypervisor_policy::sandbox::VMM_CLONE_FLAGS;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
-use nix::sys::wait::waitpid;
-use nix::unistd::{ForkResult, fork, pipe2};
+use nix::unistd::pipe2;
 use serde::{Deserialize, Serialize};
 
-use crate::unpriv::{drop_privileges, enter_vmm_namespaces, place_fds, reset_signals};
+use crate::unpriv::{VmmRoot, drop_privileges, enter_vmm_namespaces, place_fds, reset_signals, run_dir_tmpfs, sys};
 
 /// The fd numbers the frontend finds its inheritance at.
 pub const FRONTEND_LISTEN_FD: i32 = 3;
@@ -32,11 +31,15 @@ pub const FRONTEND_BROKER_FD: i32 = 4;
 pub enum Order {
     /// fds: the RPC listener and the frontend's end of a new broker channel.
     Frontend,
-    /// fds: the VMM log (stdout and stderr), then the VMM's own fds from fd 3 up. `spec` is
-    /// the VM's `SandboxSpec` as JSON, for the launcher.
-    Vmm { uid: u32, run_dir: String, spec: String, ch_argv: Vec<String> },
+    /// fds: the VMM log (stdout and stderr), then the VMM's own fds from fd 3 up, then one fd
+    /// per entry of `binds`, (path, writable), bound into its minimal root: its images and
+    /// its runtime dir. `spec` is the VM's `SandboxSpec` as JSON, for the launcher.
+    Vmm { uid: u32, spec: String, ch_argv: Vec<String>, binds: Vec<(String, bool)> },
+    /// fd: a VM's run dir. Mount its tmpfs, owned by `uid`; or with none, unmount it.
+    RunDir { uid: Option<u32> },
 }
 
+/// The helper's answer: the pid, with its pidfd attached; or why the start failed.
 pub type Outcome = Result<u32, String>;
 
 pub struct SpawnerConfig {
@@ -62,13 +65,36 @@ impl Program {
     }
 }
 
-/// Fd numbers below this are kept occupied in the helper, so that every fd it receives or
-/// opens (the kept fds, the pipes that report a failed start) lies above every number a
-/// child's keep-list moves fds to, and moving them can never overwrite one.
-const FD_FLOOR: i32 = 16;
+/// Every fd the helper holds lies at or above this number: its channel and the programs'
+/// handles are moved there at start, and the numbers below are kept occupied, so that every
+/// fd it receives or opens (the kept fds, the pipes that report a failed start) lands there
+/// too. A child's keep-list moves fds to numbers below it (`start_detached` checks), so
+/// moving them can never overwrite one, the launcher's handle least of all.
+const FD_FLOOR: i32 = 64;
+
+/// `fd` moved to FD_FLOOR or above; the old number is closed.
+fn above_floor(fd: OwnedFd) -> Result<OwnedFd, String> {
+    // SAFETY: F_DUPFD_CLOEXEC only creates a new fd, which is owned here from now on.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, FD_FLOOR) };
+    if n < FD_FLOOR {
+        return Err(format!("move fd {} above {FD_FLOOR}: {}", fd.as_raw_fd(), std::io::Error::last_os_error()));
+    }
+    // SAFETY: the kernel just returned this new fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
 
 /// The helper's loop; returns when the broker closes the channel.
-pub fn serve(chan: OwnedFd, cfg: SpawnerConfig) -> Result<(), String> {
+pub fn serve(chan: OwnedFd, mut cfg: SpawnerConfig) -> Result<(), String> {
+    let chan = above_floor(chan)?;
+    cfg.frontend.fd = above_floor(cfg.frontend.fd)?;
+    cfg.launcher.fd = above_floor(cfg.launcher.fd)?;
+    // Nothing else inherited from the daemon stays open below the floor.
+    // SAFETY: closes fds no one in this fresh process uses; what it holds is above the floor.
+    if unsafe { libc::close_range(3, FD_FLOOR as u32 - 1, 0) } < 0 {
+        return Err(format!("close inherited fds: {}", std::io::Error::last_os_error()));
+    }
+    let held = [chan.as_raw_fd(), cfg.frontend.fd.as_raw_fd(), cfg.launcher.fd.as_raw_fd()];
+    assert!(held.iter().all(|&fd| fd >= FD_FLOOR), "the spawn helper's fds lie above {FD_FLOOR}: {held:?}");
     let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
     for fd in 3..FD_FLOOR {
         // SAFETY: F_GETFD only asks whether `fd` is open; dup3 fills a free number with a
@@ -85,122 +111,179 @@ pub fn serve(chan: OwnedFd, cfg: SpawnerConfig) -> Result<(), String> {
             Err(WireError::Closed) => return Ok(()),
             Err(e) => return Err(format!("order: {e}")),
         };
-        let outcome = start(&cfg, env.body, fds);
-        if let Err(e) = &outcome {
-            tracing::error!(error = %e, "spawn failed");
-        }
-        let reply = Envelope { version: PROTOCOL_VERSION, id: env.id, fds: 0, body: outcome };
-        send(&chan, reply, &[]).map_err(|e| format!("reply: {e}"))?;
+        let (body, pidfd) = match start(&cfg, env.body, fds) {
+            Ok(s) => (Ok(s.as_ref().map_or(0, |s| s.pid)), s.map(|s| s.pidfd)),
+            Err(e) => {
+                tracing::error!(error = %e, "order failed");
+                (Err(e), None)
+            }
+        };
+        let reply = Envelope { version: PROTOCOL_VERSION, id: env.id, fds: 0, body };
+        let raw: Vec<i32> = pidfd.iter().map(|f| f.as_raw_fd()).collect();
+        send(&chan, reply, &raw).map_err(|e| format!("reply: {e}"))?;
     }
 }
 
-fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Outcome {
+fn c_args(prog: &Program, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Result<Vec<CString>, String> {
+    std::iter::once(prog.path.as_os_str().to_owned())
+        .chain(args.into_iter().map(|a| a.as_ref().to_owned()))
+        .map(|a| CString::new(a.as_bytes()).map_err(|_| "NUL in an argument".to_string()))
+        .collect()
+}
+
+/// Carries out one order: a started program, or `None` for a run dir (un)mount.
+fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Result<Option<Started>, String> {
     match order {
         Order::Frontend => {
             let [listen, chan] = <[OwnedFd; 2]>::try_from(fds).map_err(|_| "frontend order needs 2 fds")?;
-            let mut cmd = Command::new(&cfg.frontend.path);
-            cmd.args(&cfg.frontend_args).stdin(Stdio::null());
-            let keep = vec![(listen.as_raw_fd(), FRONTEND_LISTEN_FD), (chan.as_raw_fd(), FRONTEND_BROKER_FD)];
-            start_detached(cmd, &cfg.frontend, keep, cfg.frontend_ids, None)
+            let argv = c_args(&cfg.frontend, &cfg.frontend_args)?;
+            // stdout and stderr stay the daemon's.
+            let keep =
+                vec![(1, 1), (2, 2), (listen.as_raw_fd(), FRONTEND_LISTEN_FD), (chan.as_raw_fd(), FRONTEND_BROKER_FD)];
+            start_detached(argv, &cfg.frontend, keep, cfg.frontend_ids, 0, None).map(Some)
         }
-        Order::Vmm { uid, run_dir, spec, ch_argv } => {
-            let mut fds = fds.into_iter();
-            let log = fds.next().ok_or("vmm order needs a log fd")?;
-            let rest: Vec<OwnedFd> = fds.collect();
-            let mut cmd = Command::new(&cfg.launcher.path);
-            cmd.args(["--spec", &spec, "--"])
-                .args(&ch_argv)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().map_err(|e| e.to_string())?)
-                .stderr(log);
-            let keep = rest.iter().enumerate().map(|(i, fd)| (fd.as_raw_fd(), 3 + i as i32)).collect();
-            start_detached(cmd, &cfg.launcher, keep, Ids { uid, gid: uid }, Some(run_dir))
+        Order::RunDir { uid } => run_dir_tmpfs(uid, fds.first().ok_or("run dir order needs a dir fd")?).map(|()| None),
+        Order::Vmm { uid, spec, ch_argv, binds } => {
+            // The new root holds CH's and the launcher's ELF closure, but not the launcher
+            // itself: it is exec'd through its pinned handle.
+            let launcher = cfg.launcher.path.to_string_lossy();
+            let mut files = closure(&[&ch_argv[0], &launcher], |p| std::fs::read(p).ok()).map_err(|e| e.to_string())?;
+            files.retain(|f| *f != launcher);
+            let n = fds.len().checked_sub(binds.len()).ok_or("vmm order has fewer fds than binds")?;
+            let binds = binds.into_iter().zip(&fds[n..]).map(|((p, w), fd)| (p, w, fd.as_raw_fd())).collect();
+            let root = VmmRoot { files, binds };
+            let args = ["--spec".to_string(), spec, "--".to_string()].into_iter().chain(ch_argv);
+            let argv = c_args(&cfg.launcher, args)?;
+            // fds: the log (stdout and stderr), then the VMM's own from 3 up.
+            let mut keep: Vec<(i32, i32)> = fds[..n].iter().map(|fd| fd.as_raw_fd()).zip(2..).collect();
+            keep.first_mut().ok_or("vmm order needs a log fd")?.1 = 1;
+            keep.insert(1, (fds[0].as_raw_fd(), 2));
+            let ids = Ids { uid, gid: uid };
+            start_detached(argv, &cfg.launcher, keep, ids, VMM_CLONE_FLAGS, Some(root)).map(Some)
         }
     }
 }
 
-/// Starts `prog` (with `cmd`'s arguments and stdio) as `ids` with exactly `keep` (plus
-/// stdio) inherited, from an intermediate child that exits at once; for a VMM (`vmm_dir`
-/// set), inside fresh namespaces first. Returns the program's pid once it has exec'd.
+/// A started program: its pid in the broker's PID namespace, and a pidfd of it.
+pub struct Started {
+    pub pid: u32,
+    pub pidfd: OwnedFd,
+}
+
+/// Forks like fork(2), but through clone3 with `ns_flags` (CLONE_NEW* flags only, such as
+/// `sandbox::VMM_CLONE_FLAGS`): the child
+/// is the caller's sibling (CLONE_PARENT), so the broker, the helper's parent and a
+/// subreaper, reaps it directly; with CLONE_NEWPID it is PID 1 of a new PID namespace. The
+/// caller gets the child's pid and a pidfd of it (CLONE_PIDFD, close-on-exec), the child
+/// `None`. Used for the VMMs and the frontend.
+///
+/// # Safety
+/// As for fork(2): the caller must be single-threaded, so that the child may allocate.
+pub unsafe fn fork_sibling(ns_flags: u64) -> std::io::Result<Option<Started>> {
+    let mut pidfd: libc::c_int = -1;
+    // `struct clone_args` v0: flags, pidfd, child_tid, parent_tid, exit_signal, stack,
+    // stack_size, tls. exit_signal must be 0 with CLONE_PARENT: the child inherits the
+    // helper's own, SIGCHLD, which the broker reads.
+    let mut args = [0u64; 8];
+    args[0] = ns_flags | libc::CLONE_PARENT as u64 | libc::CLONE_PIDFD as u64;
+    args[1] = &mut pidfd as *mut libc::c_int as u64;
+    // SAFETY: clone3 without CLONE_VM or a stack is a fork: the child runs on a copy of this
+    // stack and memory. `args` and `pidfd` outlive the call; the kernel writes only `pidfd`.
+    match sys("clone3", unsafe { libc::syscall(libc::SYS_clone3, args.as_ptr(), std::mem::size_of_val(&args)) })? {
+        0 => Ok(None),
+        // SAFETY: the kernel just stored this new fd for us (CLONE_PIDFD).
+        pid => Ok(Some(Started { pid: pid as u32, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) } })),
+    }
+}
+
+/// Starts `prog` with `argv` as `ids`, with exactly /dev/null as stdin and `keep` inherited, from
+/// a clone with `ns_flags` that is the broker's child; for a VMM (`vmm` set), inside its
+/// mount and network namespaces and its minimal root too. Returns once the program has exec'd.
 fn start_detached(
-    mut cmd: Command,
+    argv: Vec<CString>,
     prog: &Program,
     keep: Vec<(i32, i32)>,
     ids: Ids,
-    vmm_dir: Option<String>,
-) -> Outcome {
-    cmd.env_clear();
-    let argv: Vec<CString> = std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| CString::new(a.as_bytes()).map_err(|_| "NUL in an argument".to_string()))
-        .collect::<Result<_, _>>()?;
+    ns_flags: u64,
+    vmm: Option<VmmRoot>,
+) -> Result<Started, String> {
+    // Only stdio keeps its own number; every other kept fd comes from above the floor.
+    if keep.iter().any(|&(from, to)| to >= FD_FLOOR || (from < FD_FLOOR && from != to)) {
+        return Err(format!("keep-list {keep:?} crosses fd {FD_FLOOR}"));
+    }
     let exe = prog.fd.as_raw_fd();
-    // One line comes back on this pipe: the step that failed in the child, or the outcome
-    // of the spawn from the intermediate child. A successful exec closes it (CLOEXEC).
+    let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    let keep: Vec<(i32, i32)> = std::iter::once((null.as_raw_fd(), 0)).chain(keep).collect();
+    // One line comes back on this pipe: the step that failed in the child. A successful exec
+    // closes it (CLOEXEC) with nothing written.
     let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    let report = w.as_raw_fd();
-    // SAFETY: the spawn helper is single-threaded, so the forked child may allocate; the
-    // closure only moves fds, builds the VMM's namespaces and drops privileges, then execs
-    // through the pinned handle. A failure is written to the report pipe with its step.
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = prepare_child(&keep, vmm_dir.as_deref(), ids).and_then(|()| {
+    // SAFETY: the spawn helper is single-threaded.
+    let started = match unsafe { fork_sibling(ns_flags) }.map_err(|e| e.to_string())? {
+        Some(started) => started,
+        None => {
+            drop(r);
+            let err = prepare_child(&keep, vmm.as_ref(), ids).and_then(|()| {
                 let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
                 ptrs.push(std::ptr::null());
                 let env: [*const libc::c_char; 1] = [std::ptr::null()];
-                libc::syscall(libc::SYS_execveat, exe, c"".as_ptr(), ptrs.as_ptr(), env.as_ptr(), libc::AT_EMPTY_PATH);
-                Err(std::io::Error::other(format!("exec: {}", std::io::Error::last_os_error())))
+                // SAFETY: argv and env are NUL-terminated arrays of C strings that outlive
+                // the call; `exe` is the pinned O_PATH handle.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_execveat,
+                        exe,
+                        c"".as_ptr(),
+                        ptrs.as_ptr(),
+                        env.as_ptr(),
+                        libc::AT_EMPTY_PATH,
+                    )
+                };
+                Err::<(), _>(std::io::Error::other(format!("exec: {}", std::io::Error::last_os_error())))
             });
-            if let Err(e) = &r {
-                let line = format!("err {e}\n");
-                libc::write(report, line.as_ptr().cast(), line.len());
+            if let Err(e) = err {
+                let _ = nix::unistd::write(&w, format!("{}: {e}\n", prog.path.display()).as_bytes());
             }
-            r
-        });
-    }
-    // SAFETY: single-threaded process; the child only spawns, writes one line and exits.
-    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
-        ForkResult::Child => {
-            drop(r);
-            let line = match cmd.spawn() {
-                Ok(child) => format!("ok {}\n", child.id()),
-                Err(e) => format!("err {}: {e}\n", cmd.get_program().to_string_lossy()),
-            };
-            let _ = nix::unistd::write(&w, line.as_bytes());
-            // SAFETY: leave without running the parent's destructors or atexit handlers.
-            unsafe { libc::_exit(0) }
+            // SAFETY: leave without running the helper's destructors or atexit handlers.
+            unsafe { libc::_exit(127) }
         }
-        ForkResult::Parent { child } => {
-            drop(w);
-            let mut line = String::new();
-            let read = std::fs::File::from(r).read_to_string(&mut line);
-            let _ = waitpid(child, None);
-            read.map_err(|e| format!("read spawn result: {e}"))?;
-            let line = line.lines().next().unwrap_or_default();
-            match line.split_once(' ') {
-                Some(("ok", pid)) => pid.parse().map_err(|e| format!("spawn result {line:?}: {e}")),
-                Some(("err", e)) => Err(e.to_string()),
-                _ => Err(format!("spawn result {line:?}")),
-            }
-        }
+    };
+    drop(w);
+    let mut line = String::new();
+    std::fs::File::from(r).read_to_string(&mut line).map_err(|e| format!("read spawn result: {e}"))?;
+    match line.lines().next() {
+        // The child exited; the broker reaps it as a child that is no VMM.
+        Some(e) => Err(e.to_string()),
+        None => Ok(started),
     }
 }
 
 /// Everything between fork and exec, in order.
-fn prepare_child(keep: &[(i32, i32)], vmm_dir: Option<&str>, ids: Ids) -> std::io::Result<()> {
+fn prepare_child(keep: &[(i32, i32)], vmm: Option<&VmmRoot>, ids: Ids) -> std::io::Result<()> {
     reset_signals()?;
     place_fds(keep)?;
-    if let Some(dir) = vmm_dir {
-        enter_vmm_namespaces(ids.uid, dir)?;
+    if let Some(root) = vmm {
+        enter_vmm_namespaces(ids.uid, root)?;
     }
     drop_privileges(ids)
 }
 
-/// The broker's side: hands one order and its fds to the helper and waits for the outcome.
-pub fn order(chan: &OwnedFd, order: Order, fds: &[OwnedFd]) -> Outcome {
+/// The broker's side: hands one order and its fds to the helper and waits for the outcome:
+/// the started program's pid and pidfd.
+pub fn order(chan: &OwnedFd, order: Order, fds: &[OwnedFd]) -> Result<Started, String> {
+    let (pid, fds) = order_raw(chan, order, fds)?;
+    let pidfd = fds.into_iter().next().ok_or("spawn helper: no pidfd came with the pid")?;
+    Ok(Started { pid, pidfd })
+}
+
+/// Mounts (`uid` set) or unmounts the tmpfs of the VM run dir `dir`, through the helper.
+pub fn run_dir(chan: &OwnedFd, uid: Option<u32>, dir: OwnedFd) -> Result<(), String> {
+    order_raw(chan, Order::RunDir { uid }, &[dir]).map(drop)
+}
+
+fn order_raw(chan: &OwnedFd, order: Order, fds: &[OwnedFd]) -> Result<(u32, Vec<OwnedFd>), String> {
     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: order };
     send(chan, env, &raw).map_err(|e| format!("spawn helper: {e}"))?;
-    let (reply, _) = recv::<Outcome>(chan).map_err(|e| format!("spawn helper: {e}"))?;
-    reply.body
+    let (reply, fds) = recv::<Outcome>(chan).map_err(|e| format!("spawn helper: {e}"))?;
+    Ok((reply.body?, fds))
 }

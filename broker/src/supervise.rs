@@ -6,8 +6,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
-use my_hypervisor_broker_proto::{Envelope, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv, send};
-use my_hypervisor_policy::layout::DirRole;
+use my_hypervisor_broker_proto::{
+    Envelope, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv_keeping_fds, send,
+};
+use my_hypervisor_policy::layout::{DirRole, check_image_root_owner};
 use my_hypervisor_policy::seccomp;
 use nix::fcntl::{OFlag, open};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -23,7 +25,8 @@ use crate::cli::{Args, Config, resolve};
 use crate::confine::{BROKER_CAPS, SPAWNER_CAPS, apply_broker_filter, keep_only};
 use crate::dirs::{bind_rpc_socket, ensure_dir};
 use crate::spawner::{self, Order, Program, SpawnerConfig};
-use crate::table::{Broker, SandboxOptions, dispatch};
+use crate::strays::Strays;
+use crate::table::{Broker, SandboxOptions, serve};
 use crate::{journal, vmm};
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
@@ -60,7 +63,19 @@ pub fn run(args: &Args) -> Result<(), String> {
         open(p, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
             .map_err(|e| format!("{}: {e}", p.display()))
     };
-    let image_roots = args.image_roots.iter().map(|r| Ok((r.clone(), dir_fd(r)?))).collect::<Result<_, String>>()?;
+    let image_roots = args
+        .image_roots
+        .iter()
+        .map(|r| {
+            if std::fs::canonicalize(r).ok().as_ref() != Some(r) {
+                return Err(format!("image root {} must be a canonical path, with no symlink on the way", r.display()));
+            }
+            let fd = dir_fd(r)?;
+            let st = nix::sys::stat::fstat(&fd).map_err(|e| format!("{}: {e}", r.display()))?;
+            check_image_root_owner(&r.to_string_lossy(), st.st_uid, st.st_mode).map_err(|e| e.to_string())?;
+            Ok((r.clone(), fd))
+        })
+        .collect::<Result<_, String>>()?;
     let run_fd = dir_fd(&args.run_dir)?;
     // VMs held by an earlier broker (one killed, or crashed) are not taken up again yet: the
     // daemon refuses to start rather than hand their uids, taps or disks out twice.
@@ -77,6 +92,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| format!("getrlimit: {e}"))?;
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(|e| format!("raise RLIMIT_NOFILE: {e}"))?;
 
+    let strays = Strays::start(args.no_passrights)?;
     // Every process the spawn helper starts is re-parented to the broker, which reaps it.
     // SAFETY: plain prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
@@ -106,6 +122,9 @@ pub fn run(args: &Args) -> Result<(), String> {
         sandbox: SandboxOptions { seccomp: args.vmm_seccomp, landlock_best_effort: args.landlock_best_effort },
         allowed_bridges: args.allowed_bridges.clone(),
         vms: BTreeMap::new(),
+        acls: BTreeMap::new(),
+        journal_failed: false,
+        strays,
     };
     journal::save(&b)?;
     // Fail closed: the first frontend must start, or the daemon does not run.
@@ -131,7 +150,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             && let Some(f) = &mut frontend
             && let Err(e) = serve_one(&mut b, f)
         {
-            f.drop_channel(&e);
+            f.drop_channel(&e, &b.strays);
         }
         if sig_ready {
             while let Ok(Some(info)) = sigfd.read_signal() {
@@ -147,15 +166,16 @@ pub fn run(args: &Args) -> Result<(), String> {
                 }
                 if frontend.as_ref().is_some_and(|f| f.pid.as_raw() as u32 == pid) {
                     let f = frontend.take().expect("checked above");
+                    b.strays.drain(&f.channel);
                     restart.schedule(f.started.elapsed());
                     tracing::warn!(pid, ?status, restart = restart.count, delay = ?restart.backoff, "frontend exited; restarting it");
                 } else if let Some(event) = vmm::reaped(&mut b, pid, status) {
                     tracing::info!(pid, ?status, ?event, "VMM exited");
-                    log_err(journal::save(&b));
+                    log_err(journal::commit(&mut b));
                     if let Some(f) = frontend.as_mut().filter(|f| f.serving) {
                         let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: FromBroker::Event(event) };
                         if let Err(e) = send(&f.channel, env, &[]) {
-                            f.drop_channel(&e);
+                            f.drop_channel(&e, &b.strays);
                         }
                     }
                 } else {
@@ -198,10 +218,11 @@ impl Restart {
 impl Frontend {
     /// Stops serving a frontend that broke the protocol or stopped reading. It is killed;
     /// its channel closes when it is reaped and replaced.
-    fn drop_channel(&mut self, why: &dyn std::fmt::Display) {
+    fn drop_channel(&mut self, why: &dyn std::fmt::Display, strays: &Strays) {
         tracing::warn!(target: "audit", peer_pid = self.pid.as_raw(), peer_uid = self.uid, verdict = "drop-channel", reason = %why, "broker channel dropped; the frontend will be restarted");
         let _ = kill(self.pid, Signal::SIGKILL);
         self.serving = false;
+        strays.drain(&self.channel);
     }
 }
 
@@ -211,11 +232,12 @@ fn shut_down(b: &mut Broker, frontend: Option<&Frontend>, sig: Signal) -> Result
     tracing::info!(signal = %sig, vms = b.vms.len(), "shutting down; releasing every VM");
     if let Some(f) = frontend {
         let _ = kill(f.pid, Signal::SIGTERM);
+        b.strays.drain(&f.channel);
     }
     let ids: Vec<String> = b.vms.keys().cloned().collect();
     for id in ids {
         if let Err(e) = vmm::release(b, &id) {
-            tracing::error!(vm = %id, error = %e.0, "release at shutdown failed");
+            tracing::error!(vm = %id, error = %e, "release at shutdown failed");
         }
     }
     journal::save(b)
@@ -228,31 +250,30 @@ fn log_err(r: Result<(), String>) {
 }
 
 /// Receives, checks, dispatches, audits and answers one request. An error here means the
-/// channel is malformed or broken and must be dropped.
+/// channel is malformed or broken and must be dropped. Fds on a request are never closed
+/// here (`strays`).
 fn serve_one(b: &mut Broker, f: &Frontend) -> Result<(), WireError> {
-    let (env, fds) = match recv::<Request>(&f.channel) {
-        Err(WireError::WouldBlock) => return Ok(()),
-        r => r?,
+    let env = match recv_keeping_fds::<Request>(&f.channel) {
+        (Err(WireError::WouldBlock), _) => return Ok(()),
+        (r, fds) if fds.is_empty() => r?,
+        (r, fds) => {
+            let received = fds.len();
+            b.strays.dispose(fds);
+            // Requests never carry fds.
+            return Err(r.err().unwrap_or(WireError::FdCount { declared: 0, received }));
+        }
     };
-    if !fds.is_empty() {
-        // Requests never carry fds; the envelope declared them, so decoding let them through.
-        return Err(WireError::FdCount { declared: env.fds, received: 0 });
-    }
     let req = env.body;
-    let (reply, fds) = match dispatch(b, &req) {
+    let (reply, fds) = match serve(b, &req) {
         Ok((reply, fds)) => {
             tracing::info!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, request = ?req, verdict = "allow", "broker request");
             (reply, fds)
         }
         Err(refusal) => {
-            tracing::warn!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, request = ?req, verdict = "refuse", reason = %refusal.0, "broker request");
-            (Reply::Refused { reason: refusal.0 }, vec![])
+            tracing::warn!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, request = ?req, verdict = "refuse", reason = %refusal, "broker request");
+            (Reply::Refused { reason: refusal.to_string() }, vec![])
         }
     };
-    if !matches!(req, Request::KvmCheck | Request::Inventory | Request::Connect { .. } | Request::OpenOutputs { .. }) {
-        log_err(journal::save(b));
-    }
-    debug_assert_eq!(usize::from(reply.fd_count()), fds.len());
     let raw: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
     let id = env.id;
     match send(&f.channel, Envelope { version: PROTOCOL_VERSION, id, fds: 0, body: FromBroker::Reply(reply) }, &raw) {
@@ -317,8 +338,8 @@ fn start_frontend(b: &Broker, cfg: &Config, listener: &UnixListener) -> Result<F
         .map_err(|e| format!("socketpair: {e}"))?;
     let listen = listener.as_fd().try_clone_to_owned().map_err(|e| format!("dup listener: {e}"))?;
     nix::fcntl::fcntl(&ours, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(|e| format!("channel: {e}"))?;
-    let pid = spawner::order(&b.spawner, Order::Frontend, &[listen, theirs])?;
-    let pid = Pid::from_raw(pid as i32);
+    b.strays.guard(&ours)?;
+    let pid = Pid::from_raw(spawner::order(&b.spawner, Order::Frontend, &[listen, theirs])?.pid as i32);
     tracing::info!(pid = pid.as_raw(), uid = cfg.frontend.uid, gid = cfg.frontend.gid, "frontend started");
     Ok(Frontend { pid, uid: cfg.frontend.uid, started: Instant::now(), channel: ours, serving: true })
 }

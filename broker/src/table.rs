@@ -1,24 +1,26 @@
-//! The dispatch table: every request the frontend can make, the broker state it requires,
-//! and the checks made before anything changes. Nothing else can reach the broker: the
-//! request type is a closed enum, and a datagram that does not decode to exactly one of
-//! these ends the channel.
+//! The request table's handlers. The table itself, one row per request with the VM state
+//! it requires, whether it changes the journal, its reply's fds and whether it may repeat,
+//! is `my_hypervisor_policy::request::TABLE` (docs/adr/0002-broker.md shows it); [`serve`]
+//! enforces the row, every field (`request::check`) and the journal's health before any
+//! handler runs, and rewrites the journal after a request that changes it. Nothing else can
+//! reach the broker: the request type is a closed enum, and a datagram that does not decode
+//! to exactly one of these ends the channel.
 //!
-//! "(policy)" checks are stateless and run first, for every request, in
-//! `my_hypervisor_policy::request::check`; the rest need the broker's records.
+//! What the handlers check beyond the row, in order:
 //!
-//! | request     | requires                 | checks, in order                                                     |
-//! |-------------|--------------------------|----------------------------------------------------------------------|
-//! | KvmCheck    | —                        | /dev/kvm opens read-write; KVM_GET_API_VERSION is 12                 |
-//! | Prepare     | VM unknown               | (policy) id, 1..=11 images, at most 8 disks, one kernel/initramfs/firmware, path text; a free uid; runtime dir is new; each image: under an image root, openat2 beneath it without symlinks, regular file, dirs above searchable, a writable disk held by no other VM and owner-rw |
-//! | CreateTap   | VM prepared, not spawned | (policy) id, mac, mtu range, bridge name; the bridge is an --allowed-bridge; at most MAX_NETS taps |
-//! | Spawn       | VM prepared, not spawned | (policy) id, vcpus, memory, cmdline; cloud-hypervisor found; the whole plan re-checked |
-//! | Connect     | VMM spawned and alive    | (policy) id; node opened O_PATH|O_NOFOLLOW is a socket owned by the VM uid |
-//! | OpenOutputs | VMM spawned              | (policy) id                                                          |
-//! | Signal      | VMM spawned and alive    | (policy) id; TERM, KILL or CONT only (the type allows no other)      |
-//! | Release     | —                        | (policy) id; a VM the broker does not hold is already released       |
-//! | Inventory   | —                        | —                                                                    |
+//! | request     | checks                                                                                  |
+//! |-------------|-----------------------------------------------------------------------------------------|
+//! | KvmCheck    | /dev/kvm opens read-write; KVM_GET_API_VERSION is 12                                    |
+//! | Prepare     | a free uid; runtime dir is new; each image (images.rs): under an image root, opened O_PATH beneath it without symlinks, a regular file with one link, dirs above searchable, a writable disk held by no other VM and owner-rw, then reopened |
+//! | CreateTap   | the bridge is an --allowed-bridge; at most MAX_NETS taps                                 |
+//! | Spawn       | cloud-hypervisor found; the whole plan re-checked                                       |
+//! | Connect     | node opened O_PATH\|O_NOFOLLOW is a socket owned by the VM uid                          |
+//! | OpenOutputs | —                                                                                       |
+//! | Signal      | TERM, KILL or CONT only (the type allows no other)                                      |
+//! | Release     | a VM the broker does not hold is already released                                       |
+//! | Inventory   | —                                                                                       |
 //!
-//! Every request, allowed or refused, is one audit line (see `serve`).
+//! Every request, allowed or refused, is one audit line (see `supervise::serve_one`).
 
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
@@ -26,11 +28,11 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use my_hypervisor_broker_proto::{ExitStatus, HeldVm, Reply, Request};
-use my_hypervisor_policy::request;
+use my_hypervisor_policy::request::{self, Held, StateError};
 use my_hypervisor_policy::vmm::{FieldError, MAX_NETS};
 
-use crate::images::Grant;
-use crate::{images, kvm, vmm};
+use crate::images::{Grant, Shared};
+use crate::{images, journal, kvm, vmm};
 
 pub struct Broker {
     pub run_dir: PathBuf,
@@ -42,6 +44,13 @@ pub struct Broker {
     pub sandbox: SandboxOptions,
     pub allowed_bridges: Vec<String>,
     pub vms: BTreeMap<String, Vm>,
+    /// Read-only images granted by ACL, by inode: how many grants, and what to restore.
+    pub acls: BTreeMap<(u64, u64), Shared>,
+    /// The last journal write failed: state-changing requests but Release are refused
+    /// until a write succeeds.
+    pub journal_failed: bool,
+    /// Where fds that came with a request go: never closed on the broker's thread.
+    pub strays: crate::strays::Strays,
 }
 
 /// Debugging switches for every VMM's sandbox (flags of the daemon).
@@ -83,61 +92,97 @@ pub enum Vmm {
 }
 
 /// Why a request was refused; nothing was changed.
-#[derive(Debug)]
-pub struct Refusal(pub String);
-
-impl<E: std::fmt::Display> From<E> for Refusal {
-    fn from(e: E) -> Self {
-        Refusal(e.to_string())
-    }
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error(transparent)]
+    Field(#[from] FieldError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("the journal cannot be written ({0}); only Release is served until it can")]
+    Journal(String),
+    #[error("{path}: {why}")]
+    Image { path: String, why: String },
+    #[error("runtime dir: {0}")]
+    RunDir(String),
+    #[error("every uid in the VM uid range is in use")]
+    NoUid,
+    #[error("bridge {0} is not one the daemon allows (--allowed-bridge)")]
+    Bridge(String),
+    #[error("{0}")]
+    Kvm(String),
+    #[error("{0}")]
+    Tap(String),
+    #[error("{0}")]
+    Vmm(String),
+    #[error("release of VM {vm} is incomplete: {steps}")]
+    Release { vm: String, steps: String },
+    #[error("the reply carries {got} fds, its row says {row}")]
+    ReplyFds { got: usize, row: u8 },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Sys(#[from] nix::errno::Errno),
 }
 
-pub type Outcome = Result<(Reply, Vec<OwnedFd>), Refusal>;
-
-fn refuse<T>(why: impl Into<String>) -> Result<T, Refusal> {
-    Err(Refusal(why.into()))
-}
+/// What a handler returns: the reply and its fds.
+pub type Handled = Result<(Reply, Vec<OwnedFd>), Refusal>;
 
 impl Broker {
+    fn held(&self, id: &str) -> Held {
+        match self.vms.get(id).map(|v| &v.vmm) {
+            None => Held::Unknown,
+            Some(Vmm::NotSpawned) => Held::Prepared,
+            Some(Vmm::Alive { .. }) => Held::Alive,
+            Some(Vmm::Exited { .. }) => Held::Exited,
+        }
+    }
+
     fn vm(&mut self, id: &str) -> Result<&mut Vm, Refusal> {
-        self.vms.get_mut(id).ok_or_else(|| Refusal(format!("VM {id} was never prepared")))
-    }
-
-    fn unspawned(&mut self, id: &str) -> Result<&mut Vm, Refusal> {
-        let vm = self.vm(id)?;
-        if !matches!(vm.vmm, Vmm::NotSpawned) {
-            return refuse(format!("VM {id} was already spawned; a VM is spawned at most once per prepare"));
-        }
-        Ok(vm)
-    }
-
-    fn alive(&mut self, id: &str) -> Result<&mut Vm, Refusal> {
-        let vm = self.vm(id)?;
-        match vm.vmm {
-            Vmm::Alive { .. } => Ok(vm),
-            Vmm::NotSpawned => refuse(format!("VM {id} has no VMM: it was never spawned")),
-            Vmm::Exited { .. } => refuse(format!("the VMM of VM {id} has exited")),
-        }
+        self.vms.get_mut(id).ok_or_else(|| StateError::NotPrepared(id.to_string()).into())
     }
 }
 
-pub fn dispatch(b: &mut Broker, req: &Request) -> Outcome {
-    // Every field of every request first (the "(policy)" checks above).
+/// Enforces the request's row of the table, then runs its handler, then rewrites the
+/// journal if the row says the request changes it. A change the journal cannot record is
+/// undone and refused (a spawned VMM is killed), so the journal never holds less than the
+/// broker does.
+pub fn serve(b: &mut Broker, req: &Request) -> Handled {
     request::check(req)?;
+    let (row, vm) = request::row_of(req);
+    if let Some(vm) = vm {
+        request::admit(row, vm, b.held(vm))?;
+    }
+    let release = matches!(req, Request::Release { .. });
+    if row.journal && !release && b.journal_failed {
+        journal::commit(b).map_err(Refusal::Journal)?;
+    }
+    let (reply, fds) = dispatch(b, req)?;
+    if row.journal
+        && let Err(e) = journal::commit(b)
+        && !release
+    {
+        match req {
+            Request::Prepare { vm, .. } => drop(vmm::release(b, vm)),
+            Request::CreateTap { vm, .. } => drop(b.vm(vm)?.taps.pop()),
+            Request::Spawn { vm, .. } => vmm::stop(b, vm)?,
+            _ => {}
+        }
+        return Err(Refusal::Journal(e));
+    }
+    if fds.len() != usize::from(row.reply_fds) {
+        return Err(Refusal::ReplyFds { got: fds.len(), row: row.reply_fds });
+    }
+    Ok((reply, fds))
+}
+
+fn dispatch(b: &mut Broker, req: &Request) -> Handled {
     match req {
         Request::KvmCheck => {
-            let (api_version, extensions) = kvm::check()?;
+            let (api_version, extensions) = kvm::check().map_err(Refusal::Kvm)?;
             Ok((Reply::Kvm { api_version, extensions }, vec![]))
         }
         Request::Prepare { vm, images } => {
-            if b.vms.contains_key(vm) {
-                return refuse(format!("VM {vm} is already prepared"));
-            }
-            let uid = b
-                .vm_uids
-                .clone()
-                .find(|u| b.vms.values().all(|v| v.uid != *u))
-                .ok_or("every uid in the VM uid range is in use")?;
+            let uid = vmm::free_uid(b)?;
             let record = images::prepare(b, vm, uid, images)?;
             let reply = Reply::Prepared { uid, run_dir: b.run_dir.join(vm).to_string_lossy().into_owned() };
             b.vms.insert(vm.clone(), record);
@@ -145,9 +190,9 @@ pub fn dispatch(b: &mut Broker, req: &Request) -> Outcome {
         }
         Request::CreateTap { vm, mac, mtu, bridge } => {
             if let Some(br) = bridge.as_ref().filter(|br| !b.allowed_bridges.contains(br)) {
-                return refuse(format!("bridge {br} is not one the daemon allows (--allowed-bridge)"));
+                return Err(Refusal::Bridge(br.clone()));
             }
-            let v = b.unspawned(vm)?;
+            let v = b.vm(vm)?;
             if v.taps.len() >= MAX_NETS {
                 return Err(FieldError::Range {
                     field: "nets",
@@ -158,21 +203,18 @@ pub fn dispatch(b: &mut Broker, req: &Request) -> Outcome {
                 .into());
             }
             let name = my_hypervisor_policy::vmm::tap_name(v.uid, v.taps.len());
-            let fd = crate::tap::create(&name, *mtu, bridge.as_deref())?;
+            let fd = crate::tap::create(&name, *mtu, bridge.as_deref()).map_err(Refusal::Tap)?;
             v.taps.push(Tap { name: name.clone(), mac: mac.clone(), fd });
             Ok((Reply::Tap { name }, vec![]))
         }
-        Request::Spawn { vm, config } => {
-            b.unspawned(vm)?;
-            vmm::spawn(b, vm, config)
-        }
-        Request::Connect { vm, role } => vmm::connect(b.alive(vm)?, *role),
+        Request::Spawn { vm, config } => vmm::spawn(b, vm, config),
+        Request::Connect { vm, role } => vmm::connect(b.vm(vm)?, *role),
         Request::OpenOutputs { vm } => match &b.vm(vm)?.vmm {
             Vmm::Alive { outputs, .. } | Vmm::Exited { outputs, .. } => Ok((Reply::Outputs, outputs.reopen()?)),
-            Vmm::NotSpawned => refuse(format!("VM {vm} was never spawned")),
+            Vmm::NotSpawned => Err(StateError::NeverSpawned(vm.clone()).into()),
         },
         Request::Signal { vm, signal } => {
-            vmm::signal(b.alive(vm)?, *signal)?;
+            vmm::signal(b.vm(vm)?, *signal)?;
             Ok((Reply::Signalled, vec![]))
         }
         Request::Release { vm } => {
@@ -194,5 +236,69 @@ pub fn dispatch(b: &mut Broker, req: &Request) -> Outcome {
                 .collect();
             Ok((Reply::Inventory { vms }, vec![]))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use my_hypervisor_broker_proto::{Image, ImageRole, VmmSignal};
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    use nix::sys::stat::Mode;
+
+    use super::*;
+
+    fn broker(dir: &Path) -> Broker {
+        let (spawner, _) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        Broker {
+            run_dir: dir.to_path_buf(),
+            run_fd: open(dir, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).unwrap(),
+            image_roots: vec![],
+            vm_uids: 62060..=62069,
+            cloud_hypervisor: None,
+            spawner,
+            sandbox: SandboxOptions { seccomp: my_hypervisor_policy::seccomp::Mode::Kill, landlock_best_effort: false },
+            allowed_bridges: vec![],
+            vms: BTreeMap::new(),
+            acls: BTreeMap::new(),
+            journal_failed: false,
+            strays: crate::strays::Strays::Refused,
+        }
+    }
+
+    /// Refusals are typed: the field check, the row's state, the journal's health and an
+    /// image's check each give their own variant, before any handler changes anything.
+    #[test]
+    fn refusals_are_typed_and_the_journal_fails_closed() {
+        let dir = PathBuf::from(format!("/var/tmp/myhv-table-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        let mut b = broker(&dir);
+        let prepare = || Request::Prepare {
+            vm: "a".into(),
+            images: vec![Image { path: "/nowhere/vmlinux".into(), role: ImageRole::Kernel }],
+        };
+        assert!(matches!(serve(&mut b, &Request::Release { vm: "A".into() }), Err(Refusal::Field(_))));
+        let signal = Request::Signal { vm: "a".into(), signal: VmmSignal::Term };
+        assert!(matches!(serve(&mut b, &signal), Err(Refusal::State(StateError::NotPrepared(_)))));
+
+        // The journal cannot be written: Release is still served, Prepare is refused.
+        std::fs::create_dir(dir.join(format!("{}.tmp", journal::FILE))).unwrap();
+        assert!(matches!(serve(&mut b, &Request::Release { vm: "a".into() }), Ok((Reply::Released, _))));
+        assert!(b.journal_failed);
+        assert!(matches!(serve(&mut b, &prepare()), Err(Refusal::Journal(_))));
+        assert!(matches!(serve(&mut b, &Request::Inventory), Ok((Reply::Inventory { .. }, _))));
+        std::fs::remove_dir(dir.join(format!("{}.tmp", journal::FILE))).unwrap();
+
+        if nix::unistd::geteuid().is_root() {
+            // Writable again: the journal is retried first, then the image is refused.
+            let r = serve(&mut b, &prepare());
+            assert!(matches!(r, Err(Refusal::Image { ref why, .. }) if why == "is not under any image root"), "{r:?}");
+            assert!(!b.journal_failed && !dir.join("a").exists());
+        } else {
+            eprintln!("SKIP refusals_are_typed_and_the_journal_fails_closed (image part): needs root to chown");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -3,11 +3,11 @@
 //! VMM launcher after its namespaces are set up.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use caps::CapSet;
 use my_hypervisor_policy::layout::Ids;
-use my_hypervisor_policy::sandbox::{COVERED_DIRS, DEV_NODES, hidden_in_vmm};
+use my_hypervisor_policy::sandbox::{DEV_NODES, ROOT_STAGE, run_dir_tmpfs_options};
 use nix::fcntl::OFlag;
 use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
 
@@ -23,22 +23,15 @@ pub fn place_fds(fds: &[(RawFd, RawFd)]) -> io::Result<()> {
     for &(src, target) in fds {
         assert!(target < SCRATCH, "fd targets are small numbers");
         // SAFETY: F_DUPFD_CLOEXEC only creates a new fd; `src` is owned by the caller.
-        let t = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, SCRATCH) };
-        if t < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        tmp.push((t, target));
+        tmp.push((sys("dup a kept fd", unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, SCRATCH) }.into())?, target));
     }
     let first_free = fds.iter().map(|f| f.1 + 1).max().unwrap_or(3).max(3);
     // SAFETY: only marks fds close-on-exec; no fd is closed under anyone's feet.
-    if unsafe { libc::close_range(first_free as u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let cloexec = unsafe { libc::close_range(first_free as u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) };
+    sys("close_range", cloexec.into())?;
     for (t, target) in tmp {
         // SAFETY: dup2 onto a number the keep-list reserves; the scratch fd is CLOEXEC.
-        if unsafe { libc::dup2(t, target) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        sys("dup2", unsafe { libc::dup2(t as RawFd, target) }.into())?;
     }
     Ok(())
 }
@@ -46,62 +39,110 @@ pub fn place_fds(fds: &[(RawFd, RawFd)]) -> io::Result<()> {
 /// Gives the new program default signal handling: nothing blocked (the broker blocks the
 /// signals it reads from a signalfd) and nothing ignored (ignored signals survive exec).
 pub fn reset_signals() -> io::Result<()> {
-    for sig in nix::sys::signal::Signal::iterator() {
-        if matches!(sig, nix::sys::signal::Signal::SIGKILL | nix::sys::signal::Signal::SIGSTOP) {
-            continue;
-        }
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    for sig in Signal::iterator().filter(|s| !matches!(s, Signal::SIGKILL | Signal::SIGSTOP)) {
         // SAFETY: installing SIG_DFL involves no handler code.
-        unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) }.map_err(io::Error::from)?;
+        unsafe { signal(sig, SigHandler::SigDfl) }.map_err(io::Error::from)?;
     }
     nix::sys::signal::SigSet::empty().thread_set_mask().map_err(io::Error::from)
 }
 
-/// The VMM's box, built as root in the child before it becomes the VM's uid: a new mount
-/// namespace with / made private, a fresh /dev holding only what `DEV_NODES` lists (made
-/// with mknod: bind mounts would change the host's nodes), empty tmpfs over `COVERED_DIRS`
-/// with the VM's runtime dir bind-mounted back, and a new, empty network namespace.
-pub fn enter_vmm_namespaces(uid: u32, run_dir: &str) -> io::Result<()> {
-    use nix::mount::{MsFlags, mount};
-    use nix::sched::{CloneFlags, unshare};
+/// What a VMM's minimal root holds besides /dev: `files`, the programs' ELF closure (bound
+/// read-only), and `binds`, (path, writable, fd) of the fds the broker holds for its images
+/// and its runtime dir (bound noexec, read-only unless writable).
+pub struct VmmRoot {
+    pub files: Vec<String>,
+    pub binds: Vec<(String, bool, RawFd)>,
+}
+
+/// A detached copy of the mount at `fd` (open_tree with OPEN_TREE_CLONE), made while still
+/// in the mount namespace the fd belongs to; `move_mount` attaches it in the new one.
+fn clone_mount(fd: RawFd) -> io::Result<OwnedFd> {
+    let flags = 1 | libc::O_CLOEXEC | libc::AT_EMPTY_PATH; // OPEN_TREE_CLONE
+    // SAFETY: open_tree takes an fd, an empty C string and flags; returns a new fd or -1.
+    let r = sys("open_tree", unsafe { libc::syscall(libc::SYS_open_tree, fd, c"".as_ptr(), flags) })?;
+    // SAFETY: the kernel just returned this new fd to us.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as RawFd) })
+}
+
+/// A raw syscall's result, or the error with `what` failed.
+pub fn sys(what: &str, r: libc::c_long) -> io::Result<libc::c_long> {
+    if r < 0 { Err(io_err(what, io::Error::last_os_error())) } else { Ok(r) }
+}
+
+/// The VMM's box, built as root in the child (already PID 1 of its own PID namespace, with
+/// fresh IPC and UTS namespaces) before it becomes the VM's uid: new mount and network
+/// namespaces, / made private, then a pivot_root into a fresh tmpfs that holds only what
+/// `root` lists and a /dev of `DEV_NODES` (made with mknod: bind mounts would change the
+/// host's nodes). Every bind is cloned from an fd, never by a path resolved later. No /proc.
+pub fn enter_vmm_namespaces(uid: u32, root: &VmmRoot) -> io::Result<()> {
+    use nix::mount::{MntFlags, MsFlags as F, mount, umount2};
     use nix::sys::stat::{Mode, SFlag, makedev, mknod};
     let step = |what: &'static str| move |e: nix::errno::Errno| io_err(what, e);
-    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET)
+    // (path, detached mount, flags), cloned before the unshare: a mount of another
+    // namespace cannot be the source of a bind.
+    let mut mounts = Vec::new();
+    for f in &root.files {
+        let fd = nix::fcntl::open(f.as_str(), OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty()).map_err(step("open"))?;
+        mounts.push((f, clone_mount(fd.as_raw_fd())?, F::MS_RDONLY));
+    }
+    for (path, writable, fd) in &root.binds {
+        mounts.push((path, clone_mount(*fd)?, if *writable { F::MS_NOEXEC } else { F::MS_NOEXEC | F::MS_RDONLY }));
+    }
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS | nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(step("unshare mount and network namespaces"))?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(step("make / private"))?;
-    // Opened inside the new namespace, before /run is covered, to bind it back afterwards.
-    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let dir = nix::fcntl::open(run_dir, flags, Mode::empty()).map_err(step("open runtime dir"))?;
-    let tmpfs = |at: &str, flags: MsFlags, opts: &str| {
-        mount(Some("tmpfs"), at, Some("tmpfs"), flags | MsFlags::MS_NOSUID, Some(opts)).map_err(step("mount tmpfs"))
+    mount(None::<&str>, "/", None::<&str>, F::MS_REC | F::MS_PRIVATE, None::<&str>).map_err(step("make / private"))?;
+    let at = |p: &str| format!("{ROOT_STAGE}{p}");
+    let tmpfs = |at: &str, flags: F, opts: &str| {
+        mount(Some("tmpfs"), at, Some("tmpfs"), flags | F::MS_NOSUID, Some(opts)).map_err(step("mount tmpfs"))
     };
-    tmpfs("/dev", MsFlags::MS_NOEXEC, "mode=0755,size=64k")?;
+    tmpfs(ROOT_STAGE, F::MS_NODEV | F::MS_NOEXEC, "mode=0755,size=1m")?;
+    std::fs::create_dir(at("/dev")).map_err(|e| io_err("create /dev", e))?;
+    tmpfs(&at("/dev"), F::MS_NOEXEC, "mode=0755,size=64k")?;
     for (name, major, minor) in DEV_NODES {
-        let node = format!("/dev/{name}");
-        mknod(
-            node.as_str(),
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o600),
-            makedev((*major).into(), (*minor).into()),
-        )
-        .map_err(step("mknod"))?;
+        let node = at(&format!("/dev/{name}"));
+        let dev = makedev((*major).into(), (*minor).into());
+        mknod(node.as_str(), SFlag::S_IFCHR, Mode::from_bits_truncate(0o600), dev).map_err(step("mknod"))?;
         nix::unistd::chown(node.as_str(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))
             .map_err(step("chown dev node"))?;
     }
-    std::fs::create_dir("/dev/shm").map_err(|e| io_err("create /dev/shm", e))?;
-    for covered in COVERED_DIRS {
-        if std::path::Path::new(covered).exists() {
-            tmpfs(covered, MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, "mode=0755,size=1m")?;
-        }
+    for (path, mnt, flags) in mounts {
+        let target = at(path);
+        let parent = std::path::Path::new(&target).parent().ok_or_else(|| io_err(path, "no parent"))?;
+        std::fs::create_dir_all(parent).map_err(|e| io_err("create a dir of the new root", e))?;
+        let is_dir = nix::sys::stat::fstat(&mnt).map_err(step("fstat"))?.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        let made = if is_dir { std::fs::create_dir(&target) } else { std::fs::File::create(&target).map(drop) };
+        made.map_err(|e| io_err("create a mount point", e))?;
+        let c_target = std::ffi::CString::new(target.as_str()).map_err(|e| io_err("mount point", e))?;
+        let (src, dst, cwd, empty_path) = (mnt.as_raw_fd(), c_target.as_ptr(), libc::AT_FDCWD, 4); // MOVE_MOUNT_F_EMPTY_PATH
+        // SAFETY: move_mount takes two (dirfd, C string) pairs and flags; both strings
+        // outlive the call.
+        sys("move_mount", unsafe { libc::syscall(libc::SYS_move_mount, src, c"".as_ptr(), cwd, dst, empty_path) })?;
+        let flags = F::MS_BIND | F::MS_REMOUNT | F::MS_NOSUID | F::MS_NODEV | flags;
+        mount(None::<&str>, target.as_str(), None::<&str>, flags, None::<&str>).map_err(step("remount a bind"))?;
     }
-    if hidden_in_vmm(run_dir) {
-        let mkdir = std::fs::DirBuilder::new().recursive(true).create(run_dir);
-        mkdir.map_err(|e| io_err("create the runtime dir's mount point", e))?;
-        let src = format!("/proc/self/fd/{}", dir.as_raw_fd());
-        mount(Some(src.as_str()), run_dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(step("bind-mount the runtime dir"))?;
-    }
-    Ok(())
+    nix::unistd::chdir(ROOT_STAGE).map_err(step("enter the new root"))?;
+    nix::unistd::pivot_root(".", ".").map_err(step("pivot_root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the old root"))?;
+    nix::unistd::chdir("/").map_err(step("chdir /"))?;
+    let ro = F::MS_REMOUNT | F::MS_RDONLY | F::MS_NOSUID | F::MS_NODEV | F::MS_NOEXEC;
+    mount(None::<&str>, "/", None::<&str>, ro, None::<&str>).map_err(step("make the new root read-only"))?;
+    // SAFETY: sethostname reads exactly `len` bytes from a static string.
+    sys("sethostname", unsafe { libc::sethostname(c"vmm".as_ptr(), 3) }.into()).map(drop)
+}
+
+/// In the spawn helper: mounts a VM's run dir tmpfs, owned by `uid`, over the directory `dir`
+/// names; or, with no uid, lazily unmounts the tmpfs at `dir` (the broker and the frontend
+/// may still hold files of it; it is freed when they close them).
+pub fn run_dir_tmpfs(uid: Option<u32>, dir: &OwnedFd) -> Result<(), String> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    let at = format!("/proc/self/fd/{}", dir.as_raw_fd());
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let r = match uid {
+        Some(uid) => mount(Some("tmpfs"), at.as_str(), Some("tmpfs"), flags, Some(run_dir_tmpfs_options(uid).as_str())),
+        None => umount2(at.as_str(), MntFlags::MNT_DETACH),
+    };
+    r.map_err(|e| format!("{} the run dir's tmpfs: {e}", if uid.is_some() { "mount" } else { "unmount" }))
 }
 
 /// Becomes `ids` with no supplementary groups, every capability set empty (bounding and

@@ -6,20 +6,22 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use my_hypervisor_broker_proto::{Event, ExitStatus, ImageRole, Reply, SocketRole, VmmConfig, VmmSignal};
-use my_hypervisor_policy::sandbox::{SandboxSpec, hidden_in_vmm};
+use my_hypervisor_policy::elf;
+use my_hypervisor_policy::sandbox::{SandboxSpec, status_uids};
 use my_hypervisor_policy::vmm::{
-    API_SOCKET, EVENT_FILE, LOG_FILE, SANDBOX_REPORT, SERIAL_SOCKET, VSOCK_SOCKET, VmmPlan,
+    API_SOCKET, EVENT_FILE, LOG_FILE, SANDBOX_REPORT, VmmPlan, signal_number, socket_name,
 };
 use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
 use nix::sys::stat::{Mode, SFlag, fstat};
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{Gid, Pid, Uid, UnlinkatFlags, fchownat, unlinkat};
+use nix::unistd::UnlinkatFlags::NoRemoveDir;
+use nix::unistd::{Gid, Pid, Uid, fchownat, unlinkat};
 
 use crate::images::revoke;
 use crate::spawner::{self, Order};
-use crate::table::{Broker, Outcome, Refusal, Vm, Vmm};
+use crate::table::{Broker, Handled, Refusal, Vm, Vmm};
 
 const RELEASE_WAIT_MS: u16 = 5000;
 
@@ -43,107 +45,119 @@ impl Outputs {
 fn create_output(dir: &OwnedFd, name: &str) -> Result<(OwnedFd, OwnedFd), Refusal> {
     let flags =
         OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let w =
-        openat(dir.as_fd(), name, flags, Mode::from_bits_truncate(0o600)).map_err(|e| format!("create {name}: {e}"))?;
+    let w = openat(dir.as_fd(), name, flags, Mode::from_bits_truncate(0o600))
+        .map_err(|e| Refusal::Vmm(format!("create {name}: {e}")))?;
     let r = std::fs::File::open(format!("/proc/self/fd/{}", w.as_raw_fd()))?;
     Ok((w, r.into()))
 }
 
 fn find_cloud_hypervisor(configured: Option<&Path>) -> Result<PathBuf, Refusal> {
-    let found = match configured {
-        Some(p) => Some(p.to_path_buf()),
-        None => std::env::var_os("PATH")
-            .and_then(|path| std::env::split_paths(&path).map(|d| d.join("cloud-hypervisor")).find(|p| p.is_file())),
-    };
-    match found {
-        Some(p) if p.is_file() => Ok(p),
-        Some(p) => Err(Refusal(format!("cloud-hypervisor not found at {}", p.display()))),
-        None => Err(Refusal("cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor".into())),
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    match configured {
+        Some(p) if p.is_file() => Ok(p.to_path_buf()),
+        Some(p) => Err(Refusal::Vmm(format!("cloud-hypervisor not found at {}", p.display()))),
+        None => {
+            std::env::split_paths(&path).map(|d| d.join("cloud-hypervisor")).find(|p| p.is_file()).ok_or_else(|| {
+                Refusal::Vmm("cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor".into())
+            })
+        }
     }
 }
 
-pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
+/// Mounts the VM's own size-limited tmpfs on its new run dir `vm` (through the spawn helper)
+/// and opens it; the tmpfs is owned by `uid`, mode 0700.
+pub fn open_run_dir(b: &Broker, vm: &str, uid: u32) -> Result<OwnedFd, Refusal> {
+    let open =
+        || openat(b.run_fd.as_fd(), vm, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty());
+    spawner::run_dir(&b.spawner, Some(uid), open()?).map_err(Refusal::RunDir)?;
+    Ok(open()?)
+}
+
+/// Unmounts the run dir's tmpfs (EINVAL, not a mount point, if it was never mounted), then
+/// removes the dir and anything left below it.
+pub fn remove_run_dir(b: &Broker, vm: &str) -> Result<(), String> {
+    if let Ok(dir) =
+        openat(b.run_fd.as_fd(), vm, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+    {
+        let _ = spawner::run_dir(&b.spawner, None, dir);
+    }
+    match std::fs::remove_dir_all(b.run_dir.join(vm)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("remove runtime dir: {e}")),
+        _ => Ok(()),
+    }
+}
+
+/// The lowest uid of the range that no VM holds and no process runs under. A uid some
+/// process still runs under (something outlived its VM) is never handed out, and each skip
+/// is logged as an error. It needs a /proc that shows every process (no hidepid).
+pub fn free_uid(b: &Broker) -> Result<u32, Refusal> {
+    let mut running = Vec::new();
+    for e in std::fs::read_dir("/proc")? {
+        let Ok(pid) = e?.file_name().to_string_lossy().parse::<u32>() else { continue };
+        // A process that exited meanwhile has no status any more.
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
+        running.extend(status_uids(&status).into_iter().map(|u| (pid, u)));
+    }
+    for uid in b.vm_uids.clone().filter(|u| b.vms.values().all(|v| v.uid != *u)) {
+        let Some((pid, _)) = running.iter().find(|(_, u)| *u == uid) else { return Ok(uid) };
+        tracing::error!(uid, pid, "a process runs under a free VM uid: the uid is not handed out");
+    }
+    Err(Refusal::NoUid)
+}
+
+pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
     let ch = find_cloud_hypervisor(b.cloud_hypervisor.as_deref())?;
     let run_dir = b.run_dir.join(id);
-    let vm = b.vms.get_mut(id).ok_or("no such VM")?;
-    let image = |role| vm.grants.iter().find(|g| g.role == role).map(|g| g.path.clone());
-    let plan = VmmPlan {
-        run_dir: run_dir.to_string_lossy().into_owned(),
-        kernel: image(ImageRole::Kernel),
-        initramfs: image(ImageRole::Initramfs),
-        firmware: image(ImageRole::Firmware),
-        cmdline: cfg.cmdline.clone(),
-        disks: vm
-            .grants
-            .iter()
-            .filter_map(|g| match g.role {
-                ImageRole::Disk { readonly } => Some((g.path.clone(), readonly)),
-                _ => None,
-            })
-            .collect(),
-        nets: vm.taps.iter().map(|t| t.mac.clone()).collect(),
-        vcpus: cfg.vcpus,
-        memory_mib: cfg.memory_mib,
-        vsock: cfg.vsock,
-    };
+    let vm = b.vms.get_mut(id).ok_or_else(|| Refusal::Vmm(format!("no VM {id}")))?;
+    let images: Vec<(ImageRole, String)> = vm.grants.iter().map(|g| (g.role, g.path.clone())).collect();
+    let nets = vm.taps.iter().map(|t| t.mac.clone()).collect();
+    let plan = VmmPlan::new(run_dir.to_string_lossy().into_owned(), &images, nets, cfg);
     plan.check()?;
     let exe = ch.to_string_lossy().into_owned();
-    if hidden_in_vmm(&exe) {
-        return Err(Refusal(format!("cloud-hypervisor at {exe} would be hidden in the VMM's mount namespace")));
-    }
+    let interpreter = elf::needs(&exe, &std::fs::read(&ch).map_err(|e| Refusal::Vmm(format!("{exe}: {e}")))?)
+        .map_err(|e| Refusal::Vmm(e.to_string()))?
+        .interpreter;
     let mut ch_argv = vec![exe.clone()];
     ch_argv.extend(plan.args());
     let spec = SandboxSpec {
         vm: id.to_string(),
         uid: vm.uid,
         cloud_hypervisor: exe.clone(),
+        interpreter,
         plan,
         seccomp: b.sandbox.seccomp,
         landlock_best_effort: b.sandbox.landlock_best_effort,
     };
     let report = spec.report();
     // On failure, remove what this attempt created, so that it can be tried again.
-    let cleanup = |dir: &OwnedFd| {
-        for name in [LOG_FILE, EVENT_FILE, SANDBOX_REPORT, API_SOCKET] {
-            let _ = unlinkat(dir.as_fd(), name, UnlinkatFlags::NoRemoveDir);
-        }
-    };
+    let cleanup =
+        |dir: &OwnedFd| [LOG_FILE, EVENT_FILE, SANDBOX_REPORT, API_SOCKET].map(|n| unlinkat(dir, n, NoRemoveDir));
     let started = (|| {
         let (log_w, log_r) = create_output(&vm.dir, LOG_FILE)?;
         let (events_w, events_r) = create_output(&vm.dir, EVENT_FILE)?;
         let (report_w, _) = create_output(&vm.dir, SANDBOX_REPORT)?;
         std::io::Write::write_all(&mut std::fs::File::from(report_w), report.as_bytes())?;
-        let api = UnixListener::bind(run_dir.join(API_SOCKET)).map_err(|e| format!("bind api socket: {e}"))?;
+        let api =
+            UnixListener::bind(run_dir.join(API_SOCKET)).map_err(|e| Refusal::Vmm(format!("bind api socket: {e}")))?;
         let ids = (Some(Uid::from_raw(vm.uid)), Some(Gid::from_raw(vm.uid)));
         fchownat(vm.dir.as_fd(), API_SOCKET, ids.0, ids.1, AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map_err(|e| format!("chown api socket: {e}"))?;
+            .map_err(|e| Refusal::Vmm(format!("chown api socket: {e}")))?;
         let mut fds: Vec<OwnedFd> = vec![log_w, api.into(), events_w];
-        for t in &vm.taps {
-            fds.push(t.fd.try_clone()?);
+        for fd in vm.taps.iter().map(|t| &t.fd).chain(vm.grants.iter().map(|g| &g.fd)).chain([&vm.dir]) {
+            fds.push(fd.try_clone()?);
         }
+        let mut binds: Vec<(String, bool)> = vm.grants.iter().map(|g| (g.path.clone(), g.writable())).collect();
+        binds.push((spec.plan.run_dir.clone(), true));
         let order = Order::Vmm {
             uid: vm.uid,
-            run_dir: spec.plan.run_dir.clone(),
-            spec: serde_json::to_string(&spec)?,
+            spec: serde_json::to_string(&spec).map_err(|e| Refusal::Vmm(e.to_string()))?,
             ch_argv,
+            binds,
         };
-        let pid = spawner::order(&b.spawner, order, &fds)?;
-        Ok::<_, Refusal>((pid, Outputs { events: events_r, log: log_r }))
+        let started = spawner::order(&b.spawner, order, &fds).map_err(Refusal::Vmm)?;
+        Ok::<_, Refusal>((started, Outputs { events: events_r, log: log_r }))
     })();
-    let (pid, outputs) = started.inspect_err(|_| cleanup(&vm.dir))?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1. The pid is our
-    // child (re-parented to this subreaper) and not yet reaped, so it cannot be reused.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if raw < 0 {
-        // Without a pidfd the broker could not hold the VMM: it must not run unrecorded.
-        let e = std::io::Error::last_os_error();
-        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-        let _ = waitpid(Pid::from_raw(pid as i32), None);
-        cleanup(&vm.dir);
-        return Err(Refusal(format!("pidfd_open {pid}: {e}; the VMM was killed")));
-    }
-    // SAFETY: the kernel just returned this new fd to us.
-    let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
+    let (spawner::Started { pid, pidfd }, outputs) = started.inspect_err(|_| _ = cleanup(&vm.dir))?;
     let fds = outputs.reopen();
     // Recorded even if the reopen failed, so that a release finds and kills it.
     vm.vmm = Vmm::Alive { pid, pidfd, exe, outputs };
@@ -152,40 +166,32 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Outcome {
 
 /// Connects to one of the VMM's sockets through a handle on the node itself, never by
 /// following a path the VMM could have replaced with a symlink.
-pub fn connect(vm: &Vm, role: SocketRole) -> Outcome {
-    let name = match role {
-        SocketRole::Api => API_SOCKET,
-        SocketRole::Serial => SERIAL_SOCKET,
-        SocketRole::Vsock => VSOCK_SOCKET,
-    };
+pub fn connect(vm: &Vm, role: SocketRole) -> Handled {
+    let name = socket_name(role);
     let node = openat(vm.dir.as_fd(), name, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| format!("{name}: {e}"))?;
+        .map_err(|e| Refusal::Vmm(format!("{name}: {e}")))?;
     let st = fstat(node.as_fd())?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK || st.st_uid != vm.uid {
-        return Err(Refusal(format!("{name} is not a socket owned by the VM uid {}", vm.uid)));
+        return Err(Refusal::Vmm(format!("{name} is not a socket owned by the VM uid {}", vm.uid)));
     }
     // Non-blocking: a VMM that listens but never accepts must not stall the broker.
     let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
     let sock = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
     let addr = UnixAddr::new(format!("/proc/self/fd/{}", node.as_raw_fd()).as_str())?;
-    socket::connect(sock.as_raw_fd(), &addr).map_err(|e| format!("connect {name}: {e}"))?;
+    socket::connect(sock.as_raw_fd(), &addr).map_err(|e| Refusal::Vmm(format!("connect {name}: {e}")))?;
     nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))?;
     Ok((Reply::Connected, vec![sock]))
 }
 
 pub fn signal(vm: &Vm, sig: VmmSignal) -> Result<(), Refusal> {
     let Vmm::Alive { pidfd, .. } = &vm.vmm else {
-        return Err(Refusal("no live VMM".into()));
+        return Err(Refusal::Vmm("no live VMM".into()));
     };
-    let sig = match sig {
-        VmmSignal::Term => libc::SIGTERM,
-        VmmSignal::Kill => libc::SIGKILL,
-        VmmSignal::Cont => libc::SIGCONT,
-    };
+    let sig = signal_number(sig);
     // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo and no flags.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0) };
     if r < 0 {
-        return Err(Refusal(format!("signal: {}", std::io::Error::last_os_error())));
+        return Err(Refusal::Vmm(format!("signal: {}", std::io::Error::last_os_error())));
     }
     Ok(())
 }
@@ -208,9 +214,9 @@ pub fn reaped(b: &mut Broker, pid: u32, status: ExitStatus) -> Option<Event> {
     Some(Event::VmmExited { vm: id.clone(), pid, status })
 }
 
-/// Kills the VMM if alive, closes the taps, undoes the image grants and removes the runtime
-/// dir. A VM the broker does not hold is already released.
-pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
+/// Kills the VMM if alive (as PID 1 of its PID namespace, it takes every process it forked
+/// with it) and reaps it, waiting at most RELEASE_WAIT_MS.
+pub fn stop(b: &mut Broker, id: &str) -> Result<(), Refusal> {
     let Some(vm) = b.vms.get_mut(id) else { return Ok(()) };
     if let Vmm::Alive { pid, pidfd, .. } = &vm.vmm {
         // A pidfd turns readable when its process exits; a VMM stuck in uninterruptible
@@ -219,24 +225,31 @@ pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
         let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
         signal(vm, VmmSignal::Kill)?;
         if !matches!(poll(&mut fds, PollTimeout::from(RELEASE_WAIT_MS)), Ok(n) if n > 0) {
-            return Err(Refusal(format!(
+            return Err(Refusal::Vmm(format!(
                 "VMM {pid} did not exit within {RELEASE_WAIT_MS} ms of SIGKILL; release again later"
             )));
         }
-        let status = waitpid(Pid::from_raw(pid as i32), None).map_err(|e| format!("reap VMM {pid}: {e}"))?;
+        let status =
+            waitpid(Pid::from_raw(pid as i32), None).map_err(|e| Refusal::Vmm(format!("reap VMM {pid}: {e}")))?;
         reaped(b, pid, exit_status(status).map_or(ExitStatus::Signal(libc::SIGKILL), |s| s.1));
     }
+    Ok(())
+}
+
+/// Kills the VMM if alive, deletes the taps, undoes the image grants and removes the runtime
+/// dir. A VM the broker does not hold is already released.
+pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
+    stop(b, id)?;
     // Each step that fails stays recorded, so that the next release tries it again.
-    let vm = b.vms.get_mut(id).ok_or("no such VM")?;
-    vm.taps.clear();
+    let Some(vm) = b.vms.get_mut(id) else { return Ok(()) };
     let mut errors: Vec<String> = Vec::new();
-    vm.grants.retain(|g| revoke(g).map_err(|e| errors.push(e)).is_err());
-    match std::fs::remove_dir_all(b.run_dir.join(id)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => errors.push(format!("remove runtime dir: {e}")),
-        _ => {}
+    for t in std::mem::take(&mut vm.taps) {
+        errors.extend(crate::tap::delete(&t.name, t.fd).err());
     }
+    vm.grants.retain(|g| revoke(g, &mut b.acls).map_err(|e| errors.push(e)).is_err());
+    errors.extend(remove_run_dir(b, id).err());
     if !errors.is_empty() {
-        return Err(Refusal(errors.join("; ")));
+        return Err(Refusal::Release { vm: id.to_string(), steps: errors.join("; ") });
     }
     b.vms.remove(id);
     Ok(())

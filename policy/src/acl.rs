@@ -1,16 +1,21 @@
 //! The POSIX ACL entry a read-only image grant adds for a VM uid, and how it comes off
 //! again, on the kernel's xattr form of `system.posix_acl_access`: a little-endian u32
 //! version 2, then (u16 tag, u16 perm, u32 id) entries sorted by tag, then id.
+//!
+//! Several VMs may share one read-only image, so the broker counts grants per inode. The
+//! first grant saves the file's original ACL bytes and mode; a revoke that is not the last
+//! only takes its own entry off ([`without_uid`]); the last one writes the saved bytes and
+//! mode back exactly, so that no mask or group bit stays wider than before.
 
 pub const XATTR: &std::ffi::CStr = c"system.posix_acl_access";
-const USER_OBJ: u16 = 0x01;
-const USER: u16 = 0x02;
-const GROUP_OBJ: u16 = 0x04;
-const GROUP: u16 = 0x08;
-const MASK: u16 = 0x10;
-const OTHER: u16 = 0x20;
-const READ: u16 = 4;
-const NO_ID: u32 = u32::MAX;
+pub const USER_OBJ: u16 = 0x01;
+pub const USER: u16 = 0x02;
+pub const GROUP_OBJ: u16 = 0x04;
+pub const GROUP: u16 = 0x08;
+pub const MASK: u16 = 0x10;
+pub const OTHER: u16 = 0x20;
+pub const READ: u16 = 4;
+pub const NO_ID: u32 = u32::MAX;
 
 /// (tag, permissions, id)
 pub type Entry = (u16, u16, u32);
@@ -54,22 +59,11 @@ pub fn with_reader(existing: Option<Vec<Entry>>, mode: u32, uid: u32) -> Vec<Ent
     entries
 }
 
-/// What removing `uid`'s entry leaves.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Removal {
-    /// Other named entries remain: write these.
-    Write(Vec<Entry>),
-    /// Only what a mode can express remains: remove the ACL and set the mode's group bits
-    /// to these permissions.
-    Drop { group_perm: u32 },
-}
-
-pub fn without_reader(mut entries: Vec<Entry>, uid: u32) -> Removal {
+/// The ACL with `uid`'s named entry taken off and everything else, the mask included, as it
+/// is: another VM sharing the image still needs its read.
+pub fn without_uid(mut entries: Vec<Entry>, uid: u32) -> Vec<Entry> {
     entries.retain(|&(tag, _, id)| !(tag == USER && id == uid));
-    if entries.iter().any(|e| matches!(e.0, USER | GROUP)) {
-        return Removal::Write(entries);
-    }
-    Removal::Drop { group_perm: entries.iter().find(|e| e.0 == GROUP_OBJ).map_or(0, |e| u32::from(e.1)) }
+    entries
 }
 
 #[cfg(test)]
@@ -89,9 +83,27 @@ mod tests {
         assert!(a.contains(&(MASK, READ, NO_ID)), "mask covers group r and the new entry");
         // A second VM's grant, then the first one's removal, keeps the second.
         let b = with_reader(Some(a), 0o640, 61002);
-        let Removal::Write(left) = without_reader(b, 61001) else { panic!("61002 remains") };
+        let left = without_uid(b, 61001);
         assert!(left.contains(&(USER, READ, 61002)) && !left.iter().any(|e| e.2 == 61001));
-        assert_eq!(without_reader(left, 61002), Removal::Drop { group_perm: 4 });
+        assert!(left.contains(&(MASK, READ, NO_ID)), "the second VM keeps its read through the mask");
+    }
+
+    #[test]
+    fn named_entries_and_mask_survive_encoding() {
+        let original = vec![
+            (USER_OBJ, 6, NO_ID),
+            (USER, 6, 34),
+            (GROUP_OBJ, 4, NO_ID),
+            (GROUP, 2, 50),
+            (MASK, 2, NO_ID),
+            (OTHER, 0, NO_ID),
+        ];
+        let bytes = encode(original.clone());
+        assert_eq!(decode(&bytes), original);
+        let granted = with_reader(Some(decode(&bytes)), 0o620, 61001);
+        assert!(granted.contains(&(MASK, 2 | READ, NO_ID)) && granted.contains(&(GROUP, 2, 50)));
+        // Taking the entry off alone would leave the mask wider: only the saved bytes restore it.
+        assert_ne!(encode(without_uid(granted, 61001)), bytes);
     }
 
     #[test]

@@ -59,6 +59,58 @@ pub enum Enforce {
     CreateOnly,
 }
 
+/// System directories no image root may be or lie under: granting the VM uid read of a
+/// file there (by ACL) or handing it one (a writable disk) would widen the host.
+pub const SYSTEM_DIRS: &[&str] = &["/etc", "/usr", "/bin", "/sbin", "/boot", "/root", "/proc", "/sys", "/dev"];
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImageRootError {
+    #[error(
+        "image root {0} is / or a system directory (/etc, /usr, /bin, /sbin, /lib*, /boot, /root, /proc, /sys, /dev) or lies under one"
+    )]
+    System(String),
+    #[error("image root: {0}")]
+    Text(#[from] crate::names::NameError),
+    #[error("image root {root} must be owned by root and writable by no group or other (uid {uid}, mode {mode:o})")]
+    Owner { root: String, uid: u32, mode: u32 },
+}
+
+/// An image root's path: absolute, not `/`, and not at or under a system directory.
+pub fn check_image_root_path(root: &str) -> Result<(), ImageRootError> {
+    if root != "/" {
+        crate::names::check_path_text(root)?;
+    }
+    let under = |dir: &str| root == dir || root.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'));
+    let top = root.trim_start_matches('/').split('/').next().unwrap_or_default();
+    if top.is_empty() || top.starts_with("lib") || SYSTEM_DIRS.iter().any(|d| under(d)) {
+        return Err(ImageRootError::System(root.to_string()));
+    }
+    Ok(())
+}
+
+/// An image root's owner and mode, as fstat gave them.
+pub fn check_image_root_owner(root: &str, uid: u32, mode: u32) -> Result<(), ImageRootError> {
+    if uid != 0 || mode & 0o022 != 0 {
+        return Err(ImageRootError::Owner { root: root.to_string(), uid, mode: mode & 0o7777 });
+    }
+    Ok(())
+}
+
+/// An image file the broker may grant: a regular file with exactly one link (no other name
+/// can be handed out through it), and a writable disk also owner-rw. `mode` is st_mode.
+pub fn check_image_file(mode: u32, nlink: u64, writable: bool) -> Result<(), &'static str> {
+    if mode & libc::S_IFMT != libc::S_IFREG {
+        return Err("is not a regular file");
+    }
+    if nlink != 1 {
+        return Err("must have exactly one link");
+    }
+    if writable && mode & 0o600 != 0o600 {
+        return Err("is a writable disk and must be owner-rw");
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ids {
     pub uid: u32,
@@ -145,6 +197,34 @@ pub fn parse_rpc_limit(s: &str) -> Result<(String, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_roots() {
+        for bad in
+            ["/", "/etc", "/etc/images", "/usr/share/x", "/lib", "/lib64", "/libexec/x", "/root", "/proc/1", "/dev"]
+        {
+            assert_eq!(check_image_root_path(bad), Err(ImageRootError::System(bad.into())), "{bad}");
+        }
+        assert!(matches!(check_image_root_path("/var/../etc"), Err(ImageRootError::Text(_))));
+        for good in ["/var/lib/my_hypervisor/images", "/srv/images", "/etcetera", "/devices"] {
+            assert_eq!(check_image_root_path(good), Ok(()), "{good}");
+        }
+        assert_eq!(check_image_root_owner("/i", 0, 0o40755), Ok(()));
+        assert!(matches!(check_image_root_owner("/i", 1000, 0o755), Err(ImageRootError::Owner { .. })));
+        assert!(matches!(check_image_root_owner("/i", 0, 0o775), Err(ImageRootError::Owner { .. })));
+        assert!(matches!(check_image_root_owner("/i", 0, 0o757), Err(ImageRootError::Owner { .. })));
+    }
+
+    #[test]
+    fn image_files() {
+        let reg = libc::S_IFREG;
+        assert_eq!(check_image_file(reg | 0o600, 1, true), Ok(()));
+        assert_eq!(check_image_file(reg | 0o400, 1, false), Ok(()));
+        assert_eq!(check_image_file(reg | 0o400, 1, true), Err("is a writable disk and must be owner-rw"));
+        assert_eq!(check_image_file(reg | 0o644, 2, false), Err("must have exactly one link"));
+        assert_eq!(check_image_file(libc::S_IFIFO | 0o644, 1, false), Err("is not a regular file"));
+        assert_eq!(check_image_file(libc::S_IFCHR | 0o644, 1, false), Err("is not a regular file"));
+    }
 
     #[test]
     fn defaults_are_valid() {

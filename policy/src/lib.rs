@@ -3,11 +3,13 @@
 //! launcher all decide through it, so a reviewer can sign the rules in one place.
 
 pub mod acl;
+pub mod elf;
 pub mod layout;
 pub mod names;
 pub mod request;
 pub mod sandbox;
 pub mod seccomp;
 pub mod vmm;
+pub mod vmm_filter;
 
 pub use names::{NameError, check_path_text, check_vm_id};

@@ -1,13 +1,25 @@
 //! Which names and paths may cross the broker boundary at all.
 
-/// A VM id is 1-64 characters of `[a-z0-9-]`.
-pub const VM_ID_MAX: usize = 64;
+// The VM-id rule, defined once: the broker, the frontend's params and spec checks, and the
+// API's JSON Schema all use these.
+macro_rules! vm_id_max {
+    () => {
+        64
+    };
+}
+
+/// The longest VM id, in bytes.
+pub const VM_ID_MAX: usize = vm_id_max!();
+/// The VM-id rule in words, for error messages and documentation.
+pub const VM_ID_RULE: &str = concat!("1 to ", vm_id_max!(), " characters of [a-z0-9-]");
+/// The VM-id rule as a regular expression (the JSON Schema `pattern` of a VM id).
+pub const VM_ID_PATTERN: &str = concat!("^[a-z0-9-]{1,", vm_id_max!(), "}$");
 /// The longest path the broker accepts for an image or a binary.
 pub const PATH_MAX_LEN: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
-    #[error("vm id must be 1-{VM_ID_MAX} characters of [a-z0-9-], got {0:?}")]
+    #[error("vm id must be {VM_ID_RULE}, got {0:?}")]
     BadVmId(String),
     #[error("path {0:?} is empty or longer than {PATH_MAX_LEN} bytes")]
     PathLength(String),
@@ -19,11 +31,13 @@ pub enum NameError {
     BadComponent(String),
 }
 
+/// Whether `id` is a valid VM id: [`VM_ID_RULE`].
+pub fn is_vm_id(id: &str) -> bool {
+    (1..=VM_ID_MAX).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 pub fn check_vm_id(id: &str) -> Result<(), NameError> {
-    let ok = !id.is_empty()
-        && id.len() <= VM_ID_MAX
-        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok { Ok(()) } else { Err(NameError::BadVmId(id.to_string())) }
+    if is_vm_id(id) { Ok(()) } else { Err(NameError::BadVmId(id.to_string())) }
 }
 
 /// Checks the text of a path that ends up in a cloud-hypervisor option: absolute, bounded,
@@ -57,6 +71,8 @@ mod tests {
         for bad in ["", "A", "vm_1", "vm.1", "../x", "vm 1", &"a".repeat(65), "é"] {
             assert!(check_vm_id(bad).is_err(), "{bad}");
         }
+        assert_eq!(VM_ID_RULE, format!("1 to {VM_ID_MAX} characters of [a-z0-9-]"));
+        assert_eq!(VM_ID_PATTERN, format!("^[a-z0-9-]{{1,{VM_ID_MAX}}}$"));
     }
 
     #[test]

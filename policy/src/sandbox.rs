@@ -9,26 +9,31 @@ use std::path::Path;
 use landlock::{ABI, AccessFs, BitFlags};
 use serde::{Deserialize, Serialize};
 
+use crate::elf;
+use crate::layout::VM_RUN_DIR_MODE;
 use crate::seccomp::{self, When};
 use crate::vmm::{VMM_API_FD, VMM_EVENT_FD, VMM_FIRST_TAP_FD, VmmPlan};
+use crate::vmm_filter;
 
 /// The Landlock ABI the rules target (Linux 6.12): filesystem rights with IoctlDev (V5),
 /// TCP bind and connect (V4), and scoping of abstract Unix sockets and signals (V6).
 pub const LANDLOCK_ABI: ABI = ABI::V6;
 
-/// Directories covered by an empty tmpfs in the VMM's mount namespace. Landlock before ABI
-/// 9 does not control connecting to Unix sockets by path, so the VMM must not see the host's
-/// sockets. The VM's own runtime dir is bind-mounted back; images and the CH binary may not
-/// live below these.
+/// The namespaces each VMM starts in from its clone: a new PID namespace, of which the VMM
+/// is PID 1 (when it dies, the kernel kills everything left in it), and fresh IPC and UTS
+/// namespaces. Mount and network namespaces follow in the child, before it drops root.
+pub const VMM_CLONE_FLAGS: u64 = (libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) as u64;
+
+/// Where the VMM's minimal root is built, on a fresh tmpfs mounted over this directory in
+/// the VMM's own mount namespace, before pivot_root makes it `/`.
+pub const ROOT_STAGE: &str = "/tmp";
+
+/// Directories of the host's runtime state (sockets among them) where image roots may not
+/// lie. The VMM sees none of them: its minimal root holds only what it needs (ADR 0003).
 pub const COVERED_DIRS: &[&str] = &["/run", "/var/run", "/tmp", "/dev/shm"];
 
 /// The VMM's /dev, a fresh tmpfs: (name, char major, minor), each owned by the VM uid.
 pub const DEV_NODES: &[(&str, u32, u32)] = &[("kvm", 10, 232), ("urandom", 1, 9), ("null", 1, 3)];
-
-/// Read-only and executable for the dynamic loader and the shared libraries a cargo-built CH
-/// links against (glibc and friends). Granting the system library dirs is simpler and
-/// sturdier than chasing each library; they hold no secrets and nothing there is writable.
-pub const SYSTEM_LIB_PATHS: &[&str] = &["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/etc/ld.so.cache"];
 
 /// (resource, soft = hard limit). No core dumps (guest memory), enough fds for CH (it grows
 /// its fd table to 4096 at start), and a cap on tasks for the VM's own uid. RLIMIT_FSIZE is
@@ -42,6 +47,9 @@ pub struct SandboxSpec {
     pub uid: u32,
     /// The cloud-hypervisor binary.
     pub cloud_hypervisor: String,
+    /// Its ELF interpreter (PT_INTERP), if it is dynamically linked.
+    #[serde(default)]
+    pub interpreter: Option<String>,
     pub plan: VmmPlan,
     pub seccomp: seccomp::Mode,
     /// Landlock as a hard requirement (default), or best effort with a warning.
@@ -57,6 +65,24 @@ pub struct Rule {
     pub optional: bool,
 }
 
+/// Each VM's run dir is its own tmpfs, so that a VMM's writes (its log, events and socket
+/// nodes) stop at a limit instead of filling the host's /run. The size is above twice the
+/// frontend's 64 MiB kill of a VMM whose log or events grow past it, so that backstop can
+/// still fire; the inode count bounds the socket nodes a VMM can make.
+pub const RUN_DIR_BYTES: u64 = 160 << 20;
+pub const RUN_DIR_INODES: u32 = 64;
+
+/// The mount options of a VM's run dir tmpfs (mounted nosuid, nodev, noexec), owned by `uid`.
+pub fn run_dir_tmpfs_options(uid: u32) -> String {
+    format!("size={RUN_DIR_BYTES},nr_inodes={RUN_DIR_INODES},mode={:o},uid={uid},gid={uid}", VM_RUN_DIR_MODE)
+}
+
+/// The real, effective, saved and filesystem uids on the `Uid:` line of a /proc/PID/status.
+pub fn status_uids(status: &str) -> Vec<u32> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or_default();
+    line.split_whitespace().filter_map(|u| u.parse().ok()).collect()
+}
+
 /// True if `path` lies in a directory the VMM's namespace covers.
 pub fn hidden_in_vmm(path: &str) -> bool {
     COVERED_DIRS.iter().any(|d| Path::new(path).starts_with(d))
@@ -69,10 +95,9 @@ impl SandboxSpec {
         let exec = AccessFs::Execute | AccessFs::ReadFile;
         let rule = |path: &str, access, optional| Rule { path: path.to_string(), access, optional };
         let mut v = vec![rule(&self.cloud_hypervisor, exec, false)];
-        for p in SYSTEM_LIB_PATHS {
-            let access = if p.ends_with(".cache") { read } else { exec | AccessFs::ReadDir };
-            v.push(rule(p, access, true));
-        }
+        v.extend(self.interpreter.iter().map(|i| rule(i, exec, false)));
+        // The minimal root holds only the libraries CH and the launcher need (elf::closure).
+        v.extend(elf::LIB_DIRS.iter().map(|d| rule(d, read, true)));
         let p = &self.plan;
         for image in [&p.kernel, &p.initramfs, &p.firmware].into_iter().flatten() {
             v.push(rule(image, read, false));
@@ -96,12 +121,26 @@ impl SandboxSpec {
         let _ = writeln!(w, "\n[identity]\nuid {0} gid {0}, no supplementary groups", self.uid);
         let _ = writeln!(w, "capabilities: effective, permitted, inheritable, ambient and bounding sets all empty");
         let _ = writeln!(w, "no_new_privs: set; new session; umask 077; empty environment");
-        let _ = writeln!(w, "\n[namespaces]\nmount: new, / made MS_REC|MS_PRIVATE");
+        let _ = writeln!(w, "\n[namespaces]\npid: new; the VMM is its PID 1, and everything in it dies with the VMM");
+        let _ = writeln!(w, "ipc, uts: new");
+        let _ = writeln!(w, "mount: new, / made MS_REC|MS_PRIVATE");
         let _ = writeln!(w, "network: new and empty (taps arrive as fds)");
         let nodes: Vec<String> = DEV_NODES.iter().map(|(n, ma, mi)| format!("{n} (char {ma}:{mi})")).collect();
         let _ = writeln!(w, "/dev: fresh tmpfs holding only {}, owned by uid {}", nodes.join(", "), self.uid);
-        let _ = writeln!(w, "covered by empty tmpfs: {}", COVERED_DIRS.join(", "));
-        let _ = writeln!(w, "bind-mounted back: {} (its runtime dir)", self.plan.run_dir);
+        let _ = writeln!(w, "root: pivot_root into a fresh tmpfs, then read-only, holding only:");
+        let _ = writeln!(w, "  /dev (above)");
+        let _ =
+            writeln!(w, "  {} and the launcher's ELF interpreters and libraries (read-only)", self.cloud_hypervisor);
+        let _ = writeln!(
+            w,
+            "  the runtime dir and images, bound from the broker's fds (noexec; disks read-only unless writable)"
+        );
+        let _ = writeln!(w, "/proc: absent");
+        let _ = writeln!(
+            w,
+            "runtime dir: its own tmpfs of {} MiB and {RUN_DIR_INODES} inodes (nosuid, nodev, noexec)",
+            RUN_DIR_BYTES >> 20
+        );
         let mode = if self.landlock_best_effort { "best effort" } else { "hard requirement" };
         let _ = writeln!(w, "\n[landlock] ABI {} ({mode}); everything else denied", LANDLOCK_ABI as u32);
         for rule in self.landlock_rules() {
@@ -112,14 +151,27 @@ impl SandboxSpec {
         let _ = writeln!(w, "network: TCP bind and connect denied");
         let _ = writeln!(w, "scoped: abstract Unix sockets, signals");
         let _ = writeln!(w, "\n[seccomp] default action: {:?}; architecture checked first", self.seccomp.action());
-        let _ = writeln!(w, "filter 2 (stacked): clone3 -> ENOSYS, so that clone's flags are checked");
+        let _ = writeln!(w, "filter 2 (stacked, never kills; every call it answers is allowed by filter 1):");
+        for (name, _) in vmm_filter::ENOSYS_CALLS {
+            let _ = writeln!(w, "  {name} -> ENOSYS");
+        }
+        let allowed: Vec<String> = vmm_filter::VMM_IOCTLS.iter().map(|(n, v)| format!("{n} ({v:#x})")).collect();
+        let _ = writeln!(w, "  ioctl allowed: KVM (type {:#x}), {}", vmm_filter::KVM_IOCTL_TYPE, allowed.join(", "));
+        let refused: Vec<&str> = vmm_filter::REFUSED_IOCTLS.iter().map(|r| r.0).collect();
+        let answer = match self.seccomp {
+            seccomp::Mode::Log => "allowed and logged (debugging)",
+            seccomp::Mode::Kill | seccomp::Mode::Errno => "ENOTTY",
+        };
+        let _ = writeln!(w, "  any other ioctl -> {answer}, among them {}", refused.join(", "));
         let mut list = seccomp::vmm_allow_list();
         list.sort_by_key(|a| a.name);
         for a in list {
             let _ = match a.when {
                 When::Always => writeln!(w, "allow {}", a.name),
                 When::ArgIn { arg, values } => writeln!(w, "allow {} if arg{arg} in {values:#x?}", a.name),
-                When::ArgClear { arg, mask } => writeln!(w, "allow {} if arg{arg} & {mask:#x} == 0", a.name),
+                When::ArgMasked { arg, mask, value } => {
+                    writeln!(w, "allow {} if arg{arg} & {mask:#x} == {value:#x}", a.name)
+                }
             };
         }
         let _ = writeln!(w, "\n[rlimits]");

@@ -54,10 +54,11 @@ pub enum When {
         arg: u8,
         values: &'static [u64],
     },
-    /// Argument `arg` has none of the bits in `mask`.
-    ArgClear {
+    /// Argument `arg` masked with `mask` equals `value`.
+    ArgMasked {
         arg: u8,
         mask: u64,
+        value: u64,
     },
 }
 
@@ -75,12 +76,13 @@ macro_rules! only {
     };
 }
 
-/// The ioctls the broker issues: the KVM check, and tap set-up (linux/kvm.h, if_tun.h,
-/// sockios.h).
+/// The ioctls the broker issues: the KVM check, and tap set-up and deletion (linux/kvm.h,
+/// if_tun.h, sockios.h).
 const BROKER_IOCTLS: &[u64] = &[
     0xAE00,      // KVM_GET_API_VERSION
     0xAE03,      // KVM_CHECK_EXTENSION
     0x4004_54ca, // TUNSETIFF
+    0x4004_54cb, // TUNSETPERSIST (clearing it, at release)
     0x8913,      // SIOCGIFFLAGS
     0x8914,      // SIOCSIFFLAGS
     0x8922,      // SIOCSIFMTU
@@ -155,6 +157,8 @@ pub fn broker_allow_list() -> Vec<Allow> {
     // Sockets: Unix only (VMM sockets, the api listener, the ioctl control socket).
     v.push(only!(SYS_socket, 0, UNIX_ONLY));
     v.push(only!(SYS_socketpair, 0, UNIX_ONLY));
+    // SO_PASSRIGHTS (83) off on each new frontend channel: requests never carry fds.
+    v.push(only!(SYS_setsockopt, 2, &[83]));
     v.extend(sys!(SYS_connect, SYS_bind, SYS_listen));
     // Processes the broker spawned: pidfds and signals.
     v.extend(sys!(SYS_pidfd_open, SYS_pidfd_send_signal, SYS_kill));
@@ -162,7 +166,7 @@ pub fn broker_allow_list() -> Vec<Allow> {
     v
 }
 
-/// Every namespace flag of clone(2): a VMM creates threads, never namespaces.
+/// Every namespace flag of clone(2): a VMM creates threads, never namespaces or processes.
 pub const CLONE_NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
     | libc::CLONE_NEWCGROUP
     | libc::CLONE_NEWUTS
@@ -181,6 +185,9 @@ const VMM_PRCTL: &[u64] = &[
     libc::PR_GET_NO_NEW_PRIVS as u64,
     62, // PR_SCHED_CORE
 ];
+/// The clone flags a VMM's clone is checked on: CLONE_THREAD must be set, every namespace
+/// flag clear.
+pub const CLONE_THREAD_ONLY_MASK: u64 = CLONE_NAMESPACE_FLAGS | libc::CLONE_THREAD as u64;
 const SOCKET_FAMILIES: &[u64] = &[libc::AF_UNIX as u64, libc::AF_INET as u64, libc::AF_INET6 as u64];
 
 /// The VMM's allow-list: a superset of cloud-hypervisor v50+'s per-thread filters (its
@@ -249,13 +256,19 @@ pub fn vmm_allow_list() -> Vec<Allow> {
         SYS_eventfd2,
         SYS_umask,
     ));
-    // Threads only: clone without namespace flags; clone3 is allowed here and answered
-    // ENOSYS by the second filter (its flags sit in memory, out of a filter's reach).
-    v.push(Allow { nr: libc::SYS_clone, name: "clone", when: When::ArgClear { arg: 0, mask: CLONE_NAMESPACE_FLAGS } });
+    // Threads only: clone must carry CLONE_THREAD (which the kernel accepts only with
+    // CLONE_SIGHAND and CLONE_VM) and no namespace flag, so a VMM never forks. clone3 is
+    // allowed here and answered ENOSYS by the second filter (its flags sit in memory, out
+    // of a filter's reach), so that libc falls back to clone.
+    v.push(Allow {
+        nr: libc::SYS_clone,
+        name: "clone",
+        when: When::ArgMasked { arg: 0, mask: CLONE_THREAD_ONLY_MASK, value: libc::CLONE_THREAD as u64 },
+    });
     v.extend(sys!(SYS_clone3));
     v.push(only!(SYS_prctl, 0, VMM_PRCTL));
-    // Files: images, its runtime dir, /dev/kvm, /dev/urandom (Landlock decides which). Device
-    // ioctls: Landlock's IoctlDev right allows them on /dev/kvm only.
+    // Files: images, its runtime dir, /dev/kvm, /dev/urandom (Landlock decides which). ioctl
+    // is listed here so it never kills; the second filter allows it by request number.
     v.extend(sys!(
         SYS_open,
         SYS_openat,
@@ -318,7 +331,9 @@ pub fn vmm_allow_list() -> Vec<Allow> {
         SYS_socketpair,
     ));
     v.push(only!(SYS_socket, 0, SOCKET_FAMILIES));
-    // Disk I/O back-ends CH probes at the first disk open.
+    // Disk I/O back-ends CH probes at the first disk open. The io_uring calls are listed so
+    // they never kill: the second filter answers them ENOSYS (IORING_OP_SOCKET would get
+    // around the socket-family check), and CH falls back to AIO.
     v.extend(sys!(
         SYS_io_setup,
         SYS_io_destroy,
@@ -334,14 +349,7 @@ pub fn vmm_allow_list() -> Vec<Allow> {
     v
 }
 
-/// The second, stacked VMM filter: clone3 fails with ENOSYS, so that libc falls back to
-/// clone, whose flags the first filter checks. Everything else passes to the first filter.
-pub fn vmm_clone3_filter() -> Result<BpfProgram, seccompiler::BackendError> {
-    let rules = BTreeMap::from([(libc::SYS_clone3, vec![])]);
-    SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch()?)?.try_into()
-}
-
-fn arch() -> Result<seccompiler::TargetArch, seccompiler::BackendError> {
+pub(crate) fn arch() -> Result<seccompiler::TargetArch, seccompiler::BackendError> {
     std::env::consts::ARCH
         .try_into()
         .map_err(|_| seccompiler::BackendError::InvalidTargetArch(std::env::consts::ARCH.into()))
@@ -360,8 +368,8 @@ pub fn compile(list: &[Allow], mode: Mode) -> Result<BpfProgram, seccompiler::Ba
                     SeccompRule::new(vec![SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *v)?])
                 })
                 .collect::<Result<_, _>>()?,
-            When::ArgClear { arg, mask } => {
-                let c = SeccompCondition::new(arg, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(mask), 0)?;
+            When::ArgMasked { arg, mask, value } => {
+                let c = SeccompCondition::new(arg, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(mask), value)?;
                 vec![SeccompRule::new(vec![c])?]
             }
         };
@@ -387,7 +395,6 @@ mod tests {
             seen.dedup();
             assert_eq!(seen.len(), list.len(), "no syscall is listed twice");
         }
-        assert!(!vmm_clone3_filter().unwrap().is_empty());
         let v = vmm_allow_list();
         let read = v.iter().find(|a| a.nr == libc::SYS_read).unwrap();
         assert_eq!(read.name, "read");
@@ -411,6 +418,8 @@ mod tests {
         }
         let vmm = nrs(&vmm_allow_list());
         for forbidden in [
+            libc::SYS_fork,
+            libc::SYS_vfork,
             libc::SYS_ptrace,
             libc::SYS_mount,
             libc::SYS_umount2,

@@ -1,6 +1,8 @@
 //! What a VMM may be given: limits on every field a client controls, and the one function
 //! that turns validated fields into cloud-hypervisor's argv.
 
+use my_hypervisor_broker_proto::{ImageRole, SocketRole, VmmConfig, VmmSignal};
+
 use crate::names::{NameError, check_path_text};
 
 pub const MAX_VCPUS: u32 = 64;
@@ -52,6 +54,24 @@ pub const EVENT_FILE: &str = "events.json";
 pub const LOG_FILE: &str = "vmm.log";
 /// The VMM's effective sandbox, as stored by the broker at spawn.
 pub const SANDBOX_REPORT: &str = "sandbox.txt";
+
+/// The file name of a VMM socket in its runtime dir.
+pub fn socket_name(role: SocketRole) -> &'static str {
+    match role {
+        SocketRole::Api => API_SOCKET,
+        SocketRole::Serial => SERIAL_SOCKET,
+        SocketRole::Vsock => VSOCK_SOCKET,
+    }
+}
+
+/// The signals the frontend may have the broker send a VMM.
+pub fn signal_number(sig: VmmSignal) -> i32 {
+    match sig {
+        VmmSignal::Term => libc::SIGTERM,
+        VmmSignal::Kill => libc::SIGKILL,
+        VmmSignal::Cont => libc::SIGCONT,
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FieldError {
@@ -131,6 +151,27 @@ pub struct VmmPlan {
 }
 
 impl VmmPlan {
+    /// The plan for a VM's granted `images` (by role), its taps' MACs and its config.
+    pub fn new(run_dir: String, images: &[(ImageRole, String)], nets: Vec<Option<String>>, cfg: &VmmConfig) -> VmmPlan {
+        let image = |role| images.iter().find(|(r, _)| *r == role).map(|(_, p)| p.clone());
+        let disks = images.iter().filter_map(|(r, p)| match r {
+            ImageRole::Disk { readonly } => Some((p.clone(), *readonly)),
+            _ => None,
+        });
+        VmmPlan {
+            run_dir,
+            kernel: image(ImageRole::Kernel),
+            initramfs: image(ImageRole::Initramfs),
+            firmware: image(ImageRole::Firmware),
+            cmdline: cfg.cmdline.clone(),
+            disks: disks.collect(),
+            nets,
+            vcpus: cfg.vcpus,
+            memory_mib: cfg.memory_mib,
+            vsock: cfg.vsock,
+        }
+    }
+
     /// Checks every field again, whoever built the plan.
     pub fn check(&self) -> Result<(), FieldError> {
         check_range("vcpus", self.vcpus.into(), 1, MAX_VCPUS.into())?;

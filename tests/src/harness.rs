@@ -13,6 +13,64 @@ use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 
 use crate::{Daemon, scratch_root, staged_bin, wait_for};
 
+/// The raw `system.posix_acl_access` bytes of `p`, or None if it has no ACL (read directly,
+/// so that the tests need no getfacl); `my_hypervisor_policy::acl::decode` reads them.
+pub fn acl_bytes(p: &std::path::Path) -> Option<Vec<u8>> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+    let mut buf = vec![0u8; 65536];
+    let name = my_hypervisor_policy::acl::XATTR;
+    // SAFETY: a NUL-terminated path and name, and a buffer valid for its length.
+    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::ENODATA), "getxattr {}: {e}", p.display());
+        return None;
+    }
+    buf.truncate(n as usize);
+    Some(buf)
+}
+
+/// Sets `p`'s ACL to exactly these bytes.
+pub fn set_acl_bytes(p: &std::path::Path, bytes: &[u8]) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+    let name = my_hypervisor_policy::acl::XATTR;
+    // SAFETY: a NUL-terminated path and name, and a buffer valid for its length.
+    let r = unsafe { libc::setxattr(c.as_ptr(), name.as_ptr(), bytes.as_ptr().cast(), bytes.len(), 0) };
+    assert_eq!(r, 0, "setxattr {}: {}", p.display(), std::io::Error::last_os_error());
+}
+
+/// A test bridge made with SIOCBRADDBR (no `ip` needed), deleted with SIOCBRDELBR when the
+/// test ends however it ends.
+pub struct Bridge(pub String);
+
+fn bridge_ioctl(req: libc::c_ulong, name: &str) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(name).expect("bridge name");
+    // SAFETY: socket() with constant arguments; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCBRADDBR and SIOCBRDELBR take a NUL-terminated interface name.
+    let r = unsafe { libc::ioctl(fd, req as _, c.as_ptr()) };
+    let e = std::io::Error::last_os_error();
+    // SAFETY: we own fd.
+    unsafe { libc::close(fd) };
+    if r < 0 { Err(e) } else { Ok(()) }
+}
+
+impl Bridge {
+    pub fn create(name: &str) -> Bridge {
+        bridge_ioctl(0x89a0, name).unwrap_or_else(|e| panic!("SIOCBRADDBR {name}: {e}"));
+        Bridge(name.to_string())
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = bridge_ioctl(0x89a1, &self.0);
+    }
+}
+
 pub struct Harness {
     pub d: Daemon,
     rendezvous: UnixListener,

@@ -3,6 +3,7 @@
 
 pub mod harness;
 pub mod pvh;
+pub mod vmm_sandbox;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -2,6 +2,7 @@
 //! default, or a real cloud-hypervisor when `MYHV_CLOUD_HYPERVISOR` names one (faults the
 //! double injects are then made from outside, or the case says why it cannot run).
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -164,13 +165,17 @@ fn create_start_stop_start_stop_remove_leaves_nothing() {
     env.ok(
         "compute.vm.create",
         json!({"id": "a", "vcpus": 1, "memory_mib": 64, "kernel": env.guest(false),
-               "disks": [{"path": disk, "readonly": false}], "nets": [{"mtu": 1400}]}),
+               "disks": [{"path": disk, "readonly": false}], "nets": [{"mtu": 1400}],
+               "vsock": true, "agent": false}),
     );
     for round in 0..2 {
         assert_eq!(env.ok("compute.vm.start", json!({"vm_id": "a"}))["state"], "running", "round {round}");
         let st = env.status("a");
         let pid = st["pid"].as_i64().expect("pid") as i32;
         assert!(env.vmm_processes("a").contains(&pid), "round {round}: the VMM runs");
+        let vsock = env.d.path("run/vmm/a/vsock.sock");
+        let is_socket = std::fs::symlink_metadata(&vsock).is_ok_and(|m| m.file_type().is_socket());
+        assert!(is_socket, "round {round}: the VMM serves vsock at {}", vsock.display());
         assert_eq!(
             env.ok("compute.vm.start", json!({"vm_id": "a"}))["state"],
             "running",

@@ -1,80 +1,17 @@
 //! The VMM sandbox, end to end: a probe started through the real spawn path and launcher,
 //! under a VM's policy, tries to escape; the `--explain` report against its golden file; and,
 //! with `MYHV_CLOUD_HYPERVISOR` set, a real cloud-hypervisor booting a tiny PVH guest.
+//! `vmm_walls.rs` tests what keeps a VMM's processes and output inside its VM.
 
-use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use my_hypervisor_broker_proto::{ExitStatus, HeldVm, Image, ImageRole, Reply, Request, SocketRole, VmmConfig};
+use my_hypervisor_broker_proto::{ExitStatus, ImageRole, Reply, Request, SocketRole};
 use my_hypervisor_tests::harness::Harness;
+use my_hypervisor_tests::vmm_sandbox::{RunDir, held, http, image, read_log, start};
 use my_hypervisor_tests::{have_root, proc_status, pvh, staged_bin, wait_for};
-
-/// A directory under /run for the test's runtime dir, so the VMM's bind-mount of its own dir
-/// (/run is covered in its namespace) is exercised; removed at the end.
-struct RunDir(PathBuf);
-
-impl RunDir {
-    fn new(tag: &str) -> RunDir {
-        RunDir(PathBuf::from(format!("/run/myhv-test-{tag}-{}", std::process::id())))
-    }
-    fn vmm(&self) -> String {
-        self.0.join("vmm").to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn image(path: &Path, role: ImageRole) -> Image {
-    Image { path: path.to_string_lossy().into_owned(), role }
-}
-
-fn config() -> VmmConfig {
-    VmmConfig { vcpus: 1, memory_mib: 64, cmdline: None, vsock: false }
-}
-
-/// Prepares `vm` with `kernel` holding `content` (and a writable disk), spawns it, and
-/// returns its uid, pid and log fd.
-fn start(h: &mut Harness, vm: &str, content: &[u8], disk: bool) -> (u32, u32, OwnedFd) {
-    let kernel = h.images().join(format!("{vm}.kernel"));
-    std::fs::write(&kernel, content).expect("kernel");
-    let mut images = vec![image(&kernel, ImageRole::Kernel)];
-    if disk {
-        let d = h.images().join(format!("{vm}.disk"));
-        std::fs::write(&d, b"").expect("disk");
-        std::fs::set_permissions(&d, PermissionsExt::from_mode(0o600)).expect("chmod");
-        images.push(image(&d, ImageRole::Disk { readonly: false }));
-    }
-    let (reply, _) = h.call(Request::Prepare { vm: vm.into(), images });
-    let Reply::Prepared { uid, .. } = reply else { panic!("prepare {vm}: {reply:?}") };
-    let (reply, fds) = h.call(Request::Spawn { vm: vm.into(), config: config() });
-    let Reply::Spawned { pid, .. } = reply else { panic!("spawn {vm}: {reply:?}") };
-    let log = fds.into_iter().nth(1).expect("log fd");
-    (uid, pid, log)
-}
-
-/// The log so far, read through the broker's read-only fd.
-fn read_log(log: &OwnedFd) -> String {
-    let mut f = std::fs::File::from(log.try_clone().expect("dup"));
-    let mut s = String::new();
-    use std::io::Seek;
-    let _ = f.seek(std::io::SeekFrom::Start(0));
-    let _ = f.read_to_string(&mut s);
-    s
-}
-
-fn held(h: &mut Harness, vm: &str) -> HeldVm {
-    let (reply, _) = h.call(Request::Inventory);
-    let Reply::Inventory { vms } = reply else { panic!("{reply:?}") };
-    vms.into_iter().find(|v| v.vm == vm).expect("held VM")
-}
 
 #[test]
 fn escapes_fail_and_needs_succeed() {
@@ -82,7 +19,7 @@ fn escapes_fail_and_needs_succeed() {
         return;
     }
     let run = RunDir::new("escape");
-    let mut h = Harness::start_with("sandbox-probe", &["--run-dir", &run.vmm()]);
+    let mut h = Harness::start_with("sandbox-probe", &["--run-dir", &run.vmm(), "--vm-uid-range", "62100-62109"]);
     let host_socket = PathBuf::from(format!("/run/myhv-escape-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&host_socket);
     let _listener = UnixListener::bind(&host_socket).expect("host socket");
@@ -101,7 +38,7 @@ fn escapes_fail_and_needs_succeed() {
     assert!(matches!(reply, Reply::Prepared { .. }), "{reply:?}");
 
     let content = format!("all {}", host_socket.display());
-    let (uid, pid, log) = start(&mut h, "a", content.as_bytes(), true);
+    let (uid, pid, log) = start(&mut h, "a", content.as_bytes(), true, true);
     let text = wait_for("the probe's report", Duration::from_secs(20), || {
         let t = read_log(&log);
         t.contains("READY").then_some(t)
@@ -123,17 +60,60 @@ fn escapes_fail_and_needs_succeed() {
         "open-dev-mem",
         "open-disk-device",
         "exec-bin-sh",
+        "exec-image",
+        "exec-run-dir-file",
+        "read-etc-hostname",
+        "list-proc",
         "connect-tcp",
         "connect-host-unix-socket",
     ] {
         let r = result(denied);
         assert!(
-            ["denied:EACCES", "denied:EPERM", "denied:ENOENT"].iter().any(|d| r.starts_with(d)),
-            "{denied} must fail with EACCES, EPERM or ENOENT, got {r}\n{text}"
+            ["denied:EACCES", "denied:EPERM", "denied:ENOENT", "denied:EROFS"].iter().any(|d| r.starts_with(d)),
+            "{denied} must fail with EACCES, EPERM, ENOENT or EROFS, got {r}\n{text}"
         );
     }
-    for allowed in ["read-kernel", "kvm-create-vm", "write-own-disk", "socket-in-own-dir"] {
+    for allowed in ["read-kernel", "kvm-create-vm", "write-own-disk", "socket-in-own-dir", "tap-tungetiff"] {
         assert_eq!(result(allowed), "ok", "{allowed}\n{text}");
+    }
+    // Refused by request number on the tap fd the broker passed, with an errno, not a kill.
+    for refused in ["tap-tunsetpersist", "tap-siocsifhwaddr"] {
+        assert!(result(refused).starts_with("denied:ENOTTY"), "{refused}\n{text}");
+    }
+    assert!(result("io-uring-setup").starts_with("denied:ENOSYS"), "{text}");
+    // Host files are out of sight: nothing exists there but its own tree.
+    for gone in ["read-etc-shadow", "read-etc-passwd", "read-etc-hostname", "list-proc", "exec-bin-sh"] {
+        assert!(result(gone).starts_with("denied:ENOENT"), "{gone}: {}", result(gone));
+    }
+    // Seen from outside: its root holds /dev's three nodes, its own runtime dir, its images,
+    // and the probe with its interpreter and libraries; no /proc, no /etc.
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let (probe, images) = (h.d.path("bin/sandbox-probe"), h.images());
+    let lib_dirs = ["/lib", "/lib64", "/usr/lib", "/usr/lib64"];
+    let mut todo = vec![root.clone()];
+    let mut seen = Vec::new();
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read the probe's tree").flatten() {
+            let inside = Path::new("/").join(e.path().strip_prefix(&root).expect("inside"));
+            if e.file_type().expect("type").is_dir() && !inside.starts_with(&run.0) {
+                todo.push(e.path());
+                continue;
+            }
+            let ok = inside.starts_with(&run.0)
+                || inside.starts_with(&images)
+                || inside == probe
+                || ["/dev/kvm", "/dev/urandom", "/dev/null"].iter().any(|n| inside == Path::new(n))
+                || lib_dirs.iter().any(|l| inside.starts_with(l));
+            assert!(ok, "{} is in the probe's root", inside.display());
+            seen.push(inside);
+        }
+    }
+    assert!(seen.contains(&probe) && seen.len() < 30, "{seen:?}");
+    assert!(!root.join("proc").exists() && !root.join("etc").exists());
+    let ns = |kind: &str, p: &str| std::fs::read_link(format!("/proc/{p}/ns/{kind}")).expect("ns link");
+    for kind in ["pid", "ipc", "uts", "mnt", "net"] {
+        // Its own namespaces: the links differ from the test's.
+        assert_ne!(ns(kind, &pid.to_string()), ns(kind, "self"), "the probe has its own {kind} namespace");
     }
     assert!(text.contains("landlock ABI 6 FullyEnforced"), "{text}");
 
@@ -146,7 +126,7 @@ fn escapes_fail_and_needs_succeed() {
     }
     assert_eq!(st["NoNewPrivs"], "1");
     assert_eq!(st["Seccomp"], "2");
-    assert_eq!(st["Seccomp_filters"], "2", "the allow-list and the clone3 filter");
+    assert_eq!(st["Seccomp_filters"], "2", "the allow-list and the second filter");
     assert_eq!(h.call(Request::Release { vm: "a".into() }).0, Reply::Released);
 }
 
@@ -156,10 +136,10 @@ fn forbidden_syscalls_kill_the_vmm() {
         return;
     }
     let run = RunDir::new("sigsys");
-    let mut h = Harness::start_with("sandbox-probe", &["--run-dir", &run.vmm()]);
-    for op in ["ptrace", "mount", "unshare", "bpf", "kexec_load", "init_module", "keyctl", "setuid"] {
+    let mut h = Harness::start_with("sandbox-probe", &["--run-dir", &run.vmm(), "--vm-uid-range", "62110-62129"]);
+    for op in ["fork", "ptrace", "mount", "unshare", "bpf", "kexec_load", "init_module", "keyctl", "setuid"] {
         let vm = format!("k-{}", op.replace('_', "-"));
-        let (_, _, log) = start(&mut h, &vm, op.as_bytes(), false);
+        let (_, _, log) = start(&mut h, &vm, op.as_bytes(), false, false);
         let exit = wait_for(&format!("{op} to end the probe"), Duration::from_secs(10), || held(&mut h, &vm).exit);
         let text = read_log(&log);
         assert_eq!(exit, ExitStatus::Signal(libc::SIGSYS), "{op}: {text}");
@@ -186,33 +166,6 @@ fn explain_matches_golden() {
     assert_eq!(got, want, "--explain changed; if on purpose, rerun with MYHV_UPDATE_GOLDEN=1 and review the diff");
 }
 
-/// A minimal HTTP/1.1 exchange on a connected api socket: (status, body).
-pub fn http(sock: OwnedFd, method: &str, path: &str) -> (u16, String) {
-    let mut s = UnixStream::from(sock);
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Length: 0\r\n\r\n")
-        .expect("request");
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = s.read(&mut chunk).expect("response");
-        buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status");
-            let len = head
-                .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(0);
-            if body.len() >= len {
-                return (status, body[..len].to_string());
-            }
-        }
-        assert!(n > 0, "connection closed mid-response: {text}");
-    }
-}
-
 #[test]
 fn real_cloud_hypervisor_boots_in_the_sandbox() {
     let Some(ch) = std::env::var_os("MYHV_CLOUD_HYPERVISOR") else {
@@ -225,9 +178,9 @@ fn real_cloud_hypervisor_boots_in_the_sandbox() {
         return;
     }
     let run = RunDir::new("realch");
-    let mut h = Harness::start_with(&ch.to_string_lossy(), &["--run-dir", &run.vmm()]);
+    let mut h = Harness::start_with(&ch.to_string_lossy(), &["--run-dir", &run.vmm(), "--vm-uid-range", "62130-62139"]);
     let guest = pvh::guest("my_hypervisor sandbox test guest", false);
-    let (_, pid, log) = start(&mut h, "real", &guest, false);
+    let (_, pid, log) = start(&mut h, "real", &guest, false, false);
     let state = wait_for("vm.info to say Running", Duration::from_secs(20), || {
         let (reply, fds) = h.call(Request::Connect { vm: "real".into(), role: SocketRole::Api });
         if reply != Reply::Connected {

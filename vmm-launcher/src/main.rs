@@ -16,7 +16,7 @@ use landlock::{
     RulesetCreatedAttr, RulesetStatus, Scope,
 };
 use my_hypervisor_policy::sandbox::{LANDLOCK_ABI, RLIMITS, SandboxSpec};
-use my_hypervisor_policy::seccomp;
+use my_hypervisor_policy::{seccomp, vmm_filter};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -87,7 +87,7 @@ fn launch(args: &Args) -> Result<std::convert::Infallible, Error> {
     let status = landlock(&spec)?;
     let seccomp_filters = [
         seccomp::compile(&seccomp::vmm_allow_list(), spec.seccomp).map_err(step("compile the seccomp filter"))?,
-        seccomp::vmm_clone3_filter().map_err(step("compile the clone3 filter"))?,
+        vmm_filter::vmm_second_filter(spec.seccomp),
     ];
     eprintln!(
         "my_hypervisor-vmm-launcher: vm {}: uid {}, landlock ABI {} {:?}, seccomp {:?}; exec {}",

@@ -4,14 +4,14 @@
 //! bytes, with at most [`MAX_FDS`] fds attached by SCM_RIGHTS. The envelope declares how many
 //! fds travel with it, and each body declares how many it must have: a mismatch, a truncated
 //! datagram, trailing bytes, an unknown variant or an unexpected fd is malformed, and the
-//! receiver drops the channel rather than guess. docs/adr/0002-broker-protocol.md describes
+//! receiver drops the channel rather than guess. docs/adr/0002-broker.md describes
 //! every message and the checks the broker applies.
 
 mod wire;
 
 use serde::{Deserialize, Serialize};
 
-pub use wire::{WireError, decode, encode, recv, send};
+pub use wire::{WireError, decode, encode, recv, recv_keeping_fds, send};
 
 /// Bumped on any change to the messages below.
 pub const PROTOCOL_VERSION: u16 = 1;

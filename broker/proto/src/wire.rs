@@ -76,16 +76,31 @@ pub fn send<T: Serialize>(sock: impl AsFd, mut env: Envelope<T>, fds: &[RawFd]) 
     }
 }
 
+/// The most fds the kernel passes in one message (SCM_MAX_FD): room for all of them, so that
+/// none is cut off and closed by the kernel inside the receiver's recvmsg.
+const SCM_MAX_FD: usize = 253;
+
 /// Receives one envelope and the fds it declares. Any fd that arrived is owned (and closed)
 /// even when the message is refused.
 pub fn recv<T: DeserializeOwned>(sock: impl AsFd) -> Result<(Envelope<T>, Vec<OwnedFd>), WireError> {
+    let (env, fds) = recv_keeping_fds(sock);
+    env.map(|env| (env, fds))
+}
+
+/// As [`recv`], but every fd that arrived is handed back even when the message is refused,
+/// so that the caller decides where it is closed (closing a peer's fd can block).
+pub fn recv_keeping_fds<T: DeserializeOwned>(sock: impl AsFd) -> (Result<Envelope<T>, WireError>, Vec<OwnedFd>) {
+    let mut fds = Vec::new();
+    (recv_into(sock, &mut fds), fds)
+}
+
+fn recv_into<T: DeserializeOwned>(sock: impl AsFd, fds: &mut Vec<OwnedFd>) -> Result<Envelope<T>, WireError> {
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let (len, flags, fds) = loop {
+    let mut cmsg_space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+    let (len, flags) = loop {
         let mut iov = [IoSliceMut::new(&mut buf)];
         match recvmsg::<()>(sock.as_fd().as_raw_fd(), &mut iov, Some(&mut cmsg_space), MsgFlags::MSG_CMSG_CLOEXEC) {
             Ok(msg) => {
-                let mut fds = Vec::new();
                 let mut stray = false;
                 for c in msg.cmsgs().map_err(WireError::Io)? {
                     match c {
@@ -99,7 +114,7 @@ pub fn recv<T: DeserializeOwned>(sock: impl AsFd) -> Result<(Envelope<T>, Vec<Ow
                 if stray {
                     return Err(WireError::Control);
                 }
-                break (msg.bytes, msg.flags, fds);
+                break (msg.bytes, msg.flags);
             }
             Err(nix::errno::Errno::EINTR) => continue,
             Err(nix::errno::Errno::EAGAIN) => return Err(WireError::WouldBlock),
@@ -113,8 +128,10 @@ pub fn recv<T: DeserializeOwned>(sock: impl AsFd) -> Result<(Envelope<T>, Vec<Ow
     if len == 0 && fds.is_empty() {
         return Err(WireError::Closed);
     }
-    let env = decode(&buf[..len], fds.len())?;
-    Ok((env, fds))
+    if fds.len() > MAX_FDS {
+        return Err(WireError::FdCount { declared: 0, received: fds.len() });
+    }
+    decode(&buf[..len], fds.len())
 }
 
 #[cfg(test)]
@@ -165,6 +182,18 @@ mod tests {
         assert!(matches!(decode::<Request>(&encode(&old).unwrap(), 0), Err(WireError::Version(0))));
         let huge = env(Request::Release { vm: "x".repeat(MAX_MESSAGE) });
         assert!(matches!(encode(&huge), Err(WireError::TooLarge(_))));
+    }
+
+    #[test]
+    fn fds_of_a_refused_message_are_handed_back() {
+        let (a, b) = pair();
+        let files: Vec<_> = (0..12).map(|_| std::fs::File::open("/dev/null").unwrap()).collect();
+        let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        sendmsg::<()>(a.as_raw_fd(), &[IoSlice::new(b"junk")], &cmsg, MsgFlags::empty(), None).unwrap();
+        let (r, fds) = recv_keeping_fds::<Request>(&b);
+        assert!(matches!(r, Err(WireError::FdCount { received: 12, .. })), "{r:?}");
+        assert_eq!(fds.len(), 12, "more than MAX_FDS arrive whole, none closed by the kernel");
     }
 
     #[test]

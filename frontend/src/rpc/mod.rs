@@ -1,9 +1,15 @@
-//! The JSON-RPC API: method table and handlers ([`api`]), error codes ([`errors`]), transport
-//! limits ([`limits`]) and the line-delimited transport itself ([`transport`]).
+//! The JSON-RPC API: the method table ([`api`]) and what each method does ([`handlers`]),
+//! the params and result types ([`params`], [`results`]) and the OpenRPC document derived
+//! from them ([`schema`]), error codes ([`errors`]), transport limits ([`limits`]) and the
+//! line-delimited transport itself ([`transport`]).
 
 pub mod api;
 pub mod errors;
+pub mod handlers;
 pub mod limits;
+pub mod params;
+pub mod results;
+pub mod schema;
 pub mod transport;
 
 use jsonrpsee::Methods;

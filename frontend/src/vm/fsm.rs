@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::error::VmError;
 
 /// The nine lifecycle states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// Recorded by create; nothing is held for it.
@@ -19,6 +19,7 @@ pub enum VmState {
     Configured,
     /// The VMM is spawned and the guest is booting.
     Starting,
+    /// The guest runs (and its agent answers, when `agent`).
     Running,
     /// A start failed; everything it took was released.
     StartFailed,

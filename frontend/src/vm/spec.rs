@@ -25,23 +25,30 @@ pub const MAX_LABEL_VALUE: usize = 256;
 
 /// What `compute.vm.create` takes. Stored as given, with `agent` resolved (see
 /// [`VmSpec::normalized`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
+    #[schemars(length(min = 1, max = my_hypervisor_policy::names::VM_ID_MAX))]
+    #[schemars(pattern(my_hypervisor_policy::names::VM_ID_PATTERN))]
     pub id: String,
+    #[schemars(range(min = 1, max = MAX_VCPUS))]
     pub vcpus: u32,
+    #[schemars(range(min = 1, max = MAX_MEMORY_MIB))]
     pub memory_mib: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initramfs: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_CMDLINE))]
     pub cmdline: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<String>,
     #[serde(default)]
+    #[schemars(length(max = MAX_DISKS))]
     pub disks: Vec<DiskSpec>,
     #[serde(default)]
+    #[schemars(length(max = MAX_NETS))]
     pub nets: Vec<NetSpec>,
     #[serde(default)]
     pub vsock: bool,
@@ -49,10 +56,12 @@ pub struct VmSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<bool>,
     #[serde(default)]
+    #[schemars(extend("maxProperties" = MAX_LABELS, "propertyNames" = {"pattern": format!("^[A-Za-z0-9._/-]{{1,{MAX_LABEL_KEY}}}$")}))]
+    #[schemars(extend("additionalProperties" = {"type": "string", "maxLength": MAX_LABEL_VALUE}))]
     pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     pub path: String,
@@ -60,14 +69,17 @@ pub struct DiskSpec {
     pub readonly: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern("^[A-Za-z0-9_.-]{1,15}$"))]
     pub bridge: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern("^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$"))]
     pub mac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = MIN_MTU, max = MAX_MTU))]
     pub mtu: Option<u32>,
 }
 
@@ -86,7 +98,7 @@ impl VmSpec {
 
     /// Checks every field; the first bad one is named in the error.
     pub fn validate(&self, image_roots: &[PathBuf]) -> Result<(), VmError> {
-        check_vm_id(&self.id).map_err(|_| bad("id", "must be 1 to 64 characters of [a-z0-9-]"))?;
+        check_vm_id(&self.id).map_err(|e| bad("id", e.to_string()))?;
         if !(1..=MAX_VCPUS).contains(&self.vcpus) {
             return Err(bad("vcpus", format!("must be between 1 and {MAX_VCPUS}, got {}", self.vcpus)));
         }

@@ -3,6 +3,10 @@
 //! What it does is written in its "kernel" file:
 //! - `all <host-socket>`: try every escape that should fail with an error and every operation
 //!   a VMM needs, print one `RESULT <name> <outcome>` line each, then `READY`, and idle;
+//! - `fork`: fork a child that idles; print `FORKED <pid>` (the child's pid in the probe's
+//!   PID namespace) and idle. Should die by SIGSYS unless the daemon runs `--vmm-seccomp log`;
+//! - `fill`: bind Unix sockets in its run dir until that fails, print `SOCKETS <n> <outcome>`,
+//!   then write to its log until that fails, and exit with the MiB written as its status;
 //! - `<syscall>`: make that one forbidden syscall, which should kill it with SIGSYS; if it
 //!   returns, print `SURVIVED <syscall> <outcome>`.
 
@@ -27,6 +31,16 @@ fn outcome<T>(r: std::io::Result<T>) -> String {
 /// A raw syscall's outcome, as `outcome` reports it.
 fn sys(r: libc::c_long) -> std::io::Result<libc::c_long> {
     if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(r) }
+}
+
+/// execve in place, with no fork; returns only on failure.
+fn exec(path: &str) -> std::io::Result<()> {
+    let p = std::ffi::CString::new(path).expect("path");
+    let argv = [p.as_ptr(), std::ptr::null()];
+    let envp = [std::ptr::null()];
+    // SAFETY: NUL-terminated argv and envp that outlive the call.
+    unsafe { libc::execve(p.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    Err(std::io::Error::last_os_error())
 }
 
 fn main() {
@@ -59,7 +73,24 @@ fn main() {
             "open-disk-device",
             outcome(std::fs::File::open("/dev/vda").or_else(|_| std::fs::File::open("/dev/sda"))),
         );
-        report("exec-bin-sh", outcome(std::process::Command::new("/bin/sh").arg("-c").arg("true").status()));
+        // execve in place: a fork would be killed by the seccomp filter.
+        report("exec-bin-sh", outcome(exec("/bin/sh")));
+        report("exec-image", outcome(exec(kernel)));
+        report("exec-run-dir-file", outcome(exec(&run_dir.join("vmm.log").to_string_lossy())));
+        report("read-etc-hostname", outcome(std::fs::read("/etc/hostname")));
+        report("list-proc", outcome(std::fs::read_dir("/proc")));
+        // SAFETY: io_uring_setup with no params pointer; the filter answers before the kernel.
+        report("io-uring-setup", outcome(sys(unsafe { libc::syscall(libc::SYS_io_uring_setup, 1, 0) })));
+        // The first tap, at fd 5 (VMM_FIRST_TAP_FD).
+        let mut ifr = [0u8; 40];
+        // SAFETY: each request reads or writes one struct ifreq (40 bytes) or an int.
+        unsafe {
+            report("tap-tungetiff", outcome(sys(libc::ioctl(5, 0x8004_54d2, ifr.as_mut_ptr()) as libc::c_long)));
+            report("tap-tunsetpersist", outcome(sys(libc::ioctl(5, 0x4004_54cb, 1) as libc::c_long)));
+            ifr[16..18].copy_from_slice(&1u16.to_ne_bytes()); // ARPHRD_ETHER
+            ifr[18..24].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x66]);
+            report("tap-siocsifhwaddr", outcome(sys(libc::ioctl(5, 0x8924, ifr.as_mut_ptr()) as libc::c_long)));
+        }
         report("connect-tcp", outcome(std::net::TcpStream::connect("127.0.0.1:22")));
         report("connect-host-unix-socket", outcome(UnixStream::connect(host_socket)));
         let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
@@ -76,6 +107,41 @@ fn main() {
         let _ = out.flush();
         loop {
             std::thread::park();
+        }
+    }
+    if op == "fill" {
+        let mut socks = Vec::new();
+        let err = loop {
+            match UnixListener::bind(run_dir.join(format!("s{}.sock", socks.len()))) {
+                Ok(l) => socks.push(l),
+                Err(e) => break e,
+            }
+        };
+        let _ = writeln!(out, "SOCKETS {} {}", socks.len(), outcome::<()>(Err(err)));
+        let _ = out.flush();
+        let chunk = vec![b'x'; 1 << 16];
+        let mut written: u64 = 0;
+        while let Ok(n) = out.write(&chunk) {
+            if n == 0 {
+                break;
+            }
+            written += n as u64;
+        }
+        std::process::exit((written >> 20).min(255) as i32);
+    }
+    if op == "fork" {
+        // SAFETY: the probe is single-threaded here; the child only sleeps.
+        match unsafe { libc::fork() } {
+            0 => loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            },
+            pid => {
+                let _ = writeln!(out, "FORKED {pid}");
+                let _ = out.flush();
+                loop {
+                    std::thread::park();
+                }
+            }
         }
     }
     // SAFETY: each is a plain syscall with harmless arguments; the filter should kill first.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Sender, channel};
 
-use crate::{ApiReq, ApiResp, Msg};
+use crate::vmm::{ApiReq, ApiResp, Msg};
 
 const MAX_CONNECTIONS: usize = 10;
 const MAX_PAYLOAD: usize = 51200;
