@@ -31,18 +31,17 @@ static NEXT_RANGE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::
 impl Env {
     fn start(test: &str) -> Option<Env> {
         let first = 62000 + 100 * NEXT_RANGE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Env::start_with_uids(test, first)
+        Env::start_with_uids(test, first..=first + 99)
     }
 
-    /// A daemon whose VM uids are `first..=first + 99`.
-    fn start_with_uids(test: &str, first: u32) -> Option<Env> {
+    /// A daemon that hands out these VM uids.
+    fn start_with_uids(test: &str, uids: std::ops::RangeInclusive<u32>) -> Option<Env> {
         if !have_root(test) {
             return None;
         }
         let root = scratch_root();
         let real = std::env::var("MYHV_CLOUD_HYPERVISOR").ok();
         let vmm = real.clone().unwrap_or_else(|| staged_bin(root.path(), "ch-double").to_string_lossy().into_owned());
-        let uids = first..=first + 99;
         let range = format!("{}-{}", uids.start(), uids.end());
         let d = Daemon::start_in(root, &["--cloud-hypervisor", &vmm, "--vm-uid-range", &range]);
         Some(Env { d, real, uids })
@@ -443,7 +442,9 @@ fn a_guest_reboot_is_recorded_and_the_vm_stays_running() {
 
 #[test]
 fn a_guest_that_powers_off_during_boot_is_stopped() {
-    let Some(env) = Env::start_with_uids("a_guest_that_powers_off_during_boot_is_stopped", 62300) else { return };
+    let Some(env) = Env::start_with_uids("a_guest_that_powers_off_during_boot_is_stopped", 62300..=62349) else {
+        return;
+    };
     // The PVH guest that powers off as soon as it runs, with the double and real CH alike:
     // its VMM may exit before the boot check ever sees it running.
     env.create("q", &env.guest(true), None);
@@ -462,4 +463,52 @@ fn a_guest_that_powers_off_during_boot_is_stopped() {
     assert!(env.last_reason("q").contains("resources released"), "{}", env.last_reason("q"));
     env.ok("compute.vm.remove", json!({"vm_id": "q"}));
     env.assert_nothing_left("q", None);
+}
+
+#[test]
+fn a_flood_of_reboot_events_is_merged_and_other_vms_answer() {
+    let test = "a_flood_of_reboot_events_is_merged_and_other_vms_answer";
+    let Some(env) = Env::start_with_uids(test, 62350..=62399) else { return };
+    if env.real.is_some() {
+        eprintln!("SKIP {test} with real cloud-hypervisor: the flood is a fault of the double");
+        return;
+    }
+    env.create("calm", &env.guest(false), None);
+    env.ok("compute.vm.start", json!({"vm_id": "calm"}));
+    env.create("fl", &env.guest(false), env.fault("flood-reboots=100").as_deref());
+    env.ok("compute.vm.start", json!({"vm_id": "fl"}));
+    let rebooted = |env: &Env| -> (u64, usize) {
+        let events = env.ok("compute.vm.events.tail", json!({"vm_id": "fl", "limit": 1000}))["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let reboots: Vec<u64> = events
+            .iter()
+            .filter_map(|e| e["reason"].as_str()?.strip_prefix("the guest rebooted").map(str::to_string))
+            .map(|n| if n.is_empty() { 1 } else { n.trim().trim_end_matches(" times").parse().unwrap_or(0) })
+            .collect();
+        (reboots.iter().sum(), reboots.len())
+    };
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut slowest = Duration::ZERO;
+    let (total, transitions) = loop {
+        let t = Instant::now();
+        assert_eq!(env.state("calm"), "running");
+        slowest = slowest.max(t.elapsed());
+        let (total, transitions) = rebooted(&env);
+        if total >= 100_000 || Instant::now() > end {
+            break (total, transitions);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("{total} reboots in {transitions} transitions; slowest status of another VM {slowest:?}");
+    assert_eq!(total, 100_000, "every reboot counted once");
+    assert!(transitions < 1000, "{transitions} transitions for one flood");
+    assert!(slowest < Duration::from_secs(1), "status of another VM took {slowest:?}");
+    assert_eq!(env.state("fl"), "running");
+    for id in ["calm", "fl"] {
+        env.ok("compute.vm.stop", json!({"vm_id": id, "timeout_secs": 1}));
+        env.ok("compute.vm.remove", json!({"vm_id": id}));
+        env.assert_nothing_left(id, None);
+    }
 }

@@ -3,7 +3,8 @@
 //! one queue and one task per VM, so a slow VM holds up no other.
 //!
 //! A queue merges reboots that come together into one report with a count, so a flood of
-//! them becomes one transition, not one per line. A queue and its task exist only while
+//! them becomes one transition, not one per line, and keeps nothing about a VMM after the
+//! report that ends its VM's run (a panic, an exit). A queue and its task exist only while
 //! reports wait; removing the VM drops its queue.
 
 use std::collections::VecDeque;
@@ -23,6 +24,12 @@ pub(super) struct Reports {
 
 impl Reports {
     fn push(&mut self, r: VmmReport) {
+        // After a panic, an exit or a kill of this VMM, the VM is no longer running: later
+        // reports about the same VMM would be ignored anyway, so they are not kept.
+        let ends = |e: &VmmEvent| !matches!(e, VmmEvent::GuestReboot { .. });
+        if self.queue.iter().any(|q| q.generation == r.generation && ends(&q.event)) {
+            return;
+        }
         if let (Some(last), VmmEvent::GuestReboot { count }) = (self.queue.back_mut(), &r.event)
             && last.generation == r.generation
             && let VmmEvent::GuestReboot { count: merged } = &mut last.event

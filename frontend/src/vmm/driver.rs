@@ -412,7 +412,11 @@ fn merge(rt: &Runtime, events: &[monitor::VmmEvent]) -> Vec<VmmReport> {
                 rt.booted.store(true, Ordering::SeqCst);
                 continue;
             }
-            ("guest", "panic") => VmmEvent::GuestPanic,
+            // The VM fails on the panic: nothing after it in this step matters.
+            ("guest", "panic") => {
+                out.push(VmmReport { generation: rt.generation, offset: None, event: VmmEvent::GuestPanic });
+                break;
+            }
             ("vm", "rebooted") => {
                 if let Some(VmmEvent::GuestReboot { count }) = out.last_mut().map(|r| &mut r.event) {
                     *count += 1;
