@@ -119,6 +119,27 @@ mod tests {
     }
 
     #[test]
+    fn a_budget_reads_a_flood_in_steps() {
+        let mut f = tempfile::tempfile().unwrap();
+        let one = ch_event(0, "vm", "rebooted");
+        let n = 4 * CHUNK / one.len();
+        for _ in 0..n {
+            f.write_all(one.as_bytes()).unwrap();
+        }
+        let (mut total, mut off, mut steps) = (0, 0, 0);
+        loop {
+            let (evs, next) = read_from(&f, off, CHUNK as u64).unwrap();
+            assert!(next - off <= 2 * CHUNK as u64, "a step reads about its budget");
+            if evs.is_empty() {
+                break;
+            }
+            (total, off, steps) = (total + evs.len(), next, steps + 1);
+        }
+        assert_eq!(total, n, "every event once");
+        assert!(steps >= 2, "{steps} steps: the budget bounds each read");
+    }
+
+    #[test]
     fn reads_across_chunks() {
         let mut f = tempfile::tempfile().unwrap();
         let n = 2 * CHUNK / ch_event(0, "vm", "rebooted").len() + 3;
