@@ -59,6 +59,10 @@ pub struct Args {
     /// audit log) instead of killing the broker.
     #[arg(long)]
     pub seccomp_log: bool,
+    /// What the frontend's seccomp filter does with a syscall outside its allow-list: kill
+    /// (the default), or, for debugging only, log it or fail it with EPERM.
+    #[arg(long, default_value = "kill", value_parser = str::parse::<seccomp::Mode>)]
+    pub frontend_seccomp: seccomp::Mode,
     /// What a VMM's seccomp filter does with a syscall outside its allow-list: kill (the
     /// default), or, for debugging only, log it or fail it with EPERM.
     #[arg(long, default_value = "kill", value_parser = str::parse::<seccomp::Mode>)]

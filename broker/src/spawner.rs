@@ -6,7 +6,7 @@
 //! Each program is started by clone3 with CLONE_PARENT, so that it is the broker's own child:
 //! the broker reaps it and reports its exit, and holds the pidfd the clone returned.
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CString, OsStr};
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -14,6 +14,7 @@ use std::path::PathBuf;
 
 use my_hypervisor_broker_proto::{Envelope, PROTOCOL_VERSION, WireError, recv, send};
 use my_hypervisor_policy::elf::closure;
+use my_hypervisor_policy::frontend::{BROKER_FD, EXE_FD, LISTEN_FD, NAMESPACES, REPORT_FD};
 use my_hypervisor_policy::layout::Ids;
 use my_hypervisor_policy::sandbox::VMM_CLONE_FLAGS;
 use nix::fcntl::OFlag;
@@ -22,10 +23,6 @@ use nix::unistd::pipe2;
 use serde::{Deserialize, Serialize};
 
 use crate::unpriv::{VmmRoot, drop_privileges, enter_vmm_namespaces, place_fds, reset_signals, run_dir_tmpfs, sys};
-
-/// The fd numbers the frontend finds its inheritance at.
-pub const FRONTEND_LISTEN_FD: i32 = 3;
-pub const FRONTEND_BROKER_FD: i32 = 4;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Order {
@@ -44,7 +41,9 @@ pub type Outcome = Result<u32, String>;
 
 pub struct SpawnerConfig {
     pub frontend: Program,
-    pub frontend_args: Vec<OsString>,
+    /// The frontend launcher's argv (`FrontendPlan::launcher_argv`).
+    pub frontend_argv: Vec<CString>,
+    pub frontend_launcher: Program,
     pub frontend_ids: Ids,
     pub launcher: Program,
 }
@@ -54,7 +53,7 @@ pub struct SpawnerConfig {
 /// directories above it, and replacing the file later changes nothing.
 pub struct Program {
     pub path: PathBuf,
-    fd: OwnedFd,
+    pub fd: OwnedFd,
 }
 
 impl Program {
@@ -85,15 +84,16 @@ fn above_floor(fd: OwnedFd) -> Result<OwnedFd, String> {
 
 /// The helper's loop; returns when the broker closes the channel.
 pub fn serve(chan: OwnedFd, mut cfg: SpawnerConfig) -> Result<(), String> {
-    let chan = above_floor(chan)?;
+    let chan = &above_floor(chan)?;
     cfg.frontend.fd = above_floor(cfg.frontend.fd)?;
     cfg.launcher.fd = above_floor(cfg.launcher.fd)?;
+    cfg.frontend_launcher.fd = above_floor(cfg.frontend_launcher.fd)?;
     // Nothing else inherited from the daemon stays open below the floor.
     // SAFETY: closes fds no one in this fresh process uses; what it holds is above the floor.
     if unsafe { libc::close_range(3, FD_FLOOR as u32 - 1, 0) } < 0 {
         return Err(format!("close inherited fds: {}", std::io::Error::last_os_error()));
     }
-    let held = [chan.as_raw_fd(), cfg.frontend.fd.as_raw_fd(), cfg.launcher.fd.as_raw_fd()];
+    let held = [chan, &cfg.frontend.fd, &cfg.launcher.fd, &cfg.frontend_launcher.fd].map(|f| f.as_raw_fd());
     assert!(held.iter().all(|&fd| fd >= FD_FLOOR), "the spawn helper's fds lie above {FD_FLOOR}: {held:?}");
     let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
     for fd in 3..FD_FLOOR {
@@ -106,7 +106,7 @@ pub fn serve(chan: OwnedFd, mut cfg: SpawnerConfig) -> Result<(), String> {
         }
     }
     loop {
-        let (env, fds) = match recv::<Order>(&chan) {
+        let (env, fds) = match recv::<Order>(chan) {
             Ok(m) => m,
             Err(WireError::Closed) => return Ok(()),
             Err(e) => return Err(format!("order: {e}")),
@@ -120,7 +120,7 @@ pub fn serve(chan: OwnedFd, mut cfg: SpawnerConfig) -> Result<(), String> {
         };
         let reply = Envelope { version: PROTOCOL_VERSION, id: env.id, fds: 0, body };
         let raw: Vec<i32> = pidfd.iter().map(|f| f.as_raw_fd()).collect();
-        send(&chan, reply, &raw).map_err(|e| format!("reply: {e}"))?;
+        send(chan, reply, &raw).map_err(|e| format!("reply: {e}"))?;
     }
 }
 
@@ -136,11 +136,17 @@ fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Result<Option<
     match order {
         Order::Frontend => {
             let [listen, chan] = <[OwnedFd; 2]>::try_from(fds).map_err(|_| "frontend order needs 2 fds")?;
-            let argv = c_args(&cfg.frontend, &cfg.frontend_args)?;
-            // stdout and stderr stay the daemon's.
-            let keep =
-                vec![(1, 1), (2, 2), (listen.as_raw_fd(), FRONTEND_LISTEN_FD), (chan.as_raw_fd(), FRONTEND_BROKER_FD)];
-            start_detached(argv, &cfg.frontend, keep, cfg.frontend_ids, 0, None).map(Some)
+            // stdout and stderr stay the daemon's; the launcher reports a failed step on
+            // REPORT_FD until it execs the frontend through EXE_FD.
+            let keep = vec![
+                (1, 1),
+                (2, 2),
+                (listen.as_raw_fd(), LISTEN_FD),
+                (chan.as_raw_fd(), BROKER_FD),
+                (cfg.frontend.fd.as_raw_fd(), EXE_FD),
+            ];
+            let (argv, ids) = (cfg.frontend_argv.clone(), cfg.frontend_ids);
+            start_detached(argv, &cfg.frontend_launcher, keep, ids, NAMESPACES, None, Some(REPORT_FD)).map(Some)
         }
         Order::RunDir { uid } => run_dir_tmpfs(uid, fds.first().ok_or("run dir order needs a dir fd")?).map(|()| None),
         Order::Vmm { uid, spec, ch_argv, binds } => {
@@ -159,7 +165,7 @@ fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Result<Option<
             keep.first_mut().ok_or("vmm order needs a log fd")?.1 = 1;
             keep.insert(1, (fds[0].as_raw_fd(), 2));
             let ids = Ids { uid, gid: uid };
-            start_detached(argv, &cfg.launcher, keep, ids, VMM_CLONE_FLAGS, Some(root)).map(Some)
+            start_detached(argv, &cfg.launcher, keep, ids, VMM_CLONE_FLAGS, Some(root), None).map(Some)
         }
     }
 }
@@ -198,7 +204,9 @@ pub unsafe fn fork_sibling(ns_flags: u64) -> std::io::Result<Option<Started>> {
 
 /// Starts `prog` with `argv` as `ids`, with exactly /dev/null as stdin and `keep` inherited, from
 /// a clone with `ns_flags` that is the broker's child; for a VMM (`vmm` set), inside its
-/// mount and network namespaces and its minimal root too. Returns once the program has exec'd.
+/// mount and network namespaces and its minimal root too. Returns once the program has exec'd;
+/// with `report` set, once the program has closed that fd, where it may report a failed step
+/// of its own (the frontend launcher does, until it execs the frontend).
 fn start_detached(
     argv: Vec<CString>,
     prog: &Program,
@@ -206,6 +214,7 @@ fn start_detached(
     ids: Ids,
     ns_flags: u64,
     vmm: Option<VmmRoot>,
+    report: Option<i32>,
 ) -> Result<Started, String> {
     // Only stdio keeps its own number; every other kept fd comes from above the floor.
     if keep.iter().any(|&(from, to)| to >= FD_FLOOR || (from < FD_FLOOR && from != to)) {
@@ -213,10 +222,11 @@ fn start_detached(
     }
     let exe = prog.fd.as_raw_fd();
     let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-    let keep: Vec<(i32, i32)> = std::iter::once((null.as_raw_fd(), 0)).chain(keep).collect();
+    let mut keep: Vec<(i32, i32)> = std::iter::once((null.as_raw_fd(), 0)).chain(keep).collect();
     // One line comes back on this pipe: the step that failed in the child. A successful exec
     // closes it (CLOEXEC) with nothing written.
     let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    keep.extend(report.map(|fd| (w.as_raw_fd(), fd)));
     // SAFETY: the spawn helper is single-threaded.
     let started = match unsafe { fork_sibling(ns_flags) }.map_err(|e| e.to_string())? {
         Some(started) => started,

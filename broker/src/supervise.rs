@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use my_hypervisor_broker_proto::{
     Envelope, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv_keeping_fds, send,
 };
+use my_hypervisor_policy::frontend::FrontendPlan;
 use my_hypervisor_policy::layout::{DirRole, check_image_root_owner};
 use my_hypervisor_policy::seccomp;
 use nix::fcntl::{OFlag, open};
@@ -21,7 +22,7 @@ use nix::sys::stat::{Mode, umask};
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, geteuid};
 
-use crate::cli::{Args, Config, resolve};
+use crate::cli::{Args, Config, resolve, sibling};
 use crate::confine::{BROKER_CAPS, SPAWNER_CAPS, apply_broker_filter, keep_only};
 use crate::dirs::{bind_rpc_socket, ensure_dir};
 use crate::spawner::{self, Order, Program, SpawnerConfig};
@@ -292,22 +293,23 @@ fn serve_one(b: &mut Broker, f: &Frontend) -> Result<(), WireError> {
 fn start_spawner(args: &Args, cfg: &Config) -> Result<(OwnedFd, u32), String> {
     let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .map_err(|e| format!("socketpair: {e}"))?;
-    let mut frontend_args: Vec<std::ffi::OsString> =
-        vec!["--listen-fd".into(), spawner::FRONTEND_LISTEN_FD.to_string().into()];
-    frontend_args.extend(["--broker-fd".into(), spawner::FRONTEND_BROKER_FD.to_string().into()]);
-    frontend_args.extend(["--state-dir".into(), args.state_dir.clone().into()]);
-    frontend_args.extend(["--console-dir".into(), args.console_dir.clone().into()]);
-    frontend_args.extend(["--log-format".into(), args.log_format.as_str().into()]);
-    for root in &args.image_roots {
-        frontend_args.extend(["--image-root".into(), root.clone().into()]);
-    }
-    for (name, value) in &args.rpc_limits {
-        frontend_args.push(format!("--rpc-{name}={value}").into());
-    }
+    let plan = FrontendPlan {
+        frontend_bin: &cfg.frontend_bin,
+        state_dir: &args.state_dir,
+        console_dir: &args.console_dir,
+        image_roots: &args.image_roots,
+        log_format: args.log_format.as_str(),
+        rpc_limits: &args.rpc_limits,
+        seccomp: args.frontend_seccomp,
+        landlock_best_effort: args.landlock_best_effort,
+    };
+    let frontend_launcher = Program::open(sibling("my_hypervisor-frontend-launcher")?)?;
+    let frontend_argv = plan.launcher_argv(&frontend_launcher.path).map_err(|e| format!("frontend argv: {e}"))?;
     let sc = SpawnerConfig {
         frontend: Program::open(cfg.frontend_bin.clone())?,
-        frontend_args,
+        frontend_argv,
         frontend_ids: cfg.frontend,
+        frontend_launcher,
         launcher: Program::open(cfg.launcher_bin.clone())?,
     };
     // SAFETY: no thread exists yet, so the child may do anything the parent could.

@@ -36,6 +36,14 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     my_hypervisor_frontend::init_logging(&args.log_format);
+    // PID 1 of its PID namespace gets no signal it has no handler for (SIGKILL aside): the
+    // broker's SIGTERM at shutdown must still stop it, at once, as it would any process. The
+    // state on disk is whole at every instant (each file is replaced by rename).
+    // SAFETY: the handler only calls _exit, which is async-signal-safe.
+    if unsafe { libc::signal(libc::SIGTERM, on_sigterm as *const () as libc::sighandler_t) } == libc::SIG_ERR {
+        tracing::error!(error = %std::io::Error::last_os_error(), "install the SIGTERM handler");
+        return ExitCode::FAILURE;
+    }
     let Some(listen) = take_fd(args.listen_fd) else {
         tracing::error!(fd = args.listen_fd, "the listening socket fd is not open");
         return ExitCode::FAILURE;
@@ -68,4 +76,9 @@ fn take_fd(fd: RawFd) -> Option<OwnedFd> {
     }
     // SAFETY: the fd is open, was inherited for us alone, and nothing else owns it.
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    // SAFETY: _exit is async-signal-safe and runs no destructors.
+    unsafe { libc::_exit(0) }
 }

@@ -4,6 +4,7 @@
 
 pub mod acl;
 pub mod elf;
+pub mod frontend;
 pub mod layout;
 pub mod names;
 pub mod request;

@@ -75,6 +75,7 @@ macro_rules! only {
         Allow { nr: libc::$name, name: &stringify!($name)[4..], when: When::ArgIn { arg: $arg, values: $values } }
     };
 }
+pub(crate) use {only, sys};
 
 /// The ioctls the broker issues: the KVM check, and tap set-up and deletion (linux/kvm.h,
 /// if_tun.h, sockios.h).

@@ -1,17 +1,16 @@
 //! A broker test harness: the real daemon, with a stand-in frontend that hands the test its
 //! broker channel, so that the test speaks the typed protocol directly.
 
-use std::io::IoSliceMut;
+use std::io::{BufRead, BufReader, IoSliceMut, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use my_hypervisor_broker_proto::{Envelope, Event, FromBroker, PROTOCOL_VERSION, Reply, Request, recv, send};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 
-use crate::{Daemon, scratch_root, staged_bin, wait_for};
+use crate::{Daemon, scratch_root, staged_bin};
 
 /// The raw `system.posix_acl_access` bytes of `p`, or None if it has no ACL (read directly,
 /// so that the tests need no getfacl); `my_hypervisor_policy::acl::decode` reads them.
@@ -73,9 +72,8 @@ impl Drop for Bridge {
 
 pub struct Harness {
     pub d: Daemon,
-    rendezvous: UnixListener,
     pub chan: OwnedFd,
-    probe: UnixStream,
+    probe: BufReader<UnixStream>,
     next_id: u64,
     pub events: Vec<Event>,
 }
@@ -85,15 +83,13 @@ impl Harness {
     pub fn start_with(vmm: &str, extra: &[&str]) -> Harness {
         let root = scratch_root();
         std::fs::create_dir(root.path().join("images")).expect("images");
-        let rendezvous = UnixListener::bind(root.path().join("probe.sock")).expect("bind");
-        std::fs::set_permissions(root.path().join("probe.sock"), PermissionsExt::from_mode(0o777)).expect("chmod");
         let probe = staged_bin(root.path(), "probe-frontend");
         let vmm = if vmm.starts_with('/') { PathBuf::from(vmm) } else { staged_bin(root.path(), vmm) };
         let mut args = vec!["--frontend-bin", probe.to_str().unwrap(), "--cloud-hypervisor", vmm.to_str().unwrap()];
         args.extend(extra);
         let d = Daemon::start_in(root, &args);
-        let (probe, chan) = accept_channel(&rendezvous);
-        Harness { d, rendezvous, chan, probe, next_id: 1, events: vec![] }
+        let (probe, chan) = accept_channel(&d.rpc_socket());
+        Harness { d, chan, probe, next_id: 1, events: vec![] }
     }
 
     pub fn images(&self) -> PathBuf {
@@ -102,9 +98,18 @@ impl Harness {
 
     /// The next frontend's channel, after the broker dropped the last one.
     pub fn reconnect(&mut self) {
-        let (probe, chan) = accept_channel(&self.rendezvous);
+        let (probe, chan) = accept_channel(&self.d.rpc_socket());
         self.probe = probe;
         self.chan = chan;
+    }
+
+    /// Sends one command to the stand-in frontend (tests/src/bin/probe-frontend.rs) and
+    /// returns its one-line answer.
+    pub fn probe(&mut self, command: &str) -> String {
+        writeln!(self.probe.get_mut(), "{command}").expect("send a probe command");
+        let mut answer = String::new();
+        self.probe.read_line(&mut answer).expect("the probe's answer");
+        answer.trim_end().to_string()
     }
 
     pub fn call(&mut self, req: Request) -> (Reply, Vec<OwnedFd>) {
@@ -157,10 +162,11 @@ impl Drop for Harness {
     }
 }
 
-fn accept_channel(l: &UnixListener) -> (UnixStream, OwnedFd) {
-    l.set_nonblocking(true).expect("nonblocking");
-    let (s, _) = wait_for("the stand-in frontend", Duration::from_secs(20), || l.accept().ok());
-    s.set_nonblocking(false).expect("blocking");
+/// Connects to the RPC socket, where the stand-in frontend hands each client its broker
+/// channel: the only way out of its sandbox is through the fds it was given.
+fn accept_channel(rpc_socket: &Path) -> (BufReader<UnixStream>, OwnedFd) {
+    let s = UnixStream::connect(rpc_socket).expect("connect to the stand-in frontend");
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
     let mut buf = [0u8; 2];
     let mut space = nix::cmsg_space!([i32; 1]);
     let mut iov = [IoSliceMut::new(&mut buf)];
@@ -174,5 +180,5 @@ fn accept_channel(l: &UnixListener) -> (UnixStream, OwnedFd) {
         })
         .expect("an fd");
     // SAFETY: the kernel just installed this fd for us.
-    (s, unsafe { OwnedFd::from_raw_fd(fd) })
+    (BufReader::new(s), unsafe { OwnedFd::from_raw_fd(fd) })
 }

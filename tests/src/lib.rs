@@ -136,7 +136,7 @@ impl Daemon {
     }
 
     pub fn command(root: &Path, extra: &[&str]) -> Command {
-        for sibling in ["my_hypervisor-frontend", "my_hypervisor-vmm-launcher"] {
+        for sibling in ["my_hypervisor-frontend", "my_hypervisor-frontend-launcher", "my_hypervisor-vmm-launcher"] {
             staged_bin(root, sibling);
         }
         let mut cmd = Command::new(staged_bin(root, "my_hypervisor-daemon"));
