@@ -48,13 +48,13 @@ struct Inner {
 
 /// A handle on the broker channel; cheap to clone.
 #[derive(Clone)]
-pub struct Broker {
+pub struct BrokerClient {
     inner: Arc<Inner>,
 }
 
-impl Broker {
+impl BrokerClient {
     /// Takes the channel and starts its reader task on the current runtime.
-    pub fn start(fd: OwnedFd) -> std::io::Result<Broker> {
+    pub fn start(fd: OwnedFd) -> std::io::Result<BrokerClient> {
         use nix::fcntl::{FcntlArg, OFlag, fcntl};
         fcntl(&fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
         // SAFETY: `fd` is owned and moved into the AsyncFd, so it stays open while registered.
@@ -67,7 +67,7 @@ impl Broker {
             closed: watch::channel(false).0,
         });
         tokio::spawn(read_loop(Arc::clone(&inner)));
-        Ok(Broker { inner })
+        Ok(BrokerClient { inner })
     }
 
     /// Sends one request and waits for its reply and fds. A `Refused` reply is an error.
@@ -176,7 +176,7 @@ mod tests {
     async fn calls_events_and_close() {
         let (ours, theirs) = pair();
         let mut events = {
-            let b = Broker::start(ours).unwrap();
+            let b = BrokerClient::start(ours).unwrap();
             let mut events = b.events();
             let broker = fake_broker(theirs);
             let ev = events.recv().await.unwrap();
@@ -202,7 +202,7 @@ mod tests {
     #[tokio::test]
     async fn closed_channel_fails_calls() {
         let (ours, theirs) = pair();
-        let b = Broker::start(ours).unwrap();
+        let b = BrokerClient::start(ours).unwrap();
         drop(theirs);
         b.closed().await;
         assert!(matches!(b.call(Request::Inventory).await, Err(BrokerError::Closed)));

@@ -1,11 +1,8 @@
 //! The unprivileged frontend. Nothing here may assume root: every privileged action is a
 //! typed request to the broker.
 
-use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-
-use tokio::sync::mpsc;
 
 pub mod broker;
 pub mod rpc;
@@ -36,29 +33,16 @@ pub fn run(cfg: Config, listen: OwnedFd, broker: OwnedFd) -> std::io::Result<()>
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rpc::limits::raise_nofile_limit(cfg.limits.max_connections);
     rt.block_on(async move {
-        let broker = broker::Broker::start(broker)?;
+        let broker = broker::BrokerClient::start(broker)?;
         let (driver, mut reports) = vmm::driver::BrokerDriver::start(broker.clone());
         let config = vm::ManagerConfig::new(&cfg.state_dir, cfg.image_roots.clone());
         let manager = vm::Manager::open(config, Some(std::sync::Arc::new(driver)))?;
         // What happens to running VMs (exits, panics, reboots) reaches their records, in order
-        // for each VM: one queue and one task per VM, so a slow VM holds up no other.
+        // for each VM (see `vm::Manager::report`).
         let m = manager.clone();
         tokio::spawn(async move {
-            let mut queues: HashMap<String, mpsc::UnboundedSender<vm::VmmEvent>> = HashMap::new();
-            while let Some((vm_id, event)) = reports.recv().await {
-                let queue = queues.entry(vm_id.clone()).or_insert_with(|| {
-                    let (tx, mut rx) = mpsc::unbounded_channel();
-                    let m = m.clone();
-                    tokio::spawn(async move {
-                        while let Some(event) = rx.recv().await {
-                            if let Err(e) = m.vmm_event(&vm_id, event).await {
-                                tracing::warn!(vm = %vm_id, error = %e, "recording a VMM event failed");
-                            }
-                        }
-                    });
-                    tx
-                });
-                let _ = queue.send(event);
+            while let Some((vm_id, report)) = reports.recv().await {
+                m.report(&vm_id, report);
             }
         });
         manager.recover();

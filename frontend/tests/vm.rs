@@ -11,11 +11,27 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::driver::{Step, TestDriver};
-use my_hypervisor_frontend::rpc::errors;
+use my_hypervisor_frontend::rpc::errors::{self, ApiError};
 use my_hypervisor_frontend::vm::fsm::TRANSITIONS;
 use my_hypervisor_frontend::vm::store::SEQUENCE_FILE;
-use my_hypervisor_frontend::vm::{Manager, ManagerConfig, VmSpec, VmState, VmmEvent};
+use my_hypervisor_frontend::vm::{Manager, ManagerConfig, VmError, VmSpec, VmState, VmmEvent, VmmReport};
 use serde_json::{Value, json};
+
+/// The JSON-RPC code a VM error is answered with.
+trait Code {
+    fn code(&self) -> i32;
+}
+
+impl Code for VmError {
+    fn code(&self) -> i32 {
+        ApiError::from(self.clone()).code()
+    }
+}
+
+/// A report about the VM's current VMM (the last one the test driver spawned).
+fn now(d: &TestDriver, event: VmmEvent) -> VmmReport {
+    VmmReport { generation: d.generation.load(Ordering::SeqCst), offset: None, event }
+}
 
 fn spec(id: &str) -> VmSpec {
     serde_json::from_value(json!({
@@ -52,24 +68,26 @@ async fn wait_state(m: &Manager, id: &str, want: VmState) {
 #[tokio::test]
 async fn every_legal_transition_happens_through_the_manager() {
     let (_dir, d, m) = setup();
-    m.create(spec("a")).unwrap();
+    m.create(spec("a")).await.unwrap();
     // Pending → Provisioning → Configured → Starting → Running
     assert_eq!(m.start("a").await, Ok(VmState::Running));
-    assert_eq!(m.vmm_event("a", VmmEvent::GuestReboot).await, Ok(VmState::Running));
+    assert_eq!(m.vmm_event("a", now(&d, VmmEvent::GuestReboot { count: 1 })).await, Ok(VmState::Running));
     // Running → Stopping → Stopped, then Stopped → Provisioning …
     assert_eq!(m.stop("a", None).await, Ok(VmState::Stopped));
     assert_eq!(m.start("a").await, Ok(VmState::Running));
     // Running → Failed (a crash), Failed → Provisioning (leftovers released first).
     let exited = VmmEvent::Exited { clean: false, detail: "signal 9".into() };
-    assert_eq!(m.vmm_event("a", exited).await, Ok(VmState::Failed));
+    assert_eq!(m.vmm_event("a", now(&d, exited)).await, Ok(VmState::Failed));
     let releases = d.calls(Step::Release);
     assert_eq!(m.start("a").await, Ok(VmState::Running));
     assert!(d.calls(Step::Release) > releases, "start from failed releases first");
-    assert_eq!(m.vmm_event("a", VmmEvent::GuestPanic).await, Ok(VmState::Failed));
+    assert_eq!(m.vmm_event("a", now(&d, VmmEvent::GuestPanic)).await, Ok(VmState::Failed));
+    // Failed → Stopping → Stopped: the panicked guest's VMM may still run; stop releases it.
+    assert_eq!(m.stop("a", None).await, Ok(VmState::Stopped));
     assert_eq!(m.start("a").await, Ok(VmState::Running));
     // Running → Stopped: the guest shut itself down.
     let clean = VmmEvent::Exited { clean: true, detail: "exit status 0".into() };
-    assert_eq!(m.vmm_event("a", clean).await, Ok(VmState::Stopped));
+    assert_eq!(m.vmm_event("a", now(&d, clean)).await, Ok(VmState::Stopped));
     // Provisioning → StartFailed, StartFailed → Provisioning, Configured → StartFailed,
     // Starting → StartFailed.
     for step in [Step::Prepare, Step::Spawn, Step::WaitRunning] {
@@ -120,7 +138,7 @@ async fn every_legal_transition_happens_through_the_manager() {
 #[tokio::test]
 async fn illegal_operations_are_refused_with_the_documented_codes() {
     let (_dir, d, m) = setup();
-    m.create(spec("a")).unwrap();
+    m.create(spec("a")).await.unwrap();
     // Stop on a VM that never ran.
     assert_eq!(m.stop("a", None).await.unwrap_err().code(), errors::NOT_RUNNING);
     m.start("a").await.unwrap();
@@ -131,7 +149,7 @@ async fn illegal_operations_are_refused_with_the_documented_codes() {
     // A VMM event about a VM that is not running changes nothing.
     m.stop("a", None).await.unwrap();
     let before = m.last_seq();
-    assert_eq!(m.vmm_event("a", VmmEvent::GuestPanic).await, Ok(VmState::Stopped));
+    assert_eq!(m.vmm_event("a", now(&d, VmmEvent::GuestPanic)).await, Ok(VmState::Stopped));
     assert_eq!(m.last_seq(), before);
     // Unknown VMs.
     assert_eq!(m.start("nope").await.unwrap_err().code(), errors::NO_SUCH_VM);
@@ -146,20 +164,20 @@ async fn illegal_operations_are_refused_with_the_documented_codes() {
 #[tokio::test]
 async fn idempotency_rules() {
     let (_dir, d, m) = setup();
-    assert_eq!(m.create(spec("a")), Ok(VmState::Pending));
+    assert_eq!(m.create(spec("a")).await, Ok(VmState::Pending));
     // Identical spec: the existing VM. `agent` given explicitly as its default is identical.
     let mut same = spec("a");
     same.agent = Some(true);
-    assert_eq!(m.create(same), Ok(VmState::Pending));
+    assert_eq!(m.create(same).await, Ok(VmState::Pending));
     let mut other = spec("a");
     other.vcpus = 2;
-    assert_eq!(m.create(other).unwrap_err().code(), errors::ALREADY_EXISTS);
+    assert_eq!(m.create(other).await.unwrap_err().code(), errors::ALREADY_EXISTS);
 
     assert_eq!(m.start("a").await, Ok(VmState::Running));
     let (prepares, seq) = (d.calls(Step::Prepare), m.last_seq());
     assert_eq!(m.start("a").await, Ok(VmState::Running), "start on running is a no-op");
     assert_eq!((d.calls(Step::Prepare), m.last_seq()), (prepares, seq));
-    assert_eq!(m.create(spec("a")), Ok(VmState::Running));
+    assert_eq!(m.create(spec("a")).await, Ok(VmState::Running));
 
     // Concurrent stops join one operation.
     d.set_delay(Step::Stop, Duration::from_millis(200));
@@ -183,7 +201,7 @@ async fn one_vm_is_serialized_and_different_vms_run_in_parallel() {
     let (_dir, d, m) = setup();
     d.set_delay(Step::Prepare, Duration::from_millis(150));
     for id in ["a", "b", "c"] {
-        m.create(spec(id)).unwrap();
+        m.create(spec(id)).await.unwrap();
     }
     let mut tasks = Vec::new();
     for id in ["a", "b", "c"] {
@@ -205,8 +223,8 @@ async fn history_and_sequence_survive_a_restart_and_removal_never_reuses_numbers
     let dir = tempfile::tempdir().unwrap();
     let d = Arc::new(TestDriver::default());
     let m = open(dir.path(), &d);
-    m.create(spec("a")).unwrap();
-    m.create(spec("b")).unwrap();
+    m.create(spec("a")).await.unwrap();
+    m.create(spec("b")).await.unwrap();
     m.start("a").await.unwrap();
     m.start("b").await.unwrap();
     m.stop("b", None).await.unwrap();
@@ -231,7 +249,7 @@ async fn history_and_sequence_survive_a_restart_and_removal_never_reuses_numbers
     drop(m);
     let m = open(dir.path(), &d2);
     assert_eq!(m.status("b").unwrap_err().code(), errors::NO_SUCH_VM);
-    m.create(spec("b")).unwrap();
+    m.create(spec("b")).await.unwrap();
     m.start("b").await.unwrap();
     let first_new = m.tail(Some("b"), 0, 1).unwrap().events[0].seq;
     assert!(first_new > last, "{first_new} must be above {last}");
@@ -244,10 +262,10 @@ async fn the_ring_is_bounded() {
     let mut cfg = ManagerConfig::new(dir.path(), vec![PathBuf::from("/img")]);
     cfg.ring_capacity = 8;
     let m = Manager::open(cfg, Some(Arc::clone(&d) as _)).unwrap();
-    m.create(spec("a")).unwrap();
+    m.create(spec("a")).await.unwrap();
     m.start("a").await.unwrap();
     for _ in 0..10 {
-        m.vmm_event("a", VmmEvent::GuestReboot).await.unwrap();
+        m.vmm_event("a", now(&d, VmmEvent::GuestReboot { count: 1 })).await.unwrap();
     }
     let events = m.tail(Some("a"), 0, 1000).unwrap().events;
     assert_eq!(events.len(), 8);
@@ -257,8 +275,8 @@ async fn the_ring_is_bounded() {
 #[tokio::test]
 async fn tail_with_a_cursor() {
     let (_dir, _d, m) = setup();
-    m.create(spec("a")).unwrap();
-    m.create(spec("b")).unwrap();
+    m.create(spec("a")).await.unwrap();
+    m.create(spec("b")).await.unwrap();
     m.start("a").await.unwrap(); // 1-4
     m.start("b").await.unwrap(); // 5-8
     m.stop("a", None).await.unwrap(); // 9-10
@@ -283,7 +301,7 @@ async fn follow_from_a_tail_cursor_has_no_gap_or_duplicate() {
     let (_dir, _d, m) = setup();
     let ids: Vec<String> = (0..4).map(|i| format!("vm-{i}")).collect();
     for id in &ids {
-        m.create(spec(id)).unwrap();
+        m.create(spec(id)).await.unwrap();
     }
     // Producers run the whole time the consumer tails and then follows.
     let producers: Vec<_> = ids
@@ -368,7 +386,7 @@ async fn a_corrupt_state_file_gives_a_failed_vm_and_is_kept_aside() {
     std::fs::write(dir.path().join(SEQUENCE_FILE), b"7\n").unwrap();
     let d = Arc::new(TestDriver::default());
     let m = open(dir.path(), &d);
-    m.create(spec("good")).unwrap();
+    m.create(spec("good")).await.unwrap();
     for (id, why) in [("bad", "not valid JSON"), ("future", "schema_version 9")] {
         let st = m.status(id).unwrap();
         assert_eq!(st.state, VmState::Failed);
@@ -400,7 +418,7 @@ async fn an_unreadable_sequence_file_never_lets_numbers_repeat() {
     let dir = tempfile::tempdir().unwrap();
     let d = Arc::new(TestDriver::default());
     let m = open(dir.path(), &d);
-    m.create(spec("a")).unwrap();
+    m.create(spec("a")).await.unwrap();
     m.start("a").await.unwrap();
     let last = m.last_seq();
     drop(m);
@@ -414,7 +432,7 @@ async fn an_unreadable_sequence_file_never_lets_numbers_repeat() {
 async fn start_and_stop_without_a_driver_are_not_ready() {
     let dir = tempfile::tempdir().unwrap();
     let m = Manager::open(ManagerConfig::new(dir.path(), vec![PathBuf::from("/img")]), None).unwrap();
-    m.create(spec("a")).unwrap();
+    m.create(spec("a")).await.unwrap();
     assert_eq!(m.start("a").await.unwrap_err().code(), errors::NOT_READY);
     assert_eq!(m.stop("a", None).await.unwrap_err().code(), errors::NOT_READY);
     m.remove("a").await.unwrap();
@@ -427,11 +445,11 @@ async fn the_number_of_vms_is_bounded() {
     cfg.max_vms = 3;
     let m = Manager::open(cfg, None).unwrap();
     for id in ["a", "b", "c"] {
-        m.create(spec(id)).unwrap();
+        m.create(spec(id)).await.unwrap();
     }
-    let e = m.create(spec("d")).unwrap_err();
+    let e = m.create(spec("d")).await.unwrap_err();
     assert_eq!(e.code(), errors::INVALID_SPEC, "{e:?}");
-    assert_eq!(m.create(spec("a")), Ok(VmState::Pending), "an existing VM is still found");
+    assert_eq!(m.create(spec("a")).await, Ok(VmState::Pending), "an existing VM is still found");
     m.remove("c").await.unwrap();
-    assert_eq!(m.create(spec("d")), Ok(VmState::Pending), "room again after a remove");
+    assert_eq!(m.create(spec("d")).await, Ok(VmState::Pending), "room again after a remove");
 }

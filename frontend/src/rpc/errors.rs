@@ -7,6 +7,8 @@
 use jsonrpsee::types::ErrorObjectOwned;
 use serde::de::DeserializeOwned;
 
+use crate::vm::VmError;
+
 pub use jsonrpsee::types::error::{
     INTERNAL_ERROR_CODE, INVALID_PARAMS_CODE, INVALID_REQUEST_CODE, METHOD_NOT_FOUND_CODE, OVERSIZED_REQUEST_CODE,
     OVERSIZED_RESPONSE_CODE, PARSE_ERROR_CODE, TOO_BIG_BATCH_REQUEST_CODE, TOO_BIG_BATCH_RESPONSE_CODE,
@@ -77,6 +79,38 @@ impl ApiError {
 impl From<ApiError> for ErrorObjectOwned {
     fn from(e: ApiError) -> Self {
         ErrorObjectOwned::owned(e.code(), e.to_string(), None::<()>)
+    }
+}
+
+/// The VM layer's errors, each on its code. Failures of the frontend itself (the state dir, a
+/// task that died) are internal errors, with their whole chain of causes in the message.
+impl From<VmError> for ApiError {
+    fn from(e: VmError) -> Self {
+        match e {
+            VmError::NoSuchVm { vm_id } => ApiError::NoSuchVm { vm_id },
+            VmError::IllegalTransition { vm_id, from, to } => ApiError::IllegalTransition { vm_id, from, to },
+            VmError::Busy { vm_id, detail } => ApiError::Busy { vm_id, detail },
+            VmError::Vmm { vm_id, detail } => ApiError::Vmm { vm_id, detail },
+            VmError::InvalidSpec { field, detail } => ApiError::InvalidSpec { field, detail },
+            VmError::NotRunning { vm_id } => ApiError::NotRunning { vm_id },
+            VmError::NotReady { method } => ApiError::NotReady { method },
+            VmError::AlreadyExists { vm_id } => ApiError::AlreadyExists { vm_id },
+            e @ (VmError::Store { .. } | VmError::Task { .. } | VmError::Ended { .. }) => {
+                let mut detail = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    detail.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                ApiError::Internal { detail }
+            }
+        }
+    }
+}
+
+impl From<VmError> for ErrorObjectOwned {
+    fn from(e: VmError) -> Self {
+        ApiError::from(e).into()
     }
 }
 
@@ -154,6 +188,33 @@ mod tests {
         );
         let e = parse_params::<P>("m", &jsonrpsee::types::Params::new(None)).unwrap_err();
         assert_eq!(e.message(), "invalid params for m: missing field `vm_id`");
+    }
+
+    #[test]
+    fn vm_errors_map_to_their_codes() {
+        let io = std::io::Error::other("disk full");
+        let cases = [
+            (VmError::no_such_vm("a"), NO_SUCH_VM),
+            (
+                VmError::IllegalTransition { vm_id: "a".into(), from: "running".into(), to: "removed".into() },
+                ILLEGAL_TRANSITION,
+            ),
+            (VmError::Busy { vm_id: "a".into(), detail: "x".into() }, BUSY),
+            (VmError::Vmm { vm_id: "a".into(), detail: "x".into() }, VMM_ERROR),
+            (VmError::invalid_spec("vcpus", "x"), INVALID_SPEC),
+            (VmError::NotRunning { vm_id: "a".into() }, NOT_RUNNING),
+            (VmError::NotReady { method: "compute.vm.start" }, NOT_READY),
+            (VmError::AlreadyExists { vm_id: "a".into() }, ALREADY_EXISTS),
+            (VmError::store("writing state.json", io), INTERNAL_ERROR_CODE),
+        ];
+        for (e, code) in cases {
+            let text = e.to_string();
+            let api = ApiError::from(e);
+            assert_eq!(api.code(), code, "{text}");
+            if code == INTERNAL_ERROR_CODE {
+                assert_eq!(api.to_string(), "internal error: writing state.json: disk full");
+            }
+        }
     }
 
     #[test]

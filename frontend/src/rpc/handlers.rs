@@ -26,7 +26,7 @@ impl Handler for Create {
     type Result = VmStateResult;
     async fn call(_: &'static str, vms: Arc<Manager>, spec: VmSpec) -> Answer<VmStateResult> {
         let vm_id = spec.id.clone();
-        Ok(VmStateResult { state: vms.create(spec)?, vm_id })
+        Ok(VmStateResult { state: vms.create(spec).await?, vm_id })
     }
 }
 

@@ -40,12 +40,13 @@ pub trait VmDriver: Send + Sync + 'static {
     /// Provisioning: take the VM's uid, runtime dir, image grants and taps.
     fn prepare<'a>(&'a self, vm_id: &'a str, spec: &'a VmSpec) -> DriverFuture<'a, ()>;
 
-    /// Configured → Starting: spawn the VMM, which creates and boots the VM. Returns its pid.
-    fn spawn<'a>(&'a self, vm_id: &'a str, spec: &'a VmSpec) -> DriverFuture<'a, u32>;
+    /// Configured → Starting: spawn the VMM, which creates and boots the VM.
+    fn spawn<'a>(&'a self, vm_id: &'a str, spec: &'a VmSpec) -> DriverFuture<'a, Spawned>;
 
     /// Starting → Running: resolves once the VM runs (and, when `spec.agent()`, once the guest
-    /// agent answers). A stop during Starting drops this future.
-    fn wait_running<'a>(&'a self, vm_id: &'a str, spec: &'a VmSpec) -> DriverFuture<'a, ()>;
+    /// agent answers), or once a guest that had booted powered itself off. A stop during
+    /// Starting drops this future.
+    fn wait_running<'a>(&'a self, vm_id: &'a str, spec: &'a VmSpec) -> DriverFuture<'a, Boot>;
 
     /// Stopping: bring the VMM down (power button, wait, shutdown, kill). Resolves when the
     /// VMM is gone, with how it went, which becomes part of the reason of the next transition.
@@ -55,11 +56,9 @@ pub trait VmDriver: Send + Sync + 'static {
     /// releasing a VM that holds nothing succeeds.
     fn release<'a>(&'a self, vm_id: &'a str) -> DriverFuture<'a, ()>;
 
-    /// How far the VMM's event file has been read; persisted with the VM, so that a restart
-    /// resumes there and sees no event twice.
-    fn event_offset(&self, _vm_id: &str) -> Option<u64> {
-        None
-    }
+    /// The VM is removed: forget anything still kept about it (an exit that came after its
+    /// release, say).
+    fn forget(&self, _vm_id: &str) {}
 
     /// After a frontend restart: takes up the VMM of a VM recorded as Starting, Running or
     /// Stopping, if it still runs (`pid` is what the record says; the event file resumes at
@@ -69,24 +68,54 @@ pub trait VmDriver: Send + Sync + 'static {
     }
 }
 
+/// A spawned VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spawned {
+    pub pid: u32,
+    /// Unique among the VMMs this driver has spawned or taken up: every report about the VMM
+    /// carries it, so a report about an earlier VMM of the same VM is recognised as stale.
+    pub generation: u64,
+}
+
+/// How a boot ended, when it did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boot {
+    Running,
+    /// The guest booted and then powered itself off (its VMM exited with status 0) before
+    /// the VM counted as running; the text says how.
+    PoweredOff(String),
+}
+
 /// What [`VmDriver::reattach`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reattached {
-    /// The VMM runs and is watched again.
-    Alive,
+    /// The VMM runs and is watched again, as this generation.
+    Alive { generation: u64 },
     /// The VMM is gone; the text says how.
     Gone(String),
 }
 
-/// Something that happened to a VMM outside any operation; see [`super::Manager::vmm_event`].
+/// A report from the driver about one VMM, for [`super::Manager::report`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmReport {
+    /// The VMM it is about (see [`Spawned::generation`]).
+    pub generation: u64,
+    /// How far the VMM's event file has been read once this report is applied; saved with
+    /// the VM, so that a restart resumes there. `None` when the report changes nothing there.
+    pub offset: Option<u64>,
+    pub event: VmmEvent,
+}
+
+/// Something that happened to a VMM outside any operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmmEvent {
     /// The VMM process exited. `clean` is exit status 0 (a guest-initiated shutdown).
     Exited { clean: bool, detail: String },
     /// The guest panicked (pvpanic); the VMM may still be alive.
     GuestPanic,
-    /// The guest rebooted; the VM stays Running and the history records it.
-    GuestReboot,
+    /// The guest rebooted `count` times (reboots that come together are merged); the VM
+    /// stays Running and the history records it once.
+    GuestReboot { count: u64 },
     /// The VMM broke a limit (the text says which) and the driver has killed it.
     Misbehaved(String),
 }

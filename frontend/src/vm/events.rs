@@ -34,8 +34,12 @@ impl Event {
     }
 }
 
+/// Events a follower fetches from the histories at a time: its backlog never holds more.
+pub const FOLLOW_PAGE: usize = 256;
+
 /// A stream of transitions after a cursor: first the recorded history, then live ones, each
-/// exactly once and in sequence order.
+/// exactly once and in sequence order. The history is read a page at a time, so a follower
+/// holds at most [`FOLLOW_PAGE`] events besides the live buffer.
 pub struct Follower {
     manager: Manager,
     rx: broadcast::Receiver<Event>,
@@ -43,22 +47,23 @@ pub struct Follower {
     /// The highest sequence number delivered (or the starting cursor).
     last: u64,
     backlog: VecDeque<Event>,
+    /// Still reading the histories (at the start, and after lagging behind the broadcast).
+    catching_up: bool,
 }
 
 impl Follower {
-    pub(crate) fn new(
-        manager: Manager,
-        rx: broadcast::Receiver<Event>,
-        vm_id: Option<String>,
-        since: u64,
-        backlog: Vec<Event>,
-    ) -> Follower {
-        Follower { manager, rx, vm_id, last: since, backlog: backlog.into() }
+    pub(crate) fn new(manager: Manager, rx: broadcast::Receiver<Event>, vm_id: Option<String>, since: u64) -> Follower {
+        Follower { manager, rx, vm_id, last: since, backlog: VecDeque::new(), catching_up: true }
     }
 
     /// The highest sequence number delivered so far (or the starting cursor).
     pub fn cursor(&self) -> u64 {
         self.last
+    }
+
+    /// How many events the follower holds besides the live buffer.
+    pub fn backlog_len(&self) -> usize {
+        self.backlog.len()
     }
 
     /// The next event; `None` once the manager is gone.
@@ -68,6 +73,15 @@ impl Follower {
                 if e.seq > self.last {
                     self.last = e.seq;
                     return Some(e);
+                }
+                continue;
+            }
+            if self.catching_up {
+                let page = self.manager.history_page(self.vm_id.as_deref(), self.last, FOLLOW_PAGE);
+                if page.is_empty() {
+                    self.catching_up = false;
+                } else {
+                    self.backlog = page.into();
                 }
                 continue;
             }
@@ -81,7 +95,7 @@ impl Follower {
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     tracing::debug!(skipped = n, "event follower lagged; catching up from the histories");
-                    self.backlog = self.manager.history_after(self.vm_id.as_deref(), self.last).into();
+                    self.catching_up = true;
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
             }

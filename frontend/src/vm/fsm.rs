@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::rpc::errors::ApiError;
+use super::error::VmError;
 
 /// The nine lifecycle states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
@@ -63,11 +63,6 @@ impl VmState {
     pub fn removable(self) -> bool {
         matches!(self, VmState::Pending | VmState::Stopped | VmState::StartFailed | VmState::Failed)
     }
-
-    /// States a start may begin from.
-    pub fn startable(self) -> bool {
-        matches!(self, VmState::Pending | VmState::Stopped | VmState::StartFailed | VmState::Failed)
-    }
 }
 
 impl fmt::Display for VmState {
@@ -98,6 +93,7 @@ pub const TRANSITIONS: &[(VmState, VmState, &str)] = &[
     (Running, Stopping, "stop"),
     (Running, Stopped, "the guest shut itself down (VMM exited 0, no stop in progress); resources released"),
     (Running, Failed, "the VMM died unexpectedly, a guest panic, or an unrecoverable error"),
+    (Failed, Stopping, "stop of a failed VM whose VMM may still run (after a guest panic, say)"),
     (Stopping, Stopped, "the VMM is gone and resources are released"),
     (Stopping, Failed, "the stop could not complete"),
 ];
@@ -107,11 +103,11 @@ pub fn allowed(from: VmState, to: VmState) -> bool {
 }
 
 /// The one check every transition goes through.
-pub fn check(vm_id: &str, from: VmState, to: VmState) -> Result<(), ApiError> {
+pub fn check(vm_id: &str, from: VmState, to: VmState) -> Result<(), VmError> {
     if allowed(from, to) {
         Ok(())
     } else {
-        Err(ApiError::IllegalTransition { vm_id: vm_id.to_string(), from: from.to_string(), to: to.to_string() })
+        Err(VmError::IllegalTransition { vm_id: vm_id.to_string(), from: from.to_string(), to: to.to_string() })
     }
 }
 
@@ -120,7 +116,6 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::rpc::errors::ILLEGAL_TRANSITION;
 
     #[test]
     fn every_pair_is_legal_exactly_when_listed() {
@@ -135,7 +130,7 @@ mod tests {
                 } else {
                     illegal += 1;
                     let e = r.expect_err(&format!("{from} -> {to} must be refused"));
-                    assert_eq!(e.code(), ILLEGAL_TRANSITION);
+                    assert!(matches!(e, VmError::IllegalTransition { .. }), "{e}");
                     assert!(e.to_string().contains(&format!("from {from} to {to}")), "{e}");
                 }
             }

@@ -14,7 +14,7 @@ use my_hypervisor_policy::vmm::{
 use my_hypervisor_policy::{check_path_text, check_vm_id};
 use serde::{Deserialize, Serialize};
 
-use crate::rpc::errors::ApiError;
+use super::error::VmError;
 
 /// Most labels on one VM.
 pub const MAX_LABELS: usize = 32;
@@ -97,7 +97,7 @@ impl VmSpec {
     }
 
     /// Checks every field; the first bad one is named in the error.
-    pub fn validate(&self, image_roots: &[PathBuf]) -> Result<(), ApiError> {
+    pub fn validate(&self, image_roots: &[PathBuf]) -> Result<(), VmError> {
         check_vm_id(&self.id).map_err(|e| bad("id", e.to_string()))?;
         if !(1..=MAX_VCPUS).contains(&self.vcpus) {
             return Err(bad("vcpus", format!("must be between 1 and {MAX_VCPUS}, got {}", self.vcpus)));
@@ -180,13 +180,13 @@ impl VmSpec {
     }
 }
 
-fn bad(field: impl Into<String>, detail: impl Into<String>) -> ApiError {
-    ApiError::invalid_spec(field, detail)
+fn bad(field: impl Into<String>, detail: impl Into<String>) -> VmError {
+    VmError::invalid_spec(field, detail)
 }
 
 /// An image path: absolute, free of what cloud-hypervisor's option parser splits on, without
 /// `.`/`..`/empty components, and strictly below one of the image roots.
-fn check_image_path(field: &str, path: &str, roots: &[PathBuf]) -> Result<(), ApiError> {
+fn check_image_path(field: &str, path: &str, roots: &[PathBuf]) -> Result<(), VmError> {
     check_path_text(path).map_err(|e| bad(field, e.to_string()))?;
     let p = Path::new(path);
     if roots.iter().any(|r| p != r && p.starts_with(r)) {
@@ -208,7 +208,6 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::rpc::errors::INVALID_SPEC;
 
     fn roots() -> Vec<PathBuf> {
         vec![PathBuf::from("/img"), PathBuf::from("/srv/images")]
@@ -289,7 +288,7 @@ mod tests {
             let mut v = good();
             v[key] = value.clone();
             let e = spec(v).validate(&roots()).expect_err(&format!("{key} = {value} must be refused"));
-            assert_eq!(e.code(), INVALID_SPEC, "{key}: {e}");
+            assert!(matches!(e, VmError::InvalidSpec { .. }), "{key}: {e}");
             assert!(e.to_string().contains(&format!("field `{field}`")), "{key} = {value}: {e}");
         }
         // Fields whose badness is a combination.

@@ -288,9 +288,25 @@ impl Store {
     }
 
     pub fn write_vm(&self, file: &VmFile) -> io::Result<()> {
-        let mut bytes = serde_json::to_vec_pretty(file).map_err(io::Error::other)?;
-        bytes.push(b'\n');
-        atomic_write(&self.dir, &format!("{}.json", file.vm_id), &bytes)
+        atomic_write(&self.dir, &format!("{}.json", file.vm_id), &vm_bytes(file)?)
+    }
+
+    /// Writes several VM files, each atomically, with one fsync of the dir for all of them.
+    /// One result per file, in order.
+    pub fn write_vms(&self, files: &[&VmFile]) -> Vec<io::Result<()>> {
+        let mut out: Vec<io::Result<()>> = files
+            .iter()
+            .map(|f| vm_bytes(f).and_then(|b| write_renamed(&self.dir, &format!("{}.json", f.vm_id), &b)))
+            .collect();
+        if out.iter().any(Result::is_ok)
+            && let Err(e) = sync_dir(&self.dir)
+        {
+            let kind = e.kind();
+            for r in out.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(io::Error::new(kind, format!("syncing the state dir: {e}")));
+            }
+        }
+        out
     }
 
     pub fn remove_vm(&self, vm_id: &str) -> io::Result<()> {
@@ -359,8 +375,20 @@ fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, LoadError> {
     Ok(buf)
 }
 
+fn vm_bytes(file: &VmFile) -> io::Result<Vec<u8>> {
+    let mut bytes = serde_json::to_vec_pretty(file).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
 /// Writes `dir/name` atomically: `.name.tmp`, fsync, rename, fsync of the dir.
 pub fn atomic_write(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    write_renamed(dir, name, bytes)?;
+    sync_dir(dir)
+}
+
+/// `.name.tmp`, fsync, rename over `name`; the dir is not synced.
+fn write_renamed(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -373,8 +401,7 @@ pub fn atomic_write(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
-        fs::rename(&tmp, dir.join(name))?;
-        sync_dir(dir)
+        fs::rename(&tmp, dir.join(name))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

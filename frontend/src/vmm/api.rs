@@ -19,7 +19,7 @@ pub const QUICK: Duration = Duration::from_secs(2);
 pub const ACTION: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub enum VmmApiError {
     /// The VMM did not answer in time: busy, not necessarily dead.
     #[error("the VMM did not answer {0} within {1:?}")]
     Timeout(&'static str, Duration),
@@ -37,8 +37,8 @@ pub struct VmInfo {
 }
 
 /// One request on a connected api socket; returns the body of a 2xx answer.
-pub async fn call(sock: OwnedFd, method: Method, what: &'static str, timeout: Duration) -> Result<Bytes, ApiError> {
-    let t = |e: &dyn std::fmt::Display| ApiError::Transport(what, e.to_string());
+pub async fn call(sock: OwnedFd, method: Method, what: &'static str, timeout: Duration) -> Result<Bytes, VmmApiError> {
+    let t = |e: &dyn std::fmt::Display| VmmApiError::Transport(what, e.to_string());
     let exchange = async {
         let std = std::os::unix::net::UnixStream::from(sock);
         std.set_nonblocking(true).map_err(|e| t(&e))?;
@@ -58,16 +58,16 @@ pub async fn call(sock: OwnedFd, method: Method, what: &'static str, timeout: Du
         let body = Limited::new(resp.into_body(), MAX_RESPONSE).collect().await.map_err(|e| t(&e))?.to_bytes();
         driver.abort();
         if !status.is_success() {
-            return Err(ApiError::Status(what, status, String::from_utf8_lossy(&body).chars().take(512).collect()));
+            return Err(VmmApiError::Status(what, status, String::from_utf8_lossy(&body).chars().take(512).collect()));
         }
         Ok(body)
     };
-    tokio::time::timeout(timeout, exchange).await.map_err(|_| ApiError::Timeout(what, timeout))?
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| VmmApiError::Timeout(what, timeout))?
 }
 
-pub async fn vm_info(sock: OwnedFd) -> Result<VmInfo, ApiError> {
+pub async fn vm_info(sock: OwnedFd) -> Result<VmInfo, VmmApiError> {
     let body = call(sock, Method::GET, "vm.info", QUICK).await?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::Transport("vm.info", e.to_string()))
+    serde_json::from_slice(&body).map_err(|e| VmmApiError::Transport("vm.info", e.to_string()))
 }
 
 #[cfg(test)]
@@ -111,7 +111,7 @@ mod tests {
         let _server = serve(b, 500, r#"["VmNotRunning"]"#);
         let e = call(a.into(), Method::PUT, "vm.shutdown", ACTION).await.unwrap_err();
         assert!(
-            matches!(e, ApiError::Status("vm.shutdown", StatusCode::INTERNAL_SERVER_ERROR, ref b) if b.contains("VmNotRunning"))
+            matches!(e, VmmApiError::Status("vm.shutdown", StatusCode::INTERNAL_SERVER_ERROR, ref b) if b.contains("VmNotRunning"))
         );
     }
 
@@ -119,7 +119,7 @@ mod tests {
     async fn silence_is_a_timeout_and_size_is_capped() {
         let (a, _b) = UnixStream::pair().unwrap();
         let e = call(a.into(), Method::GET, "vmm.ping", Duration::from_millis(100)).await.unwrap_err();
-        assert!(matches!(e, ApiError::Timeout("vmm.ping", _)), "{e}");
+        assert!(matches!(e, VmmApiError::Timeout("vmm.ping", _)), "{e}");
 
         let (a, mut b) = UnixStream::pair().unwrap();
         std::thread::spawn(move || {
@@ -130,6 +130,6 @@ mod tests {
             let _ = b.write_all(&vec![b'x'; big]);
         });
         let e = call(a.into(), Method::GET, "vm.info", QUICK).await.unwrap_err();
-        assert!(matches!(e, ApiError::Transport("vm.info", _)), "{e}");
+        assert!(matches!(e, VmmApiError::Transport("vm.info", _)), "{e}");
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,8 +14,10 @@ use my_hypervisor_broker_proto::{
 };
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::broker::{Broker, BrokerError};
-use crate::vm::driver::{DriverError, DriverFuture, Reattached, StopOptions, VmDriver, VmmEvent};
+use crate::broker::{BrokerClient, BrokerError};
+use crate::vm::driver::{
+    Boot, DriverError, DriverFuture, Reattached, Spawned, StopOptions, VmDriver, VmmEvent, VmmReport,
+};
 use crate::vm::spec::VmSpec;
 use crate::vmm::{api, monitor};
 
@@ -26,8 +28,12 @@ const FORCE_WAIT: Duration = Duration::from_secs(5);
 /// How often a VMM's event file is read, and vm.info asked during a boot.
 const POLL: Duration = Duration::from_millis(100);
 /// The most a VMM may write to its log or its event file (they live on the host, in its
-/// runtime dir); past it, the VMM is killed and its VM fails.
-pub const MAX_VMM_OUTPUT: u64 = 64 * 1024 * 1024;
+/// runtime dir); past it, the VMM is killed and its VM fails. The event file is read up to
+/// the same bound ([`monitor::MAX_EVENT_FILE`]).
+pub const MAX_VMM_OUTPUT: u64 = monitor::MAX_EVENT_FILE;
+/// The most of a VMM's event file read in one go; a flood is read in steps of this size, and
+/// the reboots of each step become one report.
+const READ_STEP: u64 = 1024 * 1024;
 
 const BOOTING: u8 = 0;
 const RUNNING: u8 = 1;
@@ -35,6 +41,10 @@ const STOPPING: u8 = 2;
 
 /// What the driver holds for a VM whose VMM it spawned, or took up again after a restart.
 struct Runtime {
+    /// Tells this VMM from earlier ones of the same VM; every report carries it.
+    generation: u64,
+    /// The event file showed `vm`/`booted`.
+    booted: AtomicBool,
     events: std::fs::File,
     log: std::fs::File,
     offset: AtomicU64,
@@ -45,13 +55,14 @@ struct Runtime {
 }
 
 struct Inner {
-    broker: Broker,
+    broker: BrokerClient,
+    next_generation: AtomicU64,
     vms: Mutex<HashMap<String, Arc<Runtime>>>,
     /// Exits that arrived for a VM not tracked yet (the exit event can overtake the spawn's
     /// reply, or come between an inventory and the re-attach); `track` applies them.
     early_exits: Mutex<HashMap<String, ExitStatus>>,
     /// Exits, panics and reboots of running VMs, for the manager.
-    report: mpsc::UnboundedSender<(String, VmmEvent)>,
+    report: mpsc::UnboundedSender<(String, VmmReport)>,
 }
 
 /// Cheap to clone; every clone drives the same VMs.
@@ -73,10 +84,16 @@ pub fn describe(status: ExitStatus) -> String {
 
 impl BrokerDriver {
     /// Starts the driver's watch on the broker's exit events. What happens to running VMs
-    /// arrives on the returned receiver, for `Manager::vmm_event`.
-    pub fn start(broker: Broker) -> (BrokerDriver, mpsc::UnboundedReceiver<(String, VmmEvent)>) {
+    /// arrives on the returned receiver, for `Manager::report`.
+    pub fn start(broker: BrokerClient) -> (BrokerDriver, mpsc::UnboundedReceiver<(String, VmmReport)>) {
         let (report, rx) = mpsc::unbounded_channel();
-        let inner = Inner { broker, vms: Mutex::default(), early_exits: Mutex::default(), report };
+        let inner = Inner {
+            broker,
+            next_generation: AtomicU64::new(1),
+            vms: Mutex::default(),
+            early_exits: Mutex::default(),
+            report,
+        };
         let d = BrokerDriver { inner: Arc::new(inner) };
         tokio::spawn(d.clone().watch_exits());
         (d, rx)
@@ -120,12 +137,16 @@ impl BrokerDriver {
         // reads the exit after storing the phase: one of the two sees the other.
         if rt.phase.load(Ordering::SeqCst) == RUNNING {
             let clean = status == ExitStatus::Code(0);
-            let _ = self.inner.report.send((vm_id.to_string(), VmmEvent::Exited { clean, detail: describe(status) }));
+            let event = VmmEvent::Exited { clean, detail: describe(status) };
+            let _ = self
+                .inner
+                .report
+                .send((vm_id.to_string(), VmmReport { generation: rt.generation, offset: None, event }));
         }
     }
 
     /// Follows the VMM's event file while it lives: guest panics and reboots of a running VM
-    /// go to the manager.
+    /// go to the manager, the reboots of each step merged into one report.
     fn watch_events(&self, vm_id: String, rt: Arc<Runtime>) {
         let report = self.inner.report.clone();
         let mut exit = rt.exit.subscribe();
@@ -141,27 +162,32 @@ impl BrokerDriver {
                     let kill = Request::Signal { vm: vm_id.clone(), signal: VmmSignal::Kill };
                     let _ = driver.inner.broker.call(kill).await;
                     if rt.phase.swap(STOPPING, Ordering::SeqCst) == RUNNING {
-                        let _ = report.send((vm_id.clone(), VmmEvent::Misbehaved(why)));
+                        let event = VmmEvent::Misbehaved(why);
+                        let _ =
+                            report.send((vm_id.clone(), VmmReport { generation: rt.generation, offset: None, event }));
                     }
                     return;
                 }
                 let from = rt.offset.load(Ordering::SeqCst);
-                match monitor::read_from(&rt.events, from) {
+                let mut more = false;
+                match monitor::read_from(&rt.events, from, READ_STEP) {
                     Ok((events, offset)) => {
-                        for ev in events {
-                            let running = rt.phase.load(Ordering::SeqCst) == RUNNING;
-                            let what = match (ev.source.as_str(), ev.event.as_str()) {
-                                ("guest", "panic") => Some(VmmEvent::GuestPanic),
-                                ("vm", "rebooted") => Some(VmmEvent::GuestReboot),
-                                _ => None,
-                            };
-                            if let (true, Some(what)) = (running, what) {
-                                let _ = report.send((vm_id.clone(), what));
-                            }
+                        more = offset - from >= READ_STEP;
+                        let running = rt.phase.load(Ordering::SeqCst) == RUNNING;
+                        let mut out = merge(&rt, &events);
+                        if let Some(last) = out.last_mut() {
+                            last.offset = Some(offset);
                         }
                         rt.offset.store(offset, Ordering::SeqCst);
+                        for r in out.into_iter().filter(|_| running) {
+                            let _ = report.send((vm_id.clone(), r));
+                        }
                     }
                     Err(e) => tracing::warn!(vm = %vm_id, error = %e, "cannot read the VMM's event file"),
+                }
+                if more {
+                    tokio::task::yield_now().await;
+                    continue;
                 }
                 if done || Arc::strong_count(&rt) == 1 {
                     return;
@@ -177,6 +203,8 @@ impl BrokerDriver {
     fn track(&self, vm_id: &str, outputs: Vec<OwnedFd>, offset: u64, phase: u8) -> Result<Arc<Runtime>, DriverError> {
         let [events, log] = <[OwnedFd; 2]>::try_from(outputs).map_err(|_| DriverError::new("expected 2 output fds"))?;
         let rt = Arc::new(Runtime {
+            generation: self.inner.next_generation.fetch_add(1, Ordering::SeqCst),
+            booted: AtomicBool::new(false),
             events: events.into(),
             log: log.into(),
             offset: AtomicU64::new(offset),
@@ -234,7 +262,7 @@ impl BrokerDriver {
         Ok(())
     }
 
-    async fn spawn_vm(&self, vm_id: &str, spec: &VmSpec) -> Result<u32, DriverError> {
+    async fn spawn_vm(&self, vm_id: &str, spec: &VmSpec) -> Result<Spawned, DriverError> {
         self.inner.early_exits.lock().expect("exits").remove(vm_id);
         let memory_mib = u32::try_from(spec.memory_mib).map_err(|_| DriverError::new("memory_mib too large"))?;
         let config = VmmConfig { vcpus: spec.vcpus, memory_mib, cmdline: spec.cmdline.clone(), vsock: spec.vsock };
@@ -243,11 +271,11 @@ impl BrokerDriver {
         let Reply::Spawned { pid, .. } = reply else {
             return Err(DriverError::new(format!("spawn: unexpected reply {reply:?}")));
         };
-        self.track(vm_id, fds, 0, BOOTING)?;
-        Ok(pid)
+        let rt = self.track(vm_id, fds, 0, BOOTING)?;
+        Ok(Spawned { pid, generation: rt.generation })
     }
 
-    async fn wait_running_vm(&self, vm_id: &str, spec: &VmSpec) -> Result<(), DriverError> {
+    async fn wait_running_vm(&self, vm_id: &str, spec: &VmSpec) -> Result<Boot, DriverError> {
         if spec.agent() {
             return Err(DriverError::new(
                 "waiting for the guest agent is not supported yet; create the VM with agent: false",
@@ -258,7 +286,7 @@ impl BrokerDriver {
         let mut last = String::from("no answer yet");
         loop {
             if let Some(status) = *rt.exit.borrow() {
-                return Err(DriverError::new(format!("the VMM exited during boot ({})", describe(status))));
+                return exited_in_boot(&rt, status);
             }
             if Instant::now() >= deadline {
                 return Err(DriverError::new(format!("not running after {BOOT_TIMEOUT:?} (last: {last})")));
@@ -267,10 +295,11 @@ impl BrokerDriver {
                 Ok(sock) => match api::vm_info(sock).await {
                     Ok(info) if info.state == "Running" => {
                         rt.phase.store(RUNNING, Ordering::SeqCst);
+                        rt.booted.store(true, Ordering::SeqCst);
                         if let Some(status) = *rt.exit.borrow() {
-                            return Err(DriverError::new(format!("the VMM exited during boot ({})", describe(status))));
+                            return exited_in_boot(&rt, status);
                         }
-                        return Ok(());
+                        return Ok(Boot::Running);
                     }
                     Ok(info) => last = format!("vm.info says {}", info.state),
                     // A timeout is a busy VMM, not a dead one: ask again until the deadline.
@@ -319,6 +348,11 @@ impl BrokerDriver {
         Ok(())
     }
 
+    fn forget_vm(&self, vm_id: &str) {
+        self.inner.vms.lock().expect("vms").remove(vm_id);
+        self.inner.early_exits.lock().expect("exits").remove(vm_id);
+    }
+
     async fn reattach_vm(&self, vm_id: &str, pid: Option<u32>, offset: u64) -> Result<Reattached, DriverError> {
         let (reply, _) = self.inner.broker.call(Request::Inventory).await.map_err(step("inventory"))?;
         let Reply::Inventory { vms } = reply else {
@@ -333,8 +367,8 @@ impl BrokerDriver {
         }
         let (_, fds) =
             self.inner.broker.call(Request::OpenOutputs { vm: vm_id.into() }).await.map_err(step("open outputs"))?;
-        self.track(vm_id, fds, offset, RUNNING)?;
-        Ok(Reattached::Alive)
+        let rt = self.track(vm_id, fds, offset, RUNNING)?;
+        Ok(Reattached::Alive { generation: rt.generation })
     }
 }
 
@@ -343,11 +377,11 @@ impl VmDriver for BrokerDriver {
         Box::pin(self.prepare_vm(vm_id, spec))
     }
 
-    fn spawn<'a>(&'a self, vm_id: &'a str, spec: &'a VmSpec) -> DriverFuture<'a, u32> {
+    fn spawn<'a>(&'a self, vm_id: &'a str, spec: &'a VmSpec) -> DriverFuture<'a, Spawned> {
         Box::pin(self.spawn_vm(vm_id, spec))
     }
 
-    fn wait_running<'a>(&'a self, vm_id: &'a str, spec: &'a VmSpec) -> DriverFuture<'a, ()> {
+    fn wait_running<'a>(&'a self, vm_id: &'a str, spec: &'a VmSpec) -> DriverFuture<'a, Boot> {
         Box::pin(self.wait_running_vm(vm_id, spec))
     }
 
@@ -359,11 +393,53 @@ impl VmDriver for BrokerDriver {
         Box::pin(self.release_vm(vm_id))
     }
 
-    fn event_offset(&self, vm_id: &str) -> Option<u64> {
-        self.runtime(vm_id).map(|rt| rt.offset.load(Ordering::SeqCst))
+    fn forget(&self, vm_id: &str) {
+        self.forget_vm(vm_id);
     }
 
     fn reattach<'a>(&'a self, vm_id: &'a str, pid: Option<u32>, offset: u64) -> DriverFuture<'a, Reattached> {
         Box::pin(self.reattach_vm(vm_id, pid, offset))
     }
+}
+
+/// The reports of one step of the event file: panics as they come, consecutive reboots as
+/// one report with their count. Notes `vm`/`booted` on the way.
+fn merge(rt: &Runtime, events: &[monitor::VmmEvent]) -> Vec<VmmReport> {
+    let mut out: Vec<VmmReport> = Vec::new();
+    for ev in events {
+        let event = match (ev.source.as_str(), ev.event.as_str()) {
+            ("vm", "booted") => {
+                rt.booted.store(true, Ordering::SeqCst);
+                continue;
+            }
+            // The VM fails on the panic: nothing after it in this step matters.
+            ("guest", "panic") => {
+                out.push(VmmReport { generation: rt.generation, offset: None, event: VmmEvent::GuestPanic });
+                break;
+            }
+            ("vm", "rebooted") => {
+                if let Some(VmmEvent::GuestReboot { count }) = out.last_mut().map(|r| &mut r.event) {
+                    *count += 1;
+                    continue;
+                }
+                VmmEvent::GuestReboot { count: 1 }
+            }
+            _ => continue,
+        };
+        out.push(VmmReport { generation: rt.generation, offset: None, event });
+    }
+    out
+}
+
+/// The VMM exited before the VM counted as running. Exit status 0 after the guest booted
+/// (vm.info said Running, or the event file shows `vm`/`booted`) is a guest that powered
+/// itself off; anything else is a failed boot.
+fn exited_in_boot(rt: &Runtime, status: ExitStatus) -> Result<Boot, DriverError> {
+    let booted = rt.booted.load(Ordering::SeqCst)
+        || monitor::read_from(&rt.events, rt.offset.load(Ordering::SeqCst), READ_STEP)
+            .is_ok_and(|(evs, _)| evs.iter().any(|e| e.source == "vm" && e.event == "booted"));
+    if status == ExitStatus::Code(0) && booted {
+        return Ok(Boot::PoweredOff(format!("the guest powered off right after it booted ({})", describe(status))));
+    }
+    Err(DriverError::new(format!("the VMM exited during boot ({})", describe(status))))
 }

@@ -7,9 +7,9 @@ use std::os::unix::fs::FileExt;
 
 use serde::{Deserialize, Serialize};
 
-/// The most the frontend reads of one VMM's event file; a VMM that writes more is ignored
-/// past this point (its exit status still counts).
-pub const MAX_EVENT_FILE: u64 = 16 * 1024 * 1024;
+/// The most the frontend reads of one VMM's event file: the bound at which the driver kills
+/// a VMM for writing too much ([`super::driver::MAX_VMM_OUTPUT`]).
+pub const MAX_EVENT_FILE: u64 = 64 * 1024 * 1024;
 /// Read this much at a time.
 const CHUNK: usize = 64 * 1024;
 
@@ -28,12 +28,14 @@ pub struct VmmEvent {
     pub properties: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-/// Reads the complete events after `offset`; returns them and the offset just past the last
-/// one. A value cut short (the VMM is still writing it) is left for the next read; bytes
-/// that are not an event are skipped up to the next blank line.
-pub fn read_from(file: &std::fs::File, mut offset: u64) -> std::io::Result<(Vec<VmmEvent>, u64)> {
+/// Reads the complete events after `offset`, about `budget` bytes of them (a chunk more at
+/// most); returns them and the offset just past the last one. A value cut short (the VMM is
+/// still writing it) is left for the next read; bytes that are not an event are skipped up to
+/// the next blank line.
+pub fn read_from(file: &std::fs::File, mut offset: u64, budget: u64) -> std::io::Result<(Vec<VmmEvent>, u64)> {
     let mut events = Vec::new();
-    while offset < MAX_EVENT_FILE {
+    let start = offset;
+    while offset < MAX_EVENT_FILE && offset - start < budget {
         let mut buf = vec![0u8; CHUNK.min((MAX_EVENT_FILE - offset) as usize)];
         let n = file.read_at(&mut buf, offset)?;
         // A whole chunk with no complete event and no separator is no event: skip it, so
@@ -89,7 +91,7 @@ mod tests {
         let booted = ch_event(1, "vm", "booted");
         f.write_all(first.as_bytes()).unwrap();
         f.write_all(&booted.as_bytes()[..20]).unwrap();
-        let (evs, off) = read_from(&f, 0).unwrap();
+        let (evs, off) = read_from(&f, 0, u64::MAX).unwrap();
         assert_eq!(evs.iter().map(|e| e.event.as_str()).collect::<Vec<_>>(), ["starting", "booting"]);
         assert!(off as usize <= first.len());
         f.write_all(&booted.as_bytes()[20..]).unwrap();
@@ -98,12 +100,12 @@ mod tests {
             br#"{"timestamp":{"secs":2,"nanos":0},"source":"guest","event":"panic","properties":{"event":"panic"}}"#,
         )
         .unwrap();
-        let (evs, off2) = read_from(&f, off).unwrap();
+        let (evs, off2) = read_from(&f, off, u64::MAX).unwrap();
         assert_eq!(
             evs.iter().map(|e| (e.source.as_str(), e.event.as_str())).collect::<Vec<_>>(),
             [("vm", "booted"), ("guest", "panic")]
         );
-        assert_eq!(read_from(&f, off2).unwrap().0, vec![]);
+        assert_eq!(read_from(&f, off2, u64::MAX).unwrap().0, vec![]);
     }
 
     #[test]
@@ -112,8 +114,29 @@ mod tests {
         f.write_all(&vec![b'x'; CHUNK + 10]).unwrap();
         f.write_all(b"\n\n").unwrap();
         f.write_all(ch_event(3, "guest", "panic").as_bytes()).unwrap();
-        let (evs, _) = read_from(&f, 0).unwrap();
+        let (evs, _) = read_from(&f, 0, u64::MAX).unwrap();
         assert_eq!(evs.iter().map(|e| e.event.as_str()).collect::<Vec<_>>(), ["panic"]);
+    }
+
+    #[test]
+    fn a_budget_reads_a_flood_in_steps() {
+        let mut f = tempfile::tempfile().unwrap();
+        let one = ch_event(0, "vm", "rebooted");
+        let n = 4 * CHUNK / one.len();
+        for _ in 0..n {
+            f.write_all(one.as_bytes()).unwrap();
+        }
+        let (mut total, mut off, mut steps) = (0, 0, 0);
+        loop {
+            let (evs, next) = read_from(&f, off, CHUNK as u64).unwrap();
+            assert!(next - off <= 2 * CHUNK as u64, "a step reads about its budget");
+            if evs.is_empty() {
+                break;
+            }
+            (total, off, steps) = (total + evs.len(), next, steps + 1);
+        }
+        assert_eq!(total, n, "every event once");
+        assert!(steps >= 2, "{steps} steps: the budget bounds each read");
     }
 
     #[test]
@@ -123,7 +146,7 @@ mod tests {
         for i in 0..n {
             f.write_all(ch_event(i as u64, "vm", "rebooted").as_bytes()).unwrap();
         }
-        let (evs, _) = read_from(&f, 0).unwrap();
+        let (evs, _) = read_from(&f, 0, u64::MAX).unwrap();
         assert_eq!(evs.len(), n);
         assert_eq!(evs.last().unwrap().timestamp.secs, n as u64 - 1);
     }

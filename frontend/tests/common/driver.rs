@@ -1,12 +1,13 @@
 //! A test-only [`VmDriver`]: every step succeeds unless told to fail, steps can be slowed or
-//! made to hang, and every call is counted.
+//! made to hang, a boot can end with the guest powering off, a restart can find the VMM alive
+//! or not, and every call is counted.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use my_hypervisor_frontend::vm::{DriverError, DriverFuture, StopOptions, VmDriver, VmSpec};
+use my_hypervisor_frontend::vm::{Boot, DriverError, DriverFuture, Reattached, Spawned, StopOptions, VmDriver, VmSpec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Step {
@@ -15,6 +16,8 @@ pub enum Step {
     WaitRunning,
     Stop,
     Release,
+    Reattach,
+    Forget,
 }
 
 #[derive(Default)]
@@ -31,6 +34,12 @@ pub struct TestDriver {
     pub max_per_vm: AtomicU32,
     pub max_total: AtomicU32,
     next_pid: AtomicU32,
+    /// The generation of the last VMM spawned or taken up.
+    pub generation: AtomicU64,
+    /// When set, a boot ends with the guest powering itself off.
+    pub power_off_at_boot: AtomicBool,
+    /// What a reattach finds; by default the VMM is gone.
+    pub reattach: Mutex<Option<Result<bool, String>>>,
 }
 
 impl TestDriver {
@@ -78,20 +87,25 @@ impl VmDriver for TestDriver {
         Box::pin(self.step(vm, Step::Prepare))
     }
 
-    fn spawn<'a>(&'a self, vm: &'a str, _: &'a VmSpec) -> DriverFuture<'a, u32> {
+    fn spawn<'a>(&'a self, vm: &'a str, _: &'a VmSpec) -> DriverFuture<'a, Spawned> {
         Box::pin(async move {
             self.step(vm, Step::Spawn).await?;
-            Ok(1000 + self.next_pid.fetch_add(1, Ordering::SeqCst))
+            let pid = 1000 + self.next_pid.fetch_add(1, Ordering::SeqCst);
+            Ok(Spawned { pid, generation: self.generation.fetch_add(1, Ordering::SeqCst) + 1 })
         })
     }
 
-    fn wait_running<'a>(&'a self, vm: &'a str, _: &'a VmSpec) -> DriverFuture<'a, ()> {
+    fn wait_running<'a>(&'a self, vm: &'a str, _: &'a VmSpec) -> DriverFuture<'a, Boot> {
         Box::pin(async move {
             if self.hang_boot.load(Ordering::SeqCst) {
                 *self.calls.lock().unwrap().entry(Step::WaitRunning).or_default() += 1;
                 std::future::pending::<()>().await;
             }
-            self.step(vm, Step::WaitRunning).await
+            self.step(vm, Step::WaitRunning).await?;
+            if self.power_off_at_boot.load(Ordering::SeqCst) {
+                return Ok(Boot::PoweredOff("the guest powered off right after it booted (exit status 0)".into()));
+            }
+            Ok(Boot::Running)
         })
     }
 
@@ -104,5 +118,22 @@ impl VmDriver for TestDriver {
 
     fn release<'a>(&'a self, vm: &'a str) -> DriverFuture<'a, ()> {
         Box::pin(self.step(vm, Step::Release))
+    }
+
+    fn forget(&self, _: &str) {
+        *self.calls.lock().unwrap().entry(Step::Forget).or_default() += 1;
+    }
+
+    fn reattach<'a>(&'a self, vm: &'a str, _: Option<u32>, _: u64) -> DriverFuture<'a, Reattached> {
+        Box::pin(async move {
+            self.step(vm, Step::Reattach).await?;
+            match self.reattach.lock().unwrap().clone() {
+                Some(Ok(true)) => {
+                    Ok(Reattached::Alive { generation: self.generation.fetch_add(1, Ordering::SeqCst) + 1 })
+                }
+                Some(Err(e)) => Err(DriverError::new(e)),
+                Some(Ok(false)) | None => Ok(Reattached::Gone("the test driver has no VMM".into())),
+            }
+        })
     }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod driver;
+pub mod store;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -19,6 +19,7 @@
 //! | `panic=MS` | the guest panics MS after boot: `guest/panic` with `--pvpanic`; it keeps running |
 //! | `quiet-exit` | events not yet written when the VMM exits are lost |
 //! | `flood-log=MS` | the VMM writes to its log without end, MS after boot |
+//! | `flood-reboots=MS` | MS after boot, the event monitor gets 100000 `vm`/`rebooted` events at once (the guest does not reboot) |
 
 #[derive(Debug, Default, Clone)]
 pub struct Faults {
@@ -35,6 +36,7 @@ pub struct Faults {
     pub panic: Option<u64>,
     pub quiet_exit: bool,
     pub flood_log: Option<u64>,
+    pub flood_reboots: Option<u64>,
 }
 
 impl Faults {
@@ -67,6 +69,7 @@ impl Faults {
                     "panic" => f.panic = Some(ms()?),
                     "quiet-exit" => f.quiet_exit = true,
                     "flood-log" => f.flood_log = Some(ms()?),
+                    "flood-reboots" => f.flood_reboots = Some(ms()?),
                     _ => return Err(format!("unknown ch_double fault {item:?}")),
                 }
             }

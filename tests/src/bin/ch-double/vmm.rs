@@ -222,6 +222,14 @@ impl Vmm {
                 while std::io::Write::write_all(&mut std::io::stderr(), &chunk).is_ok() {}
             });
         }
+        if let Some(ms) = f.flood_reboots {
+            let _ = std::thread::Builder::new().name("ch-double-flood".into()).spawn(move || {
+                std::thread::sleep(Duration::from_millis(ms));
+                for _ in 0..100_000 {
+                    events::event("vm", "rebooted", &[]);
+                }
+            });
+        }
         for (ms, ev) in timed {
             if let Some(ms) = ms {
                 let tx = self.tx.clone();
