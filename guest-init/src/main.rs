@@ -90,6 +90,14 @@ fn main() {
     let reaper = Arc::new(Reaper::default());
     let shutdown = Arc::new(AtomicBool::new(false));
     let child_ns = system::pid1_of_child_namespace();
+    if !pid1 {
+        // Test mode outside a PID namespace: the commands' orphans come back to us to reap,
+        // rather than to the host's init.
+        // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag and touches no memory.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) } != 0 {
+            eprintln!("my_hypervisor-init: PR_SET_CHILD_SUBREAPER: {}", std::io::Error::last_os_error());
+        }
+    }
     let guest = matches!(mode, Mode::Guest);
     match mode {
         Mode::Guest => boot_guest(&reaper, &shutdown),
@@ -124,13 +132,17 @@ fn boot_guest(reaper: &Arc<Reaper>, shutdown: &Arc<AtomicBool>) {
     thread::spawn(move || power::watch(flag));
     let svc = Service::new(Arc::clone(reaper));
     thread::spawn(move || {
-        loop {
+        // The vsock transport may come late (its module): retry, logging now and then.
+        for attempt in 0u64.. {
             match Listener::vsock(cfg.port) {
                 Ok(l) => {
                     eprintln!("my_hypervisor-init: serving exec on vsock port {}", cfg.port);
                     return svc.serve(l);
                 }
-                Err(e) => eprintln!("my_hypervisor-init: vsock port {}: {e}", cfg.port),
+                Err(e) if attempt % 60 == 0 => {
+                    eprintln!("my_hypervisor-init: vsock port {} (retrying): {e}", cfg.port)
+                }
+                Err(_) => {}
             }
             thread::sleep(Duration::from_secs(1));
         }

@@ -101,7 +101,11 @@ impl Service {
     fn connection(&self, stream: UnixStream) -> Result<(), ProtoError> {
         stream.set_read_timeout(Some(READ_TICK)).map_err(ProtoError::Io)?;
         stream.set_write_timeout(Some(WRITE_WAIT)).map_err(ProtoError::Io)?;
-        let mut reader = FrameReader { stream: stream.try_clone().map_err(ProtoError::Io)?, dec: FrameDecoder::new() };
+        let mut reader = FrameReader {
+            stream: stream.try_clone().map_err(ProtoError::Io)?,
+            dec: FrameDecoder::new(),
+            buf: vec![0u8; MAX_FRAME_LEN],
+        };
         let sink = Arc::new(Sink::new(stream));
 
         let hello = match reader.next(Some(Instant::now() + HELLO_WAIT)) {
@@ -127,10 +131,13 @@ impl Service {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
-                    if let Some((_, tx, _)) = &exec {
+                    sink.send(&GuestFrame::Error { message: e.to_string() });
+                    // The command is cancelled and waited for: a connection's thread
+                    // outlives its command, so MAX_CONNECTIONS bounds both.
+                    if let Some((h, tx, _)) = exec.take() {
                         let _ = tx.send(Input::Gone);
+                        let _ = h.join();
                     }
-                    let _ = sink.send(&GuestFrame::Error { message: e.to_string() });
                     return Err(e);
                 }
             };
@@ -194,20 +201,20 @@ impl Service {
 struct FrameReader {
     stream: UnixStream,
     dec: FrameDecoder,
+    buf: Vec<u8>,
 }
 
 impl FrameReader {
     /// The next frame; `Ok(None)` at a clean end of stream; an error past `until`.
     fn next(&mut self, until: Option<Instant>) -> Result<Option<HostFrame>, ProtoError> {
-        let mut buf = vec![0u8; MAX_FRAME_LEN];
         loop {
             if let Some(f) = self.dec.next_frame()? {
                 return Ok(Some(f));
             }
-            let want = self.dec.room().min(buf.len());
-            match self.stream.read(&mut buf[..want]) {
+            let want = self.dec.room().min(self.buf.len());
+            match self.stream.read(&mut self.buf[..want]) {
                 Ok(0) => return self.dec.finish().map(|()| None),
-                Ok(n) => self.dec.push(&buf[..n])?,
+                Ok(n) => self.dec.push(&self.buf[..n])?,
                 Err(e)
                     if matches!(
                         e.kind(),

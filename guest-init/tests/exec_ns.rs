@@ -67,7 +67,8 @@ fn exec_round_trip_with_argv_env_cwd_stdin_exit_code_signal_and_truncation() {
     c.send(&HostFrame::Exec(ExecRequest::new(Vec::<String>::new())));
     assert!(matches!(c.recv(), GuestFrame::Error { message } if message.contains("argv")));
     c.health();
-    assert_eq!(init.children().len(), 0, "nothing left running");
+    let none_left = || init.children().is_empty().then_some(());
+    assert!(common::wait_until(Duration::from_secs(5), none_left).is_some(), "{:?}", init.children());
 }
 
 #[test]
@@ -143,7 +144,8 @@ fn timeout_and_cancel_kill_the_whole_process_group() {
     let exit = o.exit.unwrap_or_else(|| panic!("{o:?}"));
     assert_eq!(exit.outcome, Outcome::Cancelled);
     assert_eq!(exit.status, ExitStatus::Signal(libc::SIGKILL));
-    assert!(init.children().iter().all(|(_, _, comm)| comm != "sleep"), "{:?}", init.children());
+    let no_sleep = || init.children().iter().all(|(_, _, comm)| comm != "sleep").then_some(());
+    assert!(common::wait_until(Duration::from_secs(5), no_sleep).is_some(), "{:?}", init.children());
 }
 
 #[test]
