@@ -68,7 +68,7 @@ impl<W: Write> Sink<W> {
         match my_hypervisor_exec_proto::write_frame(&mut g.0, frame) {
             Ok(()) => true,
             Err(e) => {
-                eprintln!("my_hypervisor-init: writing to the host: {e}");
+                log!("my_hypervisor-init: writing to the host: {e}");
                 g.1 = true;
                 false
             }

@@ -7,6 +7,14 @@
 //! mount, UTS and network namespaces, with no module loading; it powers off only as PID 1
 //! of a child PID namespace, where that ends the namespace. docs/guest-init.md has the rest.
 
+/// Logs one line to the console. Unlike eprintln!, a console that fails never panics PID 1.
+macro_rules! log {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod config;
 mod exec;
 mod modules;
@@ -17,6 +25,7 @@ mod signals;
 mod system;
 
 use std::os::unix::net::UnixListener;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,7 +69,7 @@ fn parse_args(args: &[String]) -> Result<Option<Mode>, String> {
 }
 
 fn main() {
-    std::panic::set_hook(Box::new(|info| eprintln!("my_hypervisor-init: internal error: {info}")));
+    std::panic::set_hook(Box::new(|info| log!("my_hypervisor-init: internal error: {info}")));
     let pid1 = std::process::id() == 1;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = match parse_args(&args) {
@@ -73,12 +82,12 @@ fn main() {
         // are not ours to refuse.
         Err(_) if pid1 => Mode::Guest,
         Err(e) => {
-            eprintln!("my_hypervisor-init: {e}\n{USAGE}");
+            log!("my_hypervisor-init: {e}\n{USAGE}");
             std::process::exit(2);
         }
     };
     if matches!(mode, Mode::Guest) && !pid1 {
-        eprintln!("my_hypervisor-init: without --listen-unix it must run as PID 1 of a guest");
+        log!("my_hypervisor-init: without --listen-unix it must run as PID 1 of a guest");
         std::process::exit(2);
     }
     if std::env::var_os("PATH").is_none() {
@@ -95,21 +104,23 @@ fn main() {
         // rather than to the host's init.
         // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag and touches no memory.
         if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) } != 0 {
-            eprintln!("my_hypervisor-init: PR_SET_CHILD_SUBREAPER: {}", std::io::Error::last_os_error());
+            log!("my_hypervisor-init: PR_SET_CHILD_SUBREAPER: {}", std::io::Error::last_os_error());
         }
     }
     let guest = matches!(mode, Mode::Guest);
-    match mode {
+    // A panic in setup (say, a thread that cannot be created) is logged by the hook; PID 1
+    // goes on to reap and wait for the shutdown signal.
+    let _ = std::panic::catch_unwind(AssertUnwindSafe(|| match mode {
         Mode::Guest => boot_guest(&reaper, &shutdown),
         Mode::Test { socket, config, cmdline } => {
             if let Err(e) = start_test(&reaper, &socket, config, cmdline) {
-                eprintln!("my_hypervisor-init: {e}");
+                log!("my_hypervisor-init: {e}");
                 if !pid1 {
                     std::process::exit(1);
                 }
             }
         }
-    }
+    }));
     run_until_shutdown(&reaper, &shutdown, pid1);
     if guest || child_ns {
         system::power_off();
@@ -136,11 +147,11 @@ fn boot_guest(reaper: &Arc<Reaper>, shutdown: &Arc<AtomicBool>) {
         for attempt in 0u64.. {
             match Listener::vsock(cfg.port) {
                 Ok(l) => {
-                    eprintln!("my_hypervisor-init: serving exec on vsock port {}", cfg.port);
+                    log!("my_hypervisor-init: serving exec on vsock port {}", cfg.port);
                     return svc.serve(l);
                 }
                 Err(e) if attempt % 60 == 0 => {
-                    eprintln!("my_hypervisor-init: vsock port {} (retrying): {e}", cfg.port)
+                    log!("my_hypervisor-init: vsock port {} (retrying): {e}", cfg.port)
                 }
                 Err(_) => {}
             }
@@ -173,13 +184,13 @@ fn start_test(
 fn apply_config(file: Option<&str>, cmdline: Option<&str>, guest: bool) -> Config {
     let (cfg, problems) = Config::load(file, cmdline);
     for p in problems {
-        eprintln!("my_hypervisor-init: {p}");
+        log!("my_hypervisor-init: {p}");
     }
     if guest {
         let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned());
         match release {
             Ok(r) => modules::load(&PathBuf::from("/lib/modules").join(r), &cfg.modules),
-            Err(e) => eprintln!("my_hypervisor-init: uname: {e}"),
+            Err(e) => log!("my_hypervisor-init: uname: {e}"),
         }
     }
     if let Some(h) = &cfg.hostname {
@@ -208,7 +219,7 @@ fn run_until_shutdown(reaper: &Arc<Reaper>, shutdown: &AtomicBool, pid1: bool) {
             break;
         }
     }
-    eprintln!("my_hypervisor-init: shutting down");
-    signals::stop_everything(reaper, pid1);
+    log!("my_hypervisor-init: shutting down");
+    let _ = std::panic::catch_unwind(|| signals::stop_everything(reaper, pid1));
     nix::unistd::sync();
 }

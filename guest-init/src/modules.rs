@@ -58,20 +58,20 @@ pub fn load(dir: &Path, wanted: &[String]) {
     let dep = match read("modules.dep") {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("my_hypervisor-init: {}: {e}", dir.join("modules.dep").display());
+            log!("my_hypervisor-init: {}: {e}", dir.join("modules.dep").display());
             return;
         }
     };
     let (order, problems) = load_order(&dep, &read("modules.builtin").unwrap_or_default(), wanted);
     for p in problems {
-        eprintln!("my_hypervisor-init: {p}");
+        log!("my_hypervisor-init: {p}");
     }
     for rel in order {
         let path: PathBuf = dir.join(&rel);
         match finit_module(&path) {
-            Ok(()) => eprintln!("my_hypervisor-init: loaded {rel}"),
+            Ok(()) => log!("my_hypervisor-init: loaded {rel}"),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => eprintln!("my_hypervisor-init: loading {}: {e}", path.display()),
+            Err(e) => log!("my_hypervisor-init: loading {}: {e}", path.display()),
         }
     }
 }

@@ -28,12 +28,12 @@ pub fn watch(shutdown: Arc<AtomicBool>) {
                 }
                 match File::open(format!("/dev/input/{name}")) {
                     Ok(f) => {
-                        eprintln!("my_hypervisor-init: watching /dev/input/{name} (Power Button)");
+                        log!("my_hypervisor-init: watching /dev/input/{name} (Power Button)");
                         let flag = Arc::clone(&shutdown);
                         std::thread::spawn(move || read_events(f, &flag));
                         watched.push(name);
                     }
-                    Err(e) => eprintln!("my_hypervisor-init: /dev/input/{name}: {e}"),
+                    Err(e) => log!("my_hypervisor-init: /dev/input/{name}: {e}"),
                 }
             }
         }
@@ -48,7 +48,7 @@ fn read_events(mut f: File, shutdown: &AtomicBool) {
         let code = u16::from_ne_bytes([ev[18], ev[19]]);
         let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
         if kind == EV_KEY && code == KEY_POWER && value == 1 {
-            eprintln!("my_hypervisor-init: power button pressed");
+            log!("my_hypervisor-init: power button pressed");
             shutdown.store(true, Ordering::SeqCst);
         }
     }

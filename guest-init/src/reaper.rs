@@ -51,7 +51,7 @@ impl Reaper {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
                 Ok(_) | Err(Errno::EINTR) => continue,
                 Err(e) => {
-                    eprintln!("my_hypervisor-init: waitpid: {e}");
+                    log!("my_hypervisor-init: waitpid: {e}");
                     break;
                 }
             };

@@ -72,7 +72,7 @@ impl Service {
             let stream = match listener.accept() {
                 Ok(s) => s,
                 Err(e) => {
-                    eprintln!("my_hypervisor-init: accept: {e}");
+                    log!("my_hypervisor-init: accept: {e}");
                     thread::sleep(Duration::from_millis(100));
                     continue;
                 }
@@ -87,12 +87,12 @@ impl Service {
             let svc = Arc::clone(&self);
             let spawned = thread::Builder::new().name("conn".into()).spawn(move || {
                 if let Err(e) = svc.connection(stream) {
-                    eprintln!("my_hypervisor-init: connection: {e}");
+                    log!("my_hypervisor-init: connection: {e}");
                 }
                 svc.connections.fetch_sub(1, Ordering::SeqCst);
             });
             if let Err(e) = spawned {
-                eprintln!("my_hypervisor-init: cannot start a connection thread: {e}");
+                log!("my_hypervisor-init: cannot start a connection thread: {e}");
                 self.connections.fetch_sub(1, Ordering::SeqCst);
             }
         }

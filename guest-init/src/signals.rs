@@ -28,11 +28,11 @@ pub fn block() {
     for sig in set().iter() {
         // SAFETY: the handler does nothing, so it is async-signal-safe.
         if let Err(e) = unsafe { sigaction(sig, &action) } {
-            eprintln!("my_hypervisor-init: sigaction {sig}: {e}");
+            log!("my_hypervisor-init: sigaction {sig}: {e}");
         }
     }
     if let Err(e) = set().thread_block() {
-        eprintln!("my_hypervisor-init: blocking signals: {e}");
+        log!("my_hypervisor-init: blocking signals: {e}");
     }
 }
 

@@ -8,7 +8,7 @@ use nix::sched::{CloneFlags, unshare};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
 fn log(what: &str, e: impl std::fmt::Display) {
-    eprintln!("my_hypervisor-init: {what}: {e}");
+    log!("my_hypervisor-init: {what}: {e}");
 }
 
 fn mount_one(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) {
