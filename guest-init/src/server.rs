@@ -108,9 +108,10 @@ impl Service {
         };
         let sink = Arc::new(Sink::new(stream));
 
-        let hello = match reader.next(Some(Instant::now() + HELLO_WAIT)) {
-            Ok(Some(h)) => h,
-            Ok(None) => return Ok(()),
+        let hello = match reader.next(Instant::now() + HELLO_WAIT) {
+            Ok(Next::Frame(h)) => h,
+            Ok(Next::End) => return Ok(()),
+            Ok(Next::Waited) => Err(timed_out("no hello"))?,
             Err(e) => {
                 sink.send(&GuestFrame::Error { message: e.to_string() });
                 return Err(e);
@@ -124,12 +125,26 @@ impl Service {
 
         let mut exec: Option<(JoinHandle<()>, mpsc::Sender<Input>, Arc<AtomicBool>)> = None;
         let mut stdin_bytes = 0u64;
+        let mut last_active = Instant::now();
         loop {
             let busy = exec.as_ref().is_some_and(|(_, _, done)| !done.load(Ordering::SeqCst));
-            let until = if busy { None } else { Some(Instant::now() + IDLE_WAIT) };
-            let frame = match reader.next(until) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
+            if busy {
+                last_active = Instant::now();
+            }
+            // While a command runs, wake each second to see whether it is done.
+            let until = if busy { Instant::now() + Duration::from_secs(1) } else { last_active + IDLE_WAIT };
+            let next = match reader.next(until) {
+                Ok(Next::Waited) if busy => continue,
+                Ok(Next::Waited) => Err(timed_out("no request")),
+                other => other,
+            };
+            let frame = match next {
+                Ok(Next::Frame(f)) => {
+                    last_active = Instant::now();
+                    f
+                }
+                Ok(Next::End) => break,
+                Ok(Next::Waited) => continue,
                 Err(e) => {
                     sink.send(&GuestFrame::Error { message: e.to_string() });
                     // The command is cancelled and waited for: a connection's thread
@@ -197,6 +212,18 @@ impl Service {
     }
 }
 
+fn timed_out(what: &str) -> ProtoError {
+    ProtoError::Io(io::Error::new(io::ErrorKind::TimedOut, format!("{what} from the peer in time")))
+}
+
+enum Next {
+    Frame(HostFrame),
+    /// A clean end of stream between frames.
+    End,
+    /// `until` passed with no whole frame; a partial one stays buffered.
+    Waited,
+}
+
 /// Frames from a stream whose reads wake every [`READ_TICK`] to check a deadline.
 struct FrameReader {
     stream: UnixStream,
@@ -205,15 +232,14 @@ struct FrameReader {
 }
 
 impl FrameReader {
-    /// The next frame; `Ok(None)` at a clean end of stream; an error past `until`.
-    fn next(&mut self, until: Option<Instant>) -> Result<Option<HostFrame>, ProtoError> {
+    fn next(&mut self, until: Instant) -> Result<Next, ProtoError> {
         loop {
             if let Some(f) = self.dec.next_frame()? {
-                return Ok(Some(f));
+                return Ok(Next::Frame(f));
             }
             let want = self.dec.room().min(self.buf.len());
             match self.stream.read(&mut self.buf[..want]) {
-                Ok(0) => return self.dec.finish().map(|()| None),
+                Ok(0) => return self.dec.finish().map(|()| Next::End),
                 Ok(n) => self.dec.push(&self.buf[..n])?,
                 Err(e)
                     if matches!(
@@ -221,11 +247,8 @@ impl FrameReader {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
                     ) =>
                 {
-                    if until.is_some_and(|u| Instant::now() >= u) {
-                        return Err(ProtoError::Io(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "peer sent no frame in time",
-                        )));
+                    if Instant::now() >= until {
+                        return Ok(Next::Waited);
                     }
                 }
                 Err(e) => return Err(ProtoError::Io(e)),
