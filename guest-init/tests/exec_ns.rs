@@ -25,7 +25,7 @@ fn exec_round_trip_with_argv_env_cwd_stdin_exit_code_signal_and_truncation() {
     req.env = vec![("FOO".into(), "bar baz".into())];
     req.cwd = Some("/usr".into());
     let o = c.exec(req, Some(b"from stdin\n"));
-    let exit = o.exit.unwrap_or_else(|| panic!("no exit: {o:?}\n{}", init.log_text()));
+    let exit = o.exit.clone().unwrap_or_else(|| panic!("no exit: {o:?}\n{}", init.log_text()));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "bar baz|1|first arg\n/usr\nfrom stdin\n");
     assert_eq!(o.stderr, b"err\n");
     assert_eq!((exit.status, exit.outcome), (ExitStatus::Code(7), Outcome::Exited));
@@ -35,10 +35,10 @@ fn exec_round_trip_with_argv_env_cwd_stdin_exit_code_signal_and_truncation() {
     // The environment is exactly the one requested.
     let o = c.exec(ExecRequest::new(["/usr/bin/env"]), None);
     assert_eq!(o.stdout, b"");
-    assert_eq!(o.exit.map(|e| e.status), Some(ExitStatus::Code(0)), "{o:?}");
+    assert_eq!(o.exit.as_ref().map(|e| e.status), Some(ExitStatus::Code(0)), "{o:?}");
 
     let o = c.exec(sh("kill -KILL $$"), None);
-    assert_eq!(o.exit.map(|e| e.status), Some(ExitStatus::Signal(libc::SIGKILL)), "{o:?}");
+    assert_eq!(o.exit.as_ref().map(|e| e.status), Some(ExitStatus::Signal(libc::SIGKILL)), "{o:?}");
     // The command itself (not a shell's child: the shell would reset it) blocks no signal.
     let o = c.exec(ExecRequest::new(["/bin/grep", "SigBlk", "/proc/self/status"]), None);
     assert_eq!(o.stdout, b"SigBlk:\t0000000000000000\n", "no signal blocked in a command");
@@ -126,7 +126,7 @@ fn timeout_and_cancel_kill_the_whole_process_group() {
     req.timeout_secs = Some(1);
     let o = c.exec(req, None);
 
-    let exit = o.exit.unwrap_or_else(|| panic!("{o:?}"));
+    let exit = o.exit.clone().unwrap_or_else(|| panic!("{o:?}"));
     assert_eq!(exit.outcome, Outcome::TimedOut);
     assert_eq!(exit.status, ExitStatus::Signal(libc::SIGTERM));
     let grandchild = String::from_utf8_lossy(&o.stdout).trim().to_string();
@@ -141,7 +141,7 @@ fn timeout_and_cancel_kill_the_whole_process_group() {
     assert!(matches!(c.recv(), GuestFrame::Stdout(d) if d == b"ready\n"));
     c.send(&HostFrame::Cancel);
     let o = c.finish();
-    let exit = o.exit.unwrap_or_else(|| panic!("{o:?}"));
+    let exit = o.exit.clone().unwrap_or_else(|| panic!("{o:?}"));
     assert_eq!(exit.outcome, Outcome::Cancelled);
     assert_eq!(exit.status, ExitStatus::Signal(libc::SIGKILL));
     let no_sleep = || init.children().iter().all(|(_, _, comm)| comm != "sleep").then_some(());
@@ -181,7 +181,7 @@ fn sigterm_stops_every_process_and_ends_the_namespace() {
     assert_eq!(unsafe { libc::kill(init.pid, libc::SIGTERM) }, 0);
     // The command saw SIGTERM first (its exit frame says so) ...
     let o = c.finish();
-    assert_eq!(o.exit.map(|e| e.status), Some(ExitStatus::Signal(libc::SIGTERM)), "{o:?}");
+    assert_eq!(o.exit.as_ref().map(|e| e.status), Some(ExitStatus::Signal(libc::SIGTERM)), "{o:?}");
     // ... then PID 1 powered off, which in a child PID namespace ends it.
     let status = init.wait_exit(Duration::from_secs(20));
     let status = status.unwrap_or_else(|| panic!("guest-init did not end; log:\n{}", init.log_text()));

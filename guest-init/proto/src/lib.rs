@@ -10,9 +10,11 @@
 //! helpers over `std::io`: the host (tokio) feeds bytes to a [`FrameDecoder`] and writes what
 //! [`encode`] returns. docs/guest-init.md describes the conversation.
 
+mod collect;
 mod frames;
 mod wire;
 
+pub use collect::{ExecCollector, ExecResult};
 pub use frames::{
     ExecRequest, ExitStatus, ExitSummary, GuestFrame, HostFrame, Outcome, check_hello, guest_hello, host_hello,
 };

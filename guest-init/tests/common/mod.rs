@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use my_hypervisor_exec_proto::{
-    ExecRequest, ExitSummary, GuestFrame, HostFrame, MAX_CHUNK, check_hello, host_hello, read_frame, write_frame,
+    ExecCollector, ExecRequest, ExecResult, GuestFrame, HostFrame, MAX_CHUNK, ProtoError, check_hello, host_hello,
+    read_frame, write_frame,
 };
 
 /// The static binary this package's build script made.
@@ -142,12 +143,13 @@ pub struct Client {
     pub s: UnixStream,
 }
 
+/// One exec as the host sees it: the collected result, or the guest's error.
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub pid: Option<u32>,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
-    pub exit: Option<ExitSummary>,
+    pub exit: Option<ExecResult>,
     pub error: Option<String>,
 }
 
@@ -177,22 +179,21 @@ impl Client {
         }
     }
 
+    /// Collects the exec's frames with the protocol crate's collector (no output limit of
+    /// its own beyond the guest's, so the tests see what the guest sent).
     pub fn finish(&mut self) -> Outcome {
-        let mut o = Outcome::default();
+        let mut c = ExecCollector::new(u64::MAX);
         loop {
-            match self.recv() {
-                GuestFrame::Started { pid } => o.pid = Some(pid),
-                GuestFrame::Stdout(d) => o.stdout.extend(d),
-                GuestFrame::Stderr(d) => o.stderr.extend(d),
-                GuestFrame::Exit(e) => {
-                    o.exit = Some(e);
-                    return o;
+            match c.push(self.recv()) {
+                Ok(None) => {}
+                Ok(Some(r)) => {
+                    let (pid, stdout, stderr) = (r.pid, r.stdout.clone(), r.stderr.clone());
+                    return Outcome { pid, stdout, stderr, exit: Some(r), error: None };
                 }
-                GuestFrame::Error { message } => {
-                    o.error = Some(message);
-                    return o;
+                Err(ProtoError::Refused(message)) => {
+                    return Outcome { error: Some(message), ..Outcome::default() };
                 }
-                other => panic!("unexpected frame during an exec: {other:?}"),
+                Err(e) => panic!("during an exec: {e}"),
             }
         }
     }
