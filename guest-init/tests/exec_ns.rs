@@ -17,6 +17,17 @@ fn exec_round_trip_with_argv_env_cwd_stdin_exit_code_signal_and_truncation() {
     }
     let init = Init::start(&["--cmdline", "quiet myhv.hostname=guest-test myhv.mtu=lo:1280"]);
     let mut c = init.connect();
+    // Its mounts are in its own mount namespace under a private `/`: the clone made `/`
+    // shared there (common.rs), so only guest-init's own MS_PRIVATE removes the "shared:" tag.
+    let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", init.pid)).unwrap();
+    let mounts: Vec<Vec<&str>> = mountinfo.lines().map(|l| l.split(' ').collect()).collect();
+    let root = mounts.iter().find(|f| f[4] == "/").expect("a / mount");
+    assert!(!root.iter().take_while(|f| **f != "-").any(|f| f.starts_with("shared:")), "{root:?}");
+    for dir in ["/proc", "/sys", "/dev", "/run", "/tmp"] {
+        assert!(mounts.iter().any(|f| f[4] == dir), "{dir} is not mounted in its namespace");
+    }
+    let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    assert_ne!(std::fs::read_link(format!("/proc/{}/ns/mnt", init.pid)).unwrap(), ours);
     let (_, running) = c.health();
     assert_eq!(running, 0);
 

@@ -53,12 +53,22 @@ impl Init {
         let log_file = std::fs::File::create(&log).expect("log file");
         let log_fd = log_file.as_raw_fd();
         let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::SIGCHLD;
-        // SAFETY: clone without a new stack behaves like fork. The child only calls
-        // async-signal-safe functions (dup2, execve, _exit) on memory prepared before.
+        // SAFETY: clone without a new stack behaves like fork. The child only makes system
+        // calls (mount, dup2, execve, _exit) on memory prepared before.
         let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0) };
         if pid == 0 {
             // SAFETY: see above; the pointers stay valid in the child's copy of memory.
             unsafe {
+                // In the child's new mount namespace, make `/` shared (a peer group of its
+                // own) whatever the host's propagation, so that guest-init must make it
+                // private itself before it mounts anything.
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_SHARED,
+                    std::ptr::null(),
+                );
                 libc::dup2(log_fd, 1);
                 libc::dup2(log_fd, 2);
                 libc::execve(argv[0], argv.as_ptr(), envp.as_ptr());
