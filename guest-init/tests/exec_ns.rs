@@ -164,8 +164,15 @@ fn orphans_are_reaped() {
     if !have_root("orphans_are_reaped") {
         return;
     }
-    let init = Init::start(&[]);
+    // The config file stands in for the initramfs's; the command line overrides it.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("init.conf");
+    std::fs::write(&conf, "# test\nhostname = from-file\nmtu = lo:1400\n").unwrap();
+    let init = Init::start(&["--config", conf.to_str().unwrap(), "--cmdline", "myhv.mtu=lo:1300"]);
     let mut c = init.connect();
+    let o = c.exec(sh("cat /proc/sys/kernel/hostname /sys/class/net/lo/mtu"), None);
+    assert_eq!(o.stdout, b"from-file\n1300\n", "{}", init.log_text());
+
     // setsid takes the sleep out of the command's group, so it outlives the command and is
     // re-parented to PID 1: guest-init.
     // (The short sleep lets setsid run before the command's group ends with it.)
