@@ -71,6 +71,8 @@ fn parse_args(args: &[String]) -> Result<Option<Mode>, String> {
 fn main() {
     std::panic::set_hook(Box::new(|info| log!("my_hypervisor-init: internal error: {info}")));
     let pid1 = std::process::id() == 1;
+    // Read before anything mounts a /proc of this PID namespace (which would show one entry).
+    let child_ns = system::pid1_of_child_namespace();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = match parse_args(&args) {
         Ok(Some(m)) => m,
@@ -86,7 +88,9 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if matches!(mode, Mode::Guest) && !pid1 {
+    if matches!(mode, Mode::Guest) && (!pid1 || child_ns) {
+        // PID 1 of a child PID namespace is a container on some host, not a guest: guest
+        // mode's mounts there could reach the host.
         log!("my_hypervisor-init: without --listen-unix it must run as PID 1 of a guest");
         std::process::exit(2);
     }
@@ -98,7 +102,6 @@ fn main() {
     signals::block();
     let reaper = Arc::new(Reaper::default());
     let shutdown = Arc::new(AtomicBool::new(false));
-    let child_ns = system::pid1_of_child_namespace();
     if !pid1 {
         // Test mode outside a PID namespace: the commands' orphans come back to us to reap,
         // rather than to the host's init.

@@ -206,3 +206,15 @@ fn sigterm_stops_every_process_and_ends_the_namespace() {
     assert!(libc::WIFSIGNALED(status) || libc::WIFEXITED(status), "{status:#x}");
     assert!(init.log_text().contains("shutting down"), "{}", init.log_text());
 }
+
+#[test]
+fn as_pid1_of_a_child_namespace_it_refuses_guest_mode() {
+    if !have_root("refuses_guest_mode_in_namespace") {
+        return;
+    }
+    // No --listen-unix: guest mode, whose mounts must never happen in a container on a host.
+    let mut init = Init::spawn(&[], None);
+    let status = init.wait_exit(Duration::from_secs(10)).expect("it exits");
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 2, "{status:#x}");
+    assert!(init.log_text().contains("must run as PID 1 of a guest"), "{}", init.log_text());
+}

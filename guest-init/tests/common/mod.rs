@@ -38,12 +38,28 @@ pub struct Init {
 }
 
 impl Init {
-    /// guest-init --listen-unix, as PID 1 of a new PID + mount + UTS namespace.
+    /// guest-init --listen-unix, as PID 1 of a new PID + mount + UTS namespace, once it
+    /// listens.
     pub fn start(extra: &[&str]) -> Init {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("exec.sock");
+        let mut args = vec!["--listen-unix", socket.to_str().unwrap()];
+        args.extend(extra);
+        let init = Init::spawn(&args, Some(dir));
+        let end = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&init.socket).is_err() {
+            assert!(Instant::now() < end, "guest-init did not listen; log:\n{}", init.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        init
+    }
+
+    /// guest-init with `args`, as PID 1 of a new PID + mount + UTS namespace.
+    pub fn spawn(extra: &[&str], dir: Option<tempfile::TempDir>) -> Init {
+        let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
+        let socket = dir.path().join("exec.sock");
         let log = dir.path().join("init.log");
-        let mut args = vec![STATIC_INIT.to_string(), "--listen-unix".into(), socket.display().to_string()];
+        let mut args = vec![STATIC_INIT.to_string()];
         args.extend(extra.iter().map(|s| s.to_string()));
         let argv_c: Vec<CString> = args.iter().map(|a| CString::new(a.as_str()).unwrap()).collect();
         let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|a| a.as_ptr()).collect();
@@ -76,13 +92,7 @@ impl Init {
             }
         }
         assert!(pid > 0, "clone: {}", std::io::Error::last_os_error());
-        let init = Init { pid: pid as i32, socket, log, _dir: dir, reaped: false };
-        let end = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&init.socket).is_err() {
-            assert!(Instant::now() < end, "guest-init did not listen; log:\n{}", init.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        init
+        Init { pid: pid as i32, socket, log, _dir: dir, reaped: false }
     }
 
     pub fn log_text(&self) -> String {
