@@ -174,14 +174,17 @@ fn orphans_are_reaped() {
     assert_eq!(o.stdout, b"from-file\n1300\n", "{}", init.log_text());
 
     // setsid takes the sleep out of the command's group, so it outlives the command and is
-    // re-parented to PID 1: guest-init.
-    // (The short sleep lets setsid run before the command's group ends with it.)
-    let o = c.exec(sh("setsid /bin/sleep 1 </dev/null >/dev/null 2>&1 & sleep 0.3; exit 0"), None);
+    // re-parented to PID 1: guest-init. The command waits until setsid has run (the pid file
+    // is written after it), so the group's end cannot catch the sleep first.
+    let script = "setsid /bin/sh -c 'echo $$ >/tmp/orphan.pid; exec /bin/sleep 3' \
+                  </dev/null >/dev/null 2>&1 & \
+                  while [ ! -s /tmp/orphan.pid ]; do sleep 0.05; done; exit 0";
+    let o = c.exec(sh(script), None);
     assert_eq!(o.exit.unwrap().status, ExitStatus::Code(0));
     let orphan =
         common::wait_until(Duration::from_secs(5), || init.children().into_iter().find(|(_, _, comm)| comm == "sleep"));
     assert!(orphan.is_some(), "the orphan was not re-parented to guest-init: {:?}", init.children());
-    let gone = common::wait_until(Duration::from_secs(10), || init.children().is_empty().then_some(()));
+    let gone = common::wait_until(Duration::from_secs(15), || init.children().is_empty().then_some(()));
     assert!(gone.is_some(), "a child of guest-init remains (zombie?): {:?}", init.children());
 }
 
