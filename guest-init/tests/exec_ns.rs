@@ -142,8 +142,11 @@ fn timeout_and_cancel_kill_the_whole_process_group() {
     assert_eq!(exit.status, ExitStatus::Signal(libc::SIGTERM));
     let grandchild = String::from_utf8_lossy(&o.stdout).trim().to_string();
     assert!(grandchild.parse::<u32>().is_ok(), "{grandchild:?}");
-    // Inside the namespace, the grandchild is gone (killed and reaped, not a zombie).
-    let o = c.exec(sh(&format!("test -e /proc/{grandchild} && echo alive || echo gone")), None);
+    // Inside the namespace, the grandchild is gone (killed, then reaped: not left a zombie).
+    let check = format!(
+        "for i in $(seq 50); do test -e /proc/{grandchild} || {{ echo gone; exit; }}; sleep 0.1; done; echo alive"
+    );
+    let o = c.exec(sh(&check), None);
     assert_eq!(o.stdout, b"gone\n");
 
     // A cancel: SIGTERM is ignored by the command, so SIGKILL follows the grace period.
