@@ -43,8 +43,9 @@ fn exec_round_trip_with_argv_env_cwd_stdin_exit_code_signal_and_truncation() {
     assert!(!exit.stdout_truncated && !exit.stderr_truncated);
     assert!(o.pid.is_some());
 
-    // The environment is exactly the one requested.
-    let o = c.exec(ExecRequest::new(["/usr/bin/env"]), None);
+    // The environment is exactly the one requested; a bare program name is looked up in
+    // guest-init's own PATH.
+    let o = c.exec(ExecRequest::new(["env"]), None);
     assert_eq!(o.stdout, b"");
     assert_eq!(o.exit.as_ref().map(|e| e.status), Some(ExitStatus::Code(0)), "{o:?}");
 
