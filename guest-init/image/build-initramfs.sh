@@ -40,7 +40,8 @@ die() { echo "build-initramfs: $*" >&2; exit 1; }
 command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || die "needs apt-get and dpkg-deb (Debian)"
 if ! command -v cpio >/dev/null; then
     [ "$(id -u)" = 0 ] || die "needs cpio (apt-get install cpio)"
-    apt-get install -y -qq --no-install-recommends cpio >/dev/null
+    apt-get install -y -qq --no-install-recommends cpio >/dev/null 2>&1 ||
+        { apt-get update -qq && apt-get install -y -qq --no-install-recommends cpio >/dev/null; }
 fi
 
 if [ -z "$init" ]; then
