@@ -3,28 +3,8 @@
 //! its seccomp filter.
 
 use caps::{CapSet, Capability};
+pub use my_hypervisor_policy::privileges::{BROKER_CAPS, SPAWNER_CAPS};
 use my_hypervisor_policy::seccomp;
-
-/// The broker: chown of disks and VM dirs; reaching VM-owned dirs and sockets; ACLs on
-/// images it does not own; signals to the frontend and VMMs; taps.
-pub const BROKER_CAPS: &[Capability] = &[
-    Capability::CAP_CHOWN,
-    Capability::CAP_DAC_OVERRIDE,
-    Capability::CAP_FOWNER,
-    Capability::CAP_KILL,
-    Capability::CAP_NET_ADMIN,
-];
-
-/// The spawn helper: become another uid with no capabilities, and build the VMM's
-/// namespaces.
-pub const SPAWNER_CAPS: &[Capability] = &[
-    Capability::CAP_SETUID,
-    Capability::CAP_SETGID,
-    Capability::CAP_SETPCAP,
-    Capability::CAP_SYS_ADMIN,
-    Capability::CAP_MKNOD,
-    Capability::CAP_CHOWN,
-];
 
 /// Keeps exactly `keep` in the effective and permitted sets; empties the bounding,
 /// inheritable and ambient sets.

@@ -13,12 +13,14 @@ use std::path::{Path, PathBuf};
 
 use my_hypervisor_broker_proto::{Image, ImageRole};
 use my_hypervisor_policy::check_path_text;
-use my_hypervisor_policy::layout::{VM_RUN_DIR_MODE, check_image_file};
+use my_hypervisor_policy::journal::Restore;
+use my_hypervisor_policy::layout::{
+    VM_RUN_DIR_MODE, check_image_file, check_searchable, image_root_of, shares_conflict,
+};
 use my_hypervisor_policy::vmm::FieldError;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
 use nix::sys::stat::{Mode, fchmod, fstat, mkdirat};
 use nix::unistd::{Gid, Uid, fchown};
-use serde::{Deserialize, Serialize};
 
 use crate::table::{Broker, Refusal, Vm, Vmm};
 
@@ -48,14 +50,6 @@ pub struct Shared {
     mode: u32,
 }
 
-/// What puts an image back as it was before it was granted: the journal's record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Restore {
-    Nothing,
-    Owner { uid: u32, gid: u32 },
-    Acl { original: Option<Vec<u8>>, mode: u32 },
-}
-
 impl Grant {
     pub fn writable(&self) -> bool {
         self.role.writable()
@@ -82,17 +76,14 @@ pub fn grant(
     let path = image.path.as_str();
     let refuse = |why: String| Refusal::Image { path: path.to_string(), why };
     check_path_text(path).map_err(FieldError::from)?;
-    let (root, rel) = roots
-        .iter()
-        .find_map(|(r, fd)| Path::new(path).strip_prefix(r).ok().map(|rel| ((r, fd), rel)))
-        .filter(|(_, rel)| !rel.as_os_str().is_empty())
-        .ok_or_else(|| refuse("is not under any image root".into()))?;
+    let ((root, root_fd), rel) =
+        image_root_of(roots, path).ok_or_else(|| refuse("is not under any image root".into()))?;
     let writable = image.role.writable();
     let how = OpenHow::new()
         .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
         .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     let node =
-        openat2(root.1.as_fd(), rel, how).map_err(|e| refuse(format!("open beneath {}: {e}", root.0.display())))?;
+        openat2(root_fd.as_fd(), rel, how).map_err(|e| refuse(format!("open beneath {}: {e}", root.display())))?;
     let st = fstat(node.as_fd())?;
     check_image_file(st.st_mode, st.st_nlink as u64, writable).map_err(|why| refuse(why.into()))?;
     let inode = (st.st_dev, st.st_ino);
@@ -132,13 +123,11 @@ pub fn prepare(b: &mut Broker, vm: &str, uid: u32, images: &[Image]) -> Result<V
     let (vms, acls) = (&b.vms, &mut b.acls);
     let result = (|| {
         for image in images {
-            let held = |inode, writable: bool| {
-                let mut all = vms.iter().flat_map(|(id, v)| v.grants.iter().map(move |g| (id, g)));
-                all.find(|(_, g)| g.inode == inode && (writable || g.writable())).map(|(id, _)| id.clone())
-            };
+            // Held by another VM, or by this one through an earlier image of the same Prepare.
             let g = grant(&b.image_roots, acls, uid, image, |inode, w| {
-                held(inode, w)
-                    .or_else(|| grants.iter().find(|g| g.inode == inode && (w || g.writable())).map(|_| vm.to_string()))
+                let others = vms.iter().flat_map(|(id, v)| v.grants.iter().map(move |g| (id.as_str(), g)));
+                let mut all = others.chain(grants.iter().map(|g| (vm, g)));
+                all.find(|(_, g)| g.inode == inode && shares_conflict(w, g.writable())).map(|(id, _)| id.to_string())
             })?;
             grants.push(g);
         }
@@ -171,14 +160,7 @@ pub fn revoke(g: &Grant, acls: &mut Acls) -> Result<(), String> {
 fn check_traversable(path: &Path) -> Result<(), String> {
     for dir in path.ancestors().skip(1) {
         let mode = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?.permissions().mode();
-        if mode & 0o001 == 0 {
-            return Err(format!(
-                "{} is not searchable by the VM uid (mode {:o}); {} cannot be reached",
-                dir.display(),
-                mode & 0o7777,
-                path.display()
-            ));
-        }
+        check_searchable(dir, mode, path)?;
     }
     Ok(())
 }

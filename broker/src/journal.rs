@@ -7,31 +7,10 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
-use serde::{Deserialize, Serialize};
+pub use my_hypervisor_policy::journal::FILE;
+use my_hypervisor_policy::journal::{Entry, start_time};
 
-use crate::images::Restore;
 use crate::table::{Broker, Vmm};
-
-pub const FILE: &str = "broker.journal";
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Entry {
-    pub vm: String,
-    pub uid: u32,
-    pub pid: Option<u32>,
-    /// Field 22 of /proc/PID/stat: with the pid, names the process across pid reuse.
-    pub start_time: Option<u64>,
-    pub exe: Option<String>,
-    pub taps: Vec<String>,
-    /// (path, writable, what restores the file as it was before the first grant)
-    pub grants: Vec<(String, bool, Restore)>,
-}
-
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: count fields after the last ')'.
-    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
-}
 
 /// Saves the journal and records whether that worked.
 pub fn commit(b: &mut Broker) -> Result<(), String> {
@@ -53,7 +32,7 @@ pub fn save(b: &Broker) -> Result<(), String> {
                 vm: id.clone(),
                 uid: v.uid,
                 pid,
-                start_time: pid.and_then(start_time),
+                start_time: pid.and_then(|p| start_time(&std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?)),
                 exe,
                 taps: v.taps.iter().map(|t| t.name.clone()).collect(),
                 grants: v.grants.iter().map(|g| (g.path.clone(), g.writable(), g.restore(&b.acls))).collect(),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use my_hypervisor_broker_proto::{
     Envelope, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv_keeping_fds, send,
 };
+use my_hypervisor_policy::journal::check_found;
 use my_hypervisor_policy::layout::{DirRole, check_image_root_owner};
 use my_hypervisor_policy::seccomp;
 use nix::fcntl::{OFlag, open};
@@ -79,14 +80,9 @@ pub fn run(args: &Args) -> Result<(), String> {
     let run_fd = dir_fd(&args.run_dir)?;
     // VMs held by an earlier broker (one killed, or crashed) are not taken up again yet: the
     // daemon refuses to start rather than hand their uids, taps or disks out twice.
-    match std::fs::read(args.run_dir.join(journal::FILE)) {
-        Ok(bytes) if bytes != [0] => {
-            return Err(format!(
-                "{} lists VMs an earlier broker held; stop their VMMs, undo their grants and remove the file",
-                args.run_dir.join(journal::FILE).display()
-            ));
-        }
-        _ => {}
+    let journal_path = args.run_dir.join(journal::FILE);
+    if let Ok(bytes) = std::fs::read(&journal_path) {
+        check_found(&bytes).map_err(|e| format!("{} {e}", journal_path.display()))?;
     }
     // Every VMM costs the broker a few fds (grants, taps, its pidfd and outputs).
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| format!("getrlimit: {e}"))?;

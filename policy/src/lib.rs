@@ -3,9 +3,13 @@
 //! launcher all decide through it, so a reviewer can sign the rules in one place.
 
 pub mod acl;
+pub mod daemon;
 pub mod elf;
+pub mod journal;
 pub mod layout;
 pub mod names;
+pub mod net;
+pub mod privileges;
 pub mod request;
 pub mod sandbox;
 pub mod seccomp;

@@ -23,6 +23,11 @@ pub const VMM_FIRST_TAP_FD: i32 = 5;
 /// Guest CID of every VM: each VM has its own hybrid-vsock muxer, so CIDs never meet.
 pub const GUEST_CID: u32 = 3;
 
+/// The KVM API version cloud-hypervisor speaks, and the ioctls that ask for it and for each
+/// extension (linux/kvm.h).
+pub const KVM_API_VERSION: i32 = 12;
+pub const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+pub const KVM_CHECK_EXTENSION: libc::c_ulong = 0xAE03;
 /// The KVM extensions cloud-hypervisor (v50-v53, x86_64) requires before it creates a VM
 /// (`check_required_kvm_extensions`), with their numbers from linux/kvm.h. The broker's KVM
 /// check reports each one.
