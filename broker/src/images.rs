@@ -6,25 +6,23 @@
 //! counted per inode, and the last revoke writes the original ACL bytes and mode back.
 //! Revoking goes through the fd kept open since the grant.
 
-use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use my_hypervisor_broker_proto::{Image, ImageRole};
+use my_hypervisor_policy::acl::Shares;
 use my_hypervisor_policy::check_path_text;
 use my_hypervisor_policy::journal::Restore;
 use my_hypervisor_policy::layout::{
     VM_RUN_DIR_MODE, check_image_file, check_searchable, image_root_of, shares_conflict,
 };
 use my_hypervisor_policy::vmm::FieldError;
-use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 use nix::sys::stat::{Mode, fchmod, fstat, mkdirat};
 use nix::unistd::{Gid, Uid, fchown};
 
 use crate::table::{Broker, Refusal, Vm, Vmm};
-
-pub type Acls = BTreeMap<(u64, u64), Shared>;
 
 pub struct Grant {
     pub path: String,
@@ -42,24 +40,16 @@ enum Undo {
     AclEntry { uid: u32 },
 }
 
-/// A read-only image granted by ACL: how many grants hold it, and the ACL bytes (none if
-/// it had no ACL) and mode it had before the first.
-pub struct Shared {
-    count: u32,
-    original: Option<Vec<u8>>,
-    mode: u32,
-}
-
 impl Grant {
     pub fn writable(&self) -> bool {
         self.role.writable()
     }
 
-    pub fn restore(&self, acls: &Acls) -> Restore {
-        match (&self.undo, acls.get(&self.inode)) {
-            (Undo::Chown { uid, gid }, _) => Restore::Owner { uid: *uid, gid: *gid },
-            (Undo::AclEntry { .. }, Some(s)) => Restore::Acl { original: s.original.clone(), mode: s.mode },
-            _ => Restore::Nothing,
+    pub fn restore(&self, acls: &Shares) -> Restore {
+        match self.undo {
+            Undo::Chown { uid, gid } => Restore::Owner { uid, gid },
+            Undo::AclEntry { .. } => acls.saved(self.inode).unwrap_or(Restore::Nothing),
+            Undo::Nothing => Restore::Nothing,
         }
     }
 }
@@ -68,7 +58,7 @@ impl Grant {
 /// in a way that conflicts with this grant.
 pub fn grant(
     roots: &[(PathBuf, OwnedFd)],
-    acls: &mut Acls,
+    acls: &mut Shares,
     vm_uid: u32,
     image: &Image,
     taken: impl Fn((u64, u64), bool) -> Option<String>,
@@ -94,12 +84,7 @@ pub fn grant(
     // A regular file (a FIFO or a device would have been refused above): now opened for I/O,
     // through the handle, so it is the same inode.
     let access = if writable { OFlag::O_RDWR } else { OFlag::O_RDONLY };
-    let fd = open(
-        format!("/proc/self/fd/{}", node.as_raw_fd()).as_str(),
-        access | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
-        Mode::empty(),
-    )
-    .map_err(|e| refuse(format!("reopen: {e}")))?;
+    let fd = crate::vmm::reopen(&node, access).map_err(|e| refuse(format!("reopen: {e}")))?;
     let undo = if writable {
         fchown(fd.as_fd(), Some(Uid::from_raw(vm_uid)), Some(Gid::from_raw(vm_uid)))
             .map_err(|e| refuse(format!("chown to the VM uid: {e}")))?;
@@ -144,7 +129,7 @@ pub fn prepare(b: &mut Broker, vm: &str, uid: u32, images: &[Image]) -> Result<V
 }
 
 /// Undoes a grant through its fd. Safe to call on a grant that needs nothing undone.
-pub fn revoke(g: &Grant, acls: &mut Acls) -> Result<(), String> {
+pub fn revoke(g: &Grant, acls: &mut Shares) -> Result<(), String> {
     match g.undo {
         Undo::Nothing => Ok(()),
         Undo::Chown { uid, gid } => fchown(g.fd.as_fd(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
@@ -168,7 +153,7 @@ fn check_traversable(path: &Path) -> Result<(), String> {
 /// The ACL calls; what the entries are is `policy::acl`.
 mod acl {
     use super::*;
-    use my_hypervisor_policy::acl::{XATTR, decode, encode, with_reader, without_uid};
+    use my_hypervisor_policy::acl::{Revoke, XATTR, decode, encode, without_uid};
 
     /// The raw `system.posix_acl_access` bytes, or None if the file has no ACL.
     fn read(fd: &OwnedFd) -> std::io::Result<Option<Vec<u8>>> {
@@ -190,43 +175,39 @@ mod acl {
     }
 
     /// Adds `uid`'s read entry; the first grant on an inode saves its ACL and mode first.
-    pub fn add_reader(fd: &OwnedFd, acls: &mut Acls, inode: (u64, u64), mode: u32, uid: u32) -> std::io::Result<()> {
-        let current = read(fd)?;
-        let entries = with_reader(current.as_deref().map(decode), mode, uid);
-        let shared = acls.entry(inode).or_insert(Shared { count: 0, original: current, mode: mode & 0o7777 });
-        let written = write(fd, &encode(entries));
-        if written.is_ok() {
-            shared.count += 1;
-        } else if shared.count == 0 {
-            acls.remove(&inode);
-        }
+    pub fn add_reader(fd: &OwnedFd, acls: &mut Shares, inode: (u64, u64), mode: u32, uid: u32) -> std::io::Result<()> {
+        let bytes = acls.grant(inode, read(fd)?, mode, uid);
+        let written = write(fd, &bytes);
+        acls.granted(inode, written.is_ok());
         written
     }
 
     /// Takes `uid`'s entry off while other grants hold the inode; the last one restores the
     /// saved ACL bytes (or removes the ACL) and the saved mode, exactly.
-    pub fn remove_reader(fd: &OwnedFd, acls: &mut Acls, inode: (u64, u64), uid: u32) -> std::io::Result<()> {
-        let Some(shared) = acls.get_mut(&inode) else { return Ok(()) };
-        if shared.count > 1 {
-            if let Some(current) = read(fd)? {
-                write(fd, &encode(without_uid(decode(&current), uid)))?;
-            }
-            shared.count -= 1;
-            return Ok(());
-        }
-        match &shared.original {
-            Some(bytes) => write(fd, bytes)?,
-            // SAFETY: plain syscall on an owned fd with a NUL-terminated name.
-            None if unsafe { libc::fremovexattr(fd.as_raw_fd(), XATTR.as_ptr()) } < 0 => {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::ENODATA) {
-                    return Err(e);
+    pub fn remove_reader(fd: &OwnedFd, acls: &mut Shares, inode: (u64, u64), uid: u32) -> std::io::Result<()> {
+        match acls.revoke(inode) {
+            Revoke::Nothing => return Ok(()),
+            Revoke::Entry => {
+                if let Some(current) = read(fd)? {
+                    write(fd, &encode(without_uid(decode(&current), uid)))?;
                 }
             }
-            None => {}
+            Revoke::Restore { original, mode } => {
+                match original {
+                    Some(bytes) => write(fd, &bytes)?,
+                    // SAFETY: plain syscall on an owned fd with a NUL-terminated name.
+                    None if unsafe { libc::fremovexattr(fd.as_raw_fd(), XATTR.as_ptr()) } < 0 => {
+                        let e = std::io::Error::last_os_error();
+                        if e.raw_os_error() != Some(libc::ENODATA) {
+                            return Err(e);
+                        }
+                    }
+                    None => {}
+                }
+                fchmod(fd.as_fd(), Mode::from_bits_truncate(mode))?;
+            }
         }
-        fchmod(fd.as_fd(), Mode::from_bits_truncate(shared.mode))?;
-        acls.remove(&inode);
+        acls.revoked(inode);
         Ok(())
     }
 }
@@ -237,6 +218,7 @@ mod tests {
     use my_hypervisor_policy::acl::{
         GROUP, GROUP_OBJ, MASK, NO_ID, OTHER, READ, USER, USER_OBJ, XATTR, decode, encode,
     };
+    use nix::fcntl::open;
 
     fn xattr(p: &Path) -> Option<Vec<u8>> {
         let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
@@ -273,7 +255,7 @@ mod tests {
         let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         let root_fd = open(&dir, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).unwrap();
         let roots = vec![(dir.clone(), root_fd)];
-        let mut acls = Acls::new();
+        let mut acls = Shares::default();
         let image = Image { path: file.to_str().unwrap().into(), role: ImageRole::Kernel };
         let a = grant(&roots, &mut acls, 62001, &image, |_, _| None).unwrap();
         let b = grant(&roots, &mut acls, 62002, &image, |_, _| None).unwrap();
@@ -299,7 +281,7 @@ mod tests {
         nix::unistd::mkfifo(&dir.join("k"), Mode::from_bits_truncate(0o644)).unwrap();
         let roots = vec![(dir.clone(), open(&dir, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).unwrap())];
         let image = Image { path: dir.join("k").to_str().unwrap().into(), role: ImageRole::Kernel };
-        let r = grant(&roots, &mut Acls::new(), 62001, &image, |_, _| None);
+        let r = grant(&roots, &mut Shares::default(), 62001, &image, |_, _| None);
         assert!(matches!(r, Err(Refusal::Image { ref why, .. }) if why == "is not a regular file"), "{:?}", r.err());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -118,7 +118,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         sandbox: SandboxOptions { seccomp: args.vmm_seccomp, landlock_best_effort: args.landlock_best_effort },
         allowed_bridges: args.allowed_bridges.clone(),
         vms: BTreeMap::new(),
-        acls: BTreeMap::new(),
+        acls: Default::default(),
         journal_failed: false,
         strays,
     };

@@ -34,10 +34,7 @@ pub struct Outputs {
 impl Outputs {
     /// New open file descriptions of both files, read-only, each with its own offset.
     pub fn reopen(&self) -> Result<Vec<OwnedFd>, Refusal> {
-        [&self.events, &self.log]
-            .into_iter()
-            .map(|fd| Ok(std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))?.into()))
-            .collect()
+        [&self.events, &self.log].into_iter().map(|fd| Ok(reopen(fd, OFlag::O_RDONLY)?)).collect()
     }
 }
 
@@ -46,9 +43,15 @@ fn create_output(dir: &OwnedFd, name: &str) -> Result<(OwnedFd, OwnedFd), Refusa
     let flags =
         OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let w = openat(dir.as_fd(), name, flags, Mode::from_bits_truncate(0o600))
-        .map_err(|e| Refusal::Vmm(format!("create {name}: {e}")))?;
-    let r = std::fs::File::open(format!("/proc/self/fd/{}", w.as_raw_fd()))?;
-    Ok((w, r.into()))
+        .map_err(Refusal::vmm(format!("create {name}")))?;
+    let r = reopen(&w, OFlag::O_RDONLY)?;
+    Ok((w, r))
+}
+
+/// A new open file description, with its own offset, of the file `fd` is open on.
+pub fn reopen(fd: &impl AsRawFd, flags: OFlag) -> nix::Result<OwnedFd> {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    nix::fcntl::open(path.as_str(), flags | OFlag::O_CLOEXEC | OFlag::O_NOCTTY, Mode::empty())
 }
 
 fn find_cloud_hypervisor(configured: Option<&Path>) -> Result<PathBuf, Refusal> {
@@ -67,18 +70,18 @@ fn find_cloud_hypervisor(configured: Option<&Path>) -> Result<PathBuf, Refusal> 
 /// Mounts the VM's own size-limited tmpfs on its new run dir `vm` (through the spawn helper)
 /// and opens it; the tmpfs is owned by `uid`, mode 0700.
 pub fn open_run_dir(b: &Broker, vm: &str, uid: u32) -> Result<OwnedFd, Refusal> {
-    let open =
-        || openat(b.run_fd.as_fd(), vm, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty());
-    spawner::run_dir(&b.spawner, Some(uid), open()?).map_err(Refusal::RunDir)?;
-    Ok(open()?)
+    spawner::run_dir(&b.spawner, Some(uid), run_dir_fd(b, vm)?).map_err(Refusal::RunDir)?;
+    Ok(run_dir_fd(b, vm)?)
+}
+
+fn run_dir_fd(b: &Broker, vm: &str) -> nix::Result<OwnedFd> {
+    openat(b.run_fd.as_fd(), vm, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
 }
 
 /// Unmounts the run dir's tmpfs (EINVAL, not a mount point, if it was never mounted), then
 /// removes the dir and anything left below it.
 pub fn remove_run_dir(b: &Broker, vm: &str) -> Result<(), String> {
-    if let Ok(dir) =
-        openat(b.run_fd.as_fd(), vm, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-    {
+    if let Ok(dir) = run_dir_fd(b, vm) {
         let _ = spawner::run_dir(&b.spawner, None, dir);
     }
     match std::fs::remove_dir_all(b.run_dir.join(vm)) {
@@ -114,7 +117,7 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
     let plan = VmmPlan::new(run_dir.to_string_lossy().into_owned(), &images, nets, cfg);
     plan.check()?;
     let exe = ch.to_string_lossy().into_owned();
-    let interpreter = elf::needs(&exe, &std::fs::read(&ch).map_err(|e| Refusal::Vmm(format!("{exe}: {e}")))?)
+    let interpreter = elf::needs(&exe, &std::fs::read(&ch).map_err(Refusal::vmm(&exe))?)
         .map_err(|e| Refusal::Vmm(e.to_string()))?
         .interpreter;
     let mut ch_argv = vec![exe.clone()];
@@ -137,11 +140,10 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
         let (events_w, events_r) = create_output(&vm.dir, EVENT_FILE)?;
         let (report_w, _) = create_output(&vm.dir, SANDBOX_REPORT)?;
         std::io::Write::write_all(&mut std::fs::File::from(report_w), report.as_bytes())?;
-        let api =
-            UnixListener::bind(run_dir.join(API_SOCKET)).map_err(|e| Refusal::Vmm(format!("bind api socket: {e}")))?;
+        let api = UnixListener::bind(run_dir.join(API_SOCKET)).map_err(Refusal::vmm("bind api socket"))?;
         let ids = (Some(Uid::from_raw(vm.uid)), Some(Gid::from_raw(vm.uid)));
         fchownat(vm.dir.as_fd(), API_SOCKET, ids.0, ids.1, AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map_err(|e| Refusal::Vmm(format!("chown api socket: {e}")))?;
+            .map_err(Refusal::vmm("chown api socket"))?;
         let mut fds: Vec<OwnedFd> = vec![log_w, api.into(), events_w];
         for fd in vm.taps.iter().map(|t| &t.fd).chain(vm.grants.iter().map(|g| &g.fd)).chain([&vm.dir]) {
             fds.push(fd.try_clone()?);
@@ -169,7 +171,7 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
 pub fn connect(vm: &Vm, role: SocketRole) -> Handled {
     let name = socket_name(role);
     let node = openat(vm.dir.as_fd(), name, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| Refusal::Vmm(format!("{name}: {e}")))?;
+        .map_err(Refusal::vmm(name))?;
     let st = fstat(node.as_fd())?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK || st.st_uid != vm.uid {
         return Err(Refusal::Vmm(format!("{name} is not a socket owned by the VM uid {}", vm.uid)));
@@ -178,7 +180,7 @@ pub fn connect(vm: &Vm, role: SocketRole) -> Handled {
     let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
     let sock = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
     let addr = UnixAddr::new(format!("/proc/self/fd/{}", node.as_raw_fd()).as_str())?;
-    socket::connect(sock.as_raw_fd(), &addr).map_err(|e| Refusal::Vmm(format!("connect {name}: {e}")))?;
+    socket::connect(sock.as_raw_fd(), &addr).map_err(Refusal::vmm(format!("connect {name}")))?;
     nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))?;
     Ok((Reply::Connected, vec![sock]))
 }
@@ -229,8 +231,7 @@ pub fn stop(b: &mut Broker, id: &str) -> Result<(), Refusal> {
                 "VMM {pid} did not exit within {RELEASE_WAIT_MS} ms of SIGKILL; release again later"
             )));
         }
-        let status =
-            waitpid(Pid::from_raw(pid as i32), None).map_err(|e| Refusal::Vmm(format!("reap VMM {pid}: {e}")))?;
+        let status = waitpid(Pid::from_raw(pid as i32), None).map_err(Refusal::vmm(format!("reap VMM {pid}")))?;
         reaped(b, pid, exit_status(status).map_or(ExitStatus::Signal(libc::SIGKILL), |s| s.1));
     }
     Ok(())

@@ -10,6 +10,7 @@ pub mod layout;
 pub mod names;
 pub mod net;
 pub mod privileges;
+pub mod refusal;
 pub mod request;
 pub mod sandbox;
 pub mod seccomp;
