@@ -6,7 +6,7 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 
-use my_hypervisor_policy::layout::{self, DirRole, Enforce, Ids, Owner};
+use my_hypervisor_policy::layout::{self, DirRole, Enforce, Ids};
 use nix::fcntl::{OFlag, open};
 use nix::sys::stat::{Mode, SFlag, fchmod, fstat, umask};
 use nix::unistd::{Gid, Uid, fchown};
@@ -19,10 +19,7 @@ fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> String {
 /// demands, creating it and any missing parents (root 0755) if needed.
 pub fn ensure_dir(path: &Path, role: DirRole, frontend: Ids) -> Result<(), String> {
     let (owner, mode, enforce) = layout::dir_rule(role);
-    let ids = match owner {
-        Owner::Root => Ids { uid: 0, gid: 0 },
-        Owner::Frontend => frontend,
-    };
+    let ids = owner.ids(frontend);
     if let Some(parent) = path.parent() {
         std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(|e| err(parent, "create", e))?;
     }

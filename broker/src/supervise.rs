@@ -10,7 +10,8 @@ use my_hypervisor_broker_proto::{
     Envelope, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv_keeping_fds, send,
 };
 use my_hypervisor_policy::journal::check_found;
-use my_hypervisor_policy::layout::{DirRole, check_image_root_owner};
+use my_hypervisor_policy::layout::check_image_root_owner;
+use my_hypervisor_policy::sandbox::SandboxOptions;
 use my_hypervisor_policy::seccomp;
 use nix::fcntl::{OFlag, open};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -27,7 +28,7 @@ use crate::confine::{BROKER_CAPS, SPAWNER_CAPS, apply_broker_filter, keep_only};
 use crate::dirs::{bind_rpc_socket, ensure_dir};
 use crate::spawner::{self, Order, Program, SpawnerConfig};
 use crate::strays::Strays;
-use crate::table::{Broker, SandboxOptions, serve};
+use crate::table::{Broker, serve};
 use crate::{journal, vmm};
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
@@ -51,13 +52,8 @@ pub fn run(args: &Args) -> Result<(), String> {
     }
     umask(Mode::from_bits_truncate(0o022));
     let cfg = resolve(args)?;
-    let socket_parent = args.rpc_socket.parent().ok_or("the rpc socket needs a parent dir")?;
-    ensure_dir(socket_parent, DirRole::SocketParent, cfg.frontend)?;
-    ensure_dir(&args.state_dir, DirRole::State, cfg.frontend)?;
-    ensure_dir(&args.console_dir, DirRole::Console, cfg.frontend)?;
-    ensure_dir(&args.run_dir, DirRole::Run, cfg.frontend)?;
-    for root in &args.image_roots {
-        ensure_dir(root, DirRole::ImageRoot, cfg.frontend)?;
+    for (dir, role) in args.dirs()? {
+        ensure_dir(dir, role, cfg.frontend)?;
     }
     let listener = bind_rpc_socket(&args.rpc_socket, cfg.rpc_gid)?;
     let dir_fd = |p: &std::path::Path| {
@@ -94,10 +90,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
         return Err(format!("become a child subreaper: {}", std::io::Error::last_os_error()));
     }
-    let mut signals = SigSet::empty();
-    for s in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        signals.add(s);
-    }
+    let signals: SigSet = [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP].into_iter().collect();
     signals.thread_block().map_err(|e| format!("block signals: {e}"))?;
     let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("signalfd: {e}"))?;

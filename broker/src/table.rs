@@ -30,6 +30,7 @@ use std::path::PathBuf;
 use my_hypervisor_broker_proto::{ExitStatus, HeldVm, Reply, Request};
 pub use my_hypervisor_policy::refusal::Refusal;
 use my_hypervisor_policy::request::{self, Held, StateError};
+use my_hypervisor_policy::sandbox::SandboxOptions;
 use my_hypervisor_policy::vmm::{MAX_NETS, check_range};
 
 use my_hypervisor_policy::acl::Shares;
@@ -54,13 +55,6 @@ pub struct Broker {
     pub journal_failed: bool,
     /// Where fds that came with a request go: never closed on the broker's thread.
     pub strays: crate::strays::Strays,
-}
-
-/// Debugging switches for every VMM's sandbox (flags of the daemon).
-#[derive(Debug, Clone, Copy)]
-pub struct SandboxOptions {
-    pub seccomp: my_hypervisor_policy::seccomp::Mode,
-    pub landlock_best_effort: bool,
 }
 
 /// The broker's own record of a VM: what it granted, created and spawned.
@@ -209,6 +203,7 @@ mod tests {
     use nix::sys::stat::Mode;
 
     use super::*;
+    use my_hypervisor_policy::sandbox::SandboxOptions;
 
     fn broker(dir: &Path) -> Broker {
         let (spawner, helper) =

@@ -9,12 +9,12 @@ use my_hypervisor_broker_proto::{Event, ExitStatus, ImageRole, Reply, SocketRole
 use my_hypervisor_policy::elf;
 use my_hypervisor_policy::sandbox::{SandboxSpec, status_uids};
 use my_hypervisor_policy::vmm::{
-    API_SOCKET, EVENT_FILE, LOG_FILE, SANDBOX_REPORT, VmmPlan, signal_number, socket_name,
+    API_SOCKET, EVENT_FILE, LOG_FILE, SANDBOX_REPORT, VmmPlan, check_socket_node, signal_number, socket_name,
 };
 use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
-use nix::sys::stat::{Mode, SFlag, fstat};
+use nix::sys::stat::{Mode, fstat};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::UnlinkatFlags::NoRemoveDir;
 use nix::unistd::{Gid, Pid, Uid, fchownat, unlinkat};
@@ -56,14 +56,13 @@ pub fn reopen(fd: &impl AsRawFd, flags: OFlag) -> nix::Result<OwnedFd> {
 
 fn find_cloud_hypervisor(configured: Option<&Path>) -> Result<PathBuf, Refusal> {
     let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut on_path = std::env::split_paths(&path).map(|d| d.join("cloud-hypervisor"));
     match configured {
         Some(p) if p.is_file() => Ok(p.to_path_buf()),
         Some(p) => Err(Refusal::Vmm(format!("cloud-hypervisor not found at {}", p.display()))),
-        None => {
-            std::env::split_paths(&path).map(|d| d.join("cloud-hypervisor")).find(|p| p.is_file()).ok_or_else(|| {
-                Refusal::Vmm("cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor".into())
-            })
-        }
+        None => on_path.find(|p| p.is_file()).ok_or_else(|| {
+            Refusal::Vmm("cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor".into())
+        }),
     }
 }
 
@@ -120,17 +119,7 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
     let interpreter = elf::needs(&exe, &std::fs::read(&ch).map_err(Refusal::vmm(&exe))?)
         .map_err(|e| Refusal::Vmm(e.to_string()))?
         .interpreter;
-    let mut ch_argv = vec![exe.clone()];
-    ch_argv.extend(plan.args());
-    let spec = SandboxSpec {
-        vm: id.to_string(),
-        uid: vm.uid,
-        cloud_hypervisor: exe.clone(),
-        interpreter,
-        plan,
-        seccomp: b.sandbox.seccomp,
-        landlock_best_effort: b.sandbox.landlock_best_effort,
-    };
+    let spec = SandboxSpec::new(id, vm.uid, exe.clone(), interpreter, plan, b.sandbox);
     let report = spec.report();
     // On failure, remove what this attempt created, so that it can be tried again.
     let cleanup =
@@ -150,12 +139,8 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
         }
         let mut binds: Vec<(String, bool)> = vm.grants.iter().map(|g| (g.path.clone(), g.writable())).collect();
         binds.push((spec.plan.run_dir.clone(), true));
-        let order = Order::Vmm {
-            uid: vm.uid,
-            spec: serde_json::to_string(&spec).map_err(|e| Refusal::Vmm(e.to_string()))?,
-            ch_argv,
-            binds,
-        };
+        let json = serde_json::to_string(&spec).map_err(|e| Refusal::Vmm(e.to_string()))?;
+        let order = Order::Vmm { uid: vm.uid, spec: json, ch_argv: spec.ch_argv(), binds };
         let started = spawner::order(&b.spawner, order, &fds).map_err(Refusal::Vmm)?;
         Ok::<_, Refusal>((started, Outputs { events: events_r, log: log_r }))
     })();
@@ -173,9 +158,7 @@ pub fn connect(vm: &Vm, role: SocketRole) -> Handled {
     let node = openat(vm.dir.as_fd(), name, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(Refusal::vmm(name))?;
     let st = fstat(node.as_fd())?;
-    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK || st.st_uid != vm.uid {
-        return Err(Refusal::Vmm(format!("{name} is not a socket owned by the VM uid {}", vm.uid)));
-    }
+    check_socket_node(name, st.st_mode, st.st_uid, vm.uid).map_err(Refusal::Vmm)?;
     // Non-blocking: a VMM that listens but never accepts must not stall the broker.
     let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
     let sock = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None)?;

@@ -1,11 +1,11 @@
 //! The daemon's command line, and the checks on it that need no lookup: the broker parses
 //! it, resolves names and binaries, and opens what it names.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, ValueEnum};
 
-use crate::layout;
+use crate::layout::{self, DirRole};
 use crate::sandbox::hidden_in_vmm;
 use crate::seccomp;
 use crate::vmm::check_ifname;
@@ -90,6 +90,15 @@ impl LogFormat {
 }
 
 impl Args {
+    /// The directories the daemon creates and checks at every start, in order, with their roles.
+    pub fn dirs(&self) -> Result<Vec<(&Path, DirRole)>, String> {
+        let socket_parent = self.rpc_socket.parent().ok_or("the rpc socket needs a parent dir")?;
+        let mut dirs = vec![(socket_parent, DirRole::SocketParent), (self.state_dir.as_path(), DirRole::State)];
+        dirs.extend([(self.console_dir.as_path(), DirRole::Console), (self.run_dir.as_path(), DirRole::Run)]);
+        dirs.extend(self.image_roots.iter().map(|r| (r.as_path(), DirRole::ImageRoot)));
+        Ok(dirs)
+    }
+
     /// The paths must be absolute, and each image root a permitted one that every VMM's
     /// mount namespace can see.
     pub fn check_paths(&self) -> Result<(), String> {
@@ -129,6 +138,24 @@ mod tests {
         let e = args(&["--image-root", "/tmp/images"]).check_paths().unwrap_err();
         assert!(e.contains("empty tmpfs"), "{e}");
         assert_eq!(args(&["--image-root", "/srv/images"]).check_paths(), Ok(()));
+    }
+
+    #[test]
+    fn every_dir_has_its_role() {
+        let a = args(&["--rpc-socket", "/r/rpc.sock", "--image-root", "/srv/a", "--image-root", "/srv/b"]);
+        let dirs: Vec<(&str, DirRole)> = a.dirs().unwrap().into_iter().map(|(p, r)| (p.to_str().unwrap(), r)).collect();
+        assert_eq!(
+            dirs,
+            [
+                ("/r", DirRole::SocketParent),
+                ("/run/my_hypervisor/vms", DirRole::State),
+                ("/run/my_hypervisor/console", DirRole::Console),
+                ("/run/my_hypervisor/vmm", DirRole::Run),
+                ("/srv/a", DirRole::ImageRoot),
+                ("/srv/b", DirRole::ImageRoot),
+            ]
+        );
+        assert_eq!(args(&["--rpc-socket", "/"]).dirs().unwrap_err(), "the rpc socket needs a parent dir");
     }
 
     #[test]

@@ -22,6 +22,16 @@ pub enum Owner {
     Frontend,
 }
 
+impl Owner {
+    /// The uid and gid the owner stands for.
+    pub fn ids(self, frontend: Ids) -> Ids {
+        match self {
+            Owner::Root => Ids { uid: 0, gid: 0 },
+            Owner::Frontend => frontend,
+        }
+    }
+}
+
 /// The directories the daemon creates and checks at every start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DirRole {

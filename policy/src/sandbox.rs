@@ -56,6 +56,25 @@ pub struct SandboxSpec {
     pub landlock_best_effort: bool,
 }
 
+/// Debugging switches for every VMM's sandbox (flags of the daemon).
+#[derive(Debug, Clone, Copy)]
+pub struct SandboxOptions {
+    pub seccomp: seccomp::Mode,
+    pub landlock_best_effort: bool,
+}
+
+impl SandboxSpec {
+    pub fn new(vm: &str, uid: u32, ch: String, interpreter: Option<String>, plan: VmmPlan, o: SandboxOptions) -> Self {
+        let (seccomp, landlock_best_effort) = (o.seccomp, o.landlock_best_effort);
+        SandboxSpec { vm: vm.to_string(), uid, cloud_hypervisor: ch, interpreter, plan, seccomp, landlock_best_effort }
+    }
+
+    /// cloud-hypervisor's argv: the binary, then the plan's arguments.
+    pub fn ch_argv(&self) -> Vec<String> {
+        std::iter::once(self.cloud_hypervisor.clone()).chain(self.plan.args()).collect()
+    }
+}
+
 /// A Landlock rule: a path and the rights granted beneath it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {

@@ -78,6 +78,15 @@ pub fn signal_number(sig: VmmSignal) -> i32 {
     }
 }
 
+/// A VMM socket the broker connects to: `st_mode` and `st_uid` of the node opened O_PATH in
+/// the VM's dir must say a socket owned by the VM uid.
+pub fn check_socket_node(name: &str, st_mode: u32, st_uid: u32, vm_uid: u32) -> Result<(), String> {
+    if st_mode & libc::S_IFMT != libc::S_IFSOCK || st_uid != vm_uid {
+        return Err(format!("{name} is not a socket owned by the VM uid {vm_uid}"));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FieldError {
     #[error("{field} must be between {min} and {max}, got {got}")]
@@ -274,6 +283,29 @@ mod tests {
              --net fd=5,mac=52:54:00:12:34:56 --net fd=6 --serial socket=/run/my_hypervisor/vmm/a/serial.sock \
              --console off --vsock cid=3,socket=/run/my_hypervisor/vmm/a/vsock.sock --seccomp true --pvpanic"
         );
+    }
+
+    #[test]
+    fn the_sandbox_spec_runs_the_plan_under_its_binary() {
+        use crate::sandbox::{SandboxOptions, SandboxSpec};
+        let opts = SandboxOptions { seccomp: crate::seccomp::Mode::Log, landlock_best_effort: true };
+        let spec = SandboxSpec::new("a", 62601, "/usr/bin/cloud-hypervisor".into(), None, plan(), opts);
+        assert_eq!(
+            (spec.vm.as_str(), spec.uid, spec.seccomp, spec.landlock_best_effort),
+            ("a", 62601, opts.seccomp, true)
+        );
+        let argv = spec.ch_argv();
+        assert_eq!(argv[0], "/usr/bin/cloud-hypervisor");
+        assert_eq!(argv[1..], plan().args()[..]);
+    }
+
+    #[test]
+    fn only_a_socket_owned_by_the_vm_uid_is_connected() {
+        assert_eq!(check_socket_node("api.sock", libc::S_IFSOCK | 0o600, 62601, 62601), Ok(()));
+        let refused = "api.sock is not a socket owned by the VM uid 62601";
+        assert_eq!(check_socket_node("api.sock", libc::S_IFSOCK | 0o600, 0, 62601).unwrap_err(), refused);
+        assert_eq!(check_socket_node("api.sock", libc::S_IFLNK | 0o777, 62601, 62601).unwrap_err(), refused);
+        assert_eq!(check_socket_node("api.sock", libc::S_IFIFO | 0o600, 62601, 62601).unwrap_err(), refused);
     }
 
     #[test]
