@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use my_hypervisor_broker_proto::{Envelope, PROTOCOL_VERSION, WireError, recv, send};
 use my_hypervisor_policy::elf::closure;
 use my_hypervisor_policy::layout::Ids;
-use my_hypervisor_policy::sandbox::VMM_CLONE_FLAGS;
+use my_hypervisor_policy::sandbox::{VMM_CLONE_FLAGS, check_keep_list, launcher_args, vmm_keep_list};
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use nix::unistd::pipe2;
@@ -147,17 +147,15 @@ fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Result<Option<
             // The new root holds CH's and the launcher's ELF closure, but not the launcher
             // itself: it is exec'd through its pinned handle.
             let launcher = cfg.launcher.path.to_string_lossy();
-            let mut files = closure(&[&ch_argv[0], &launcher], |p| std::fs::read(p).ok()).map_err(|e| e.to_string())?;
+            let ch = ch_argv.first().ok_or("vmm order has no cloud-hypervisor")?;
+            let mut files = closure(&[ch, &launcher], |p| std::fs::read(p).ok()).map_err(|e| e.to_string())?;
             files.retain(|f| *f != launcher);
             let n = fds.len().checked_sub(binds.len()).ok_or("vmm order has fewer fds than binds")?;
             let binds = binds.into_iter().zip(&fds[n..]).map(|((p, w), fd)| (p, w, fd.as_raw_fd())).collect();
             let root = VmmRoot { files, binds };
-            let args = ["--spec".to_string(), spec, "--".to_string()].into_iter().chain(ch_argv);
-            let argv = c_args(&cfg.launcher, args)?;
-            // fds: the log (stdout and stderr), then the VMM's own from 3 up.
-            let mut keep: Vec<(i32, i32)> = fds[..n].iter().map(|fd| fd.as_raw_fd()).zip(2..).collect();
-            keep.first_mut().ok_or("vmm order needs a log fd")?.1 = 1;
-            keep.insert(1, (fds[0].as_raw_fd(), 2));
+            let argv = c_args(&cfg.launcher, launcher_args(spec, ch_argv))?;
+            let raw: Vec<i32> = fds[..n].iter().map(|fd| fd.as_raw_fd()).collect();
+            let keep = vmm_keep_list(&raw).ok_or("vmm order needs a log fd")?;
             let ids = Ids { uid, gid: uid };
             start_detached(argv, &cfg.launcher, keep, ids, VMM_CLONE_FLAGS, Some(root)).map(Some)
         }
@@ -207,10 +205,7 @@ fn start_detached(
     ns_flags: u64,
     vmm: Option<VmmRoot>,
 ) -> Result<Started, String> {
-    // Only stdio keeps its own number; every other kept fd comes from above the floor.
-    if keep.iter().any(|&(from, to)| to >= FD_FLOOR || (from < FD_FLOOR && from != to)) {
-        return Err(format!("keep-list {keep:?} crosses fd {FD_FLOOR}"));
-    }
+    check_keep_list(&keep, FD_FLOOR)?;
     let exe = prog.fd.as_raw_fd();
     let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
     let keep: Vec<(i32, i32)> = std::iter::once((null.as_raw_fd(), 0)).chain(keep).collect();

@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 use my_hypervisor_broker_proto::{
     Envelope, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv_keeping_fds, send,
 };
+use my_hypervisor_policy::daemon::Backoff;
 use my_hypervisor_policy::journal::check_found;
 use my_hypervisor_policy::layout::check_image_root_owner;
 use my_hypervisor_policy::sandbox::SandboxOptions;
 use my_hypervisor_policy::seccomp;
+use my_hypervisor_policy::vmm::exit_status;
 use nix::fcntl::{OFlag, open};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -30,11 +32,6 @@ use crate::spawner::{self, Order, Program, SpawnerConfig};
 use crate::strays::Strays;
 use crate::table::{Broker, serve};
 use crate::{journal, vmm};
-
-const BACKOFF_FIRST: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// A frontend that ran this long is healthy again: its next restart comes quickly.
-const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 
 /// The frontend as the broker knows it from the spawn: its pid and uid are the audit
 /// identity of every request on its channel.
@@ -118,9 +115,9 @@ pub fn run(args: &Args) -> Result<(), String> {
     journal::save(&b)?;
     // Fail closed: the first frontend must start, or the daemon does not run.
     let mut frontend = Some(start_frontend(&b, &cfg, &listener).map_err(|e| format!("start frontend: {e}"))?);
-    let mut restart = Restart { backoff: BACKOFF_FIRST, at: None, count: 0 };
+    let (mut backoff, mut restart_at) = (Backoff::default(), None::<Instant>);
     loop {
-        let timeout = match restart.at {
+        let timeout = match restart_at {
             Some(t) => PollTimeout::try_from(t.saturating_duration_since(Instant::now())).unwrap_or(PollTimeout::MAX),
             None => PollTimeout::NONE,
         };
@@ -149,18 +146,20 @@ pub fn run(args: &Args) -> Result<(), String> {
                 }
             }
             while let Ok(ws) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                let Some((pid, status)) = vmm::exit_status(ws) else { break };
+                let Some((pid, status)) = exit_status(ws) else { break };
                 if pid == spawner_pid {
                     return Err(format!("the spawn helper exited ({status:?}); no VMM or frontend can start"));
                 }
                 if frontend.as_ref().is_some_and(|f| f.pid.as_raw() as u32 == pid) {
                     let f = frontend.take().expect("checked above");
                     b.strays.drain(&f.channel);
-                    restart.schedule(f.started.elapsed());
-                    tracing::warn!(pid, ?status, restart = restart.count, delay = ?restart.backoff, "frontend exited; restarting it");
+                    restart_at = Some(Instant::now() + backoff.delay(f.started.elapsed()));
+                    tracing::warn!(pid, ?status, restart = backoff.count, delay = ?backoff.next, "frontend exited; restarting it");
                 } else if let Some(event) = vmm::reaped(&mut b, pid, status) {
                     tracing::info!(pid, ?status, ?event, "VMM exited");
-                    log_err(journal::commit(&mut b));
+                    if let Err(e) = journal::commit(&mut b) {
+                        tracing::error!(error = %e, "journal");
+                    }
                     if let Some(f) = frontend.as_mut().filter(|f| f.serving) {
                         let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: FromBroker::Event(event) };
                         if let Err(e) = send(&f.channel, env, &[]) {
@@ -172,35 +171,16 @@ pub fn run(args: &Args) -> Result<(), String> {
                 }
             }
         }
-        if restart.at.is_some_and(|t| Instant::now() >= t) {
-            restart.at = None;
+        if restart_at.is_some_and(|t| Instant::now() >= t) {
+            restart_at = None;
             match start_frontend(&b, &cfg, &listener) {
                 Ok(f) => frontend = Some(f),
                 Err(e) => {
                     tracing::error!(error = %e, "frontend restart failed");
-                    restart.schedule(Duration::ZERO);
+                    restart_at = Some(Instant::now() + backoff.delay(Duration::ZERO));
                 }
             }
         }
-    }
-}
-
-/// When the next frontend starts: backoff doubling from 200 ms to 10 s, and back to the
-/// start after a frontend that ran for 30 s.
-struct Restart {
-    backoff: Duration,
-    at: Option<Instant>,
-    count: u64,
-}
-
-impl Restart {
-    fn schedule(&mut self, ran_for: Duration) {
-        if ran_for >= HEALTHY_AFTER {
-            self.backoff = BACKOFF_FIRST;
-        }
-        self.count += 1;
-        self.at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 }
 
@@ -230,12 +210,6 @@ fn shut_down(b: &mut Broker, frontend: Option<&Frontend>, sig: Signal) -> Result
         }
     }
     journal::save(b)
-}
-
-fn log_err(r: Result<(), String>) {
-    if let Err(e) = r {
-        tracing::error!(error = %e, "journal");
-    }
 }
 
 /// Receives, checks, dispatches, audits and answers one request. An error here means the

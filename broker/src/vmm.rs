@@ -9,13 +9,14 @@ use my_hypervisor_broker_proto::{Event, ExitStatus, ImageRole, Reply, SocketRole
 use my_hypervisor_policy::elf;
 use my_hypervisor_policy::sandbox::{SandboxSpec, status_uids};
 use my_hypervisor_policy::vmm::{
-    API_SOCKET, EVENT_FILE, LOG_FILE, SANDBOX_REPORT, VmmPlan, check_socket_node, signal_number, socket_name,
+    API_SOCKET, EVENT_FILE, LOG_FILE, SANDBOX_REPORT, VmmPlan, check_socket_node, exit_status, signal_number,
+    socket_name,
 };
 use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
 use nix::sys::stat::{Mode, fstat};
-use nix::sys::wait::{WaitStatus, waitpid};
+use nix::sys::wait::waitpid;
 use nix::unistd::UnlinkatFlags::NoRemoveDir;
 use nix::unistd::{Gid, Pid, Uid, fchownat, unlinkat};
 
@@ -179,14 +180,6 @@ pub fn signal(vm: &Vm, sig: VmmSignal) -> Result<(), Refusal> {
         return Err(Refusal::Vmm(format!("signal: {}", std::io::Error::last_os_error())));
     }
     Ok(())
-}
-
-pub fn exit_status(ws: WaitStatus) -> Option<(u32, ExitStatus)> {
-    match ws {
-        WaitStatus::Exited(pid, code) => Some((pid.as_raw() as u32, ExitStatus::Code(code))),
-        WaitStatus::Signaled(pid, sig, _) => Some((pid.as_raw() as u32, ExitStatus::Signal(sig as i32))),
-        _ => None,
-    }
 }
 
 /// Records the exit of a reaped child if it was a VMM; returns the event for the frontend.

@@ -2,6 +2,7 @@
 //! it, resolves names and binaries, and opens what it names.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
@@ -89,6 +90,41 @@ impl LogFormat {
     }
 }
 
+/// When the broker restarts the frontend: backoff doubling from 200 ms to 10 s, and back to
+/// the start after a frontend that ran for 30 s.
+#[derive(Debug)]
+pub struct Backoff {
+    /// The delay after the next exit, unless that frontend ran long enough to be healthy.
+    pub next: Duration,
+    /// Restarts so far.
+    pub count: u64,
+}
+
+impl Backoff {
+    pub const FIRST: Duration = Duration::from_millis(200);
+    pub const MAX: Duration = Duration::from_secs(10);
+    /// A frontend that ran this long is healthy again: its next restart comes quickly.
+    pub const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+
+    /// The delay before the next restart, after a frontend that ran for `ran_for` (zero for
+    /// a restart that failed).
+    pub fn delay(&mut self, ran_for: Duration) -> Duration {
+        if ran_for >= Self::HEALTHY_AFTER {
+            self.next = Self::FIRST;
+        }
+        self.count += 1;
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        delay
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: Self::FIRST, count: 0 }
+    }
+}
+
 impl Args {
     /// The directories the daemon creates and checks at every start, in order, with their roles.
     pub fn dirs(&self) -> Result<Vec<(&Path, DirRole)>, String> {
@@ -138,6 +174,16 @@ mod tests {
         let e = args(&["--image-root", "/tmp/images"]).check_paths().unwrap_err();
         assert!(e.contains("empty tmpfs"), "{e}");
         assert_eq!(args(&["--image-root", "/srv/images"]).check_paths(), Ok(()));
+    }
+
+    #[test]
+    fn restarts_back_off_and_recover_after_a_healthy_run() {
+        let mut b = Backoff::default();
+        let ms = Duration::from_millis;
+        let delays: Vec<Duration> = (0..8).map(|_| b.delay(ms(10))).collect();
+        assert_eq!(delays, [ms(200), ms(400), ms(800), ms(1600), ms(3200), ms(6400), ms(10_000), ms(10_000)]);
+        assert_eq!(b.delay(Duration::from_secs(30)), ms(200), "a healthy frontend restarts quickly");
+        assert_eq!((b.delay(Duration::ZERO), b.count), (ms(400), 10));
     }
 
     #[test]

@@ -56,6 +56,28 @@ pub struct SandboxSpec {
     pub landlock_best_effort: bool,
 }
 
+/// The launcher's arguments: the VM's sandbox spec (JSON), then cloud-hypervisor's argv.
+pub fn launcher_args(spec: String, ch_argv: Vec<String>) -> impl Iterator<Item = String> {
+    ["--spec".to_string(), spec, "--".to_string()].into_iter().chain(ch_argv)
+}
+
+/// Where a VMM's fds go, as (fd, target) pairs: the first, its log, becomes stdout and
+/// stderr, the rest its own fds from 3 up (`VMM_API_FD`...). `None` without a log fd.
+pub fn vmm_keep_list(fds: &[i32]) -> Option<Vec<(i32, i32)>> {
+    let (&log, own) = fds.split_first()?;
+    Some([(log, 1), (log, 2)].into_iter().chain(own.iter().copied().zip(3..)).collect())
+}
+
+/// A keep-list of the spawn helper, whose own fds lie at `floor` and above: only stdio keeps
+/// its own number, every other kept fd comes from above the floor and moves below it, so
+/// that moving them into place never overwrites one the helper holds.
+pub fn check_keep_list(keep: &[(i32, i32)], floor: i32) -> Result<(), String> {
+    if keep.iter().any(|&(from, to)| to >= floor || (from < floor && from != to)) {
+        return Err(format!("keep-list {keep:?} crosses fd {floor}"));
+    }
+    Ok(())
+}
+
 /// Debugging switches for every VMM's sandbox (flags of the daemon).
 #[derive(Debug, Clone, Copy)]
 pub struct SandboxOptions {
@@ -208,5 +230,27 @@ impl SandboxSpec {
         }
         let _ = writeln!(w, "\n[exec]\n{} {}", self.cloud_hypervisor, self.plan.args().join(" "));
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vmm_gets_its_log_as_stdio_and_its_fds_from_3() {
+        assert_eq!(vmm_keep_list(&[70, 71, 72, 73]), Some(vec![(70, 1), (70, 2), (71, 3), (72, 4), (73, 5)]));
+        assert_eq!(vmm_keep_list(&[70]), Some(vec![(70, 1), (70, 2)]));
+        assert_eq!(vmm_keep_list(&[]), None);
+        let args: Vec<String> = launcher_args("{}".into(), vec!["/ch".into(), "--pvpanic".into()]).collect();
+        assert_eq!(args, ["--spec", "{}", "--", "/ch", "--pvpanic"]);
+    }
+
+    #[test]
+    fn a_keep_list_never_crosses_the_floor() {
+        assert_eq!(check_keep_list(&[(1, 1), (2, 2), (64, 3), (65, 4)], 64), Ok(()));
+        assert!(check_keep_list(&[(64, 64)], 64).is_err(), "to the floor");
+        assert!(check_keep_list(&[(5, 3)], 64).is_err(), "from below the floor");
+        assert!(check_keep_list(&[(3, 3)], 64).is_ok(), "kept in place");
     }
 }

@@ -1,7 +1,7 @@
 //! What a VMM may be given: limits on every field a client controls, and the one function
 //! that turns validated fields into cloud-hypervisor's argv.
 
-use my_hypervisor_broker_proto::{ImageRole, SocketRole, VmmConfig, VmmSignal};
+use my_hypervisor_broker_proto::{ExitStatus, ImageRole, SocketRole, VmmConfig, VmmSignal};
 
 use crate::names::{NameError, check_path_text};
 
@@ -75,6 +75,17 @@ pub fn signal_number(sig: VmmSignal) -> i32 {
         VmmSignal::Term => libc::SIGTERM,
         VmmSignal::Kill => libc::SIGKILL,
         VmmSignal::Cont => libc::SIGCONT,
+    }
+}
+
+/// The pid and exit of a reaped child that exited or was killed; `None` for any other
+/// wait status.
+pub fn exit_status(ws: nix::sys::wait::WaitStatus) -> Option<(u32, ExitStatus)> {
+    use nix::sys::wait::WaitStatus;
+    match ws {
+        WaitStatus::Exited(pid, code) => Some((pid.as_raw() as u32, ExitStatus::Code(code))),
+        WaitStatus::Signaled(pid, sig, _) => Some((pid.as_raw() as u32, ExitStatus::Signal(sig as i32))),
+        _ => None,
     }
 }
 
@@ -297,6 +308,19 @@ mod tests {
         let argv = spec.ch_argv();
         assert_eq!(argv[0], "/usr/bin/cloud-hypervisor");
         assert_eq!(argv[1..], plan().args()[..]);
+    }
+
+    #[test]
+    fn exits_and_kills_are_reported_and_nothing_else() {
+        use nix::sys::signal::Signal;
+        use nix::sys::wait::WaitStatus;
+        use nix::unistd::Pid;
+        let pid = Pid::from_raw(4321);
+        assert_eq!(exit_status(WaitStatus::Exited(pid, 3)), Some((4321, ExitStatus::Code(3))));
+        let killed = WaitStatus::Signaled(pid, Signal::SIGKILL, false);
+        assert_eq!(exit_status(killed), Some((4321, ExitStatus::Signal(libc::SIGKILL))));
+        assert_eq!(exit_status(WaitStatus::Stopped(pid, Signal::SIGSTOP)), None);
+        assert_eq!(exit_status(WaitStatus::StillAlive), None);
     }
 
     #[test]
