@@ -15,6 +15,11 @@ fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> String {
     format!("{}: {what}: {e}", path.display())
 }
 
+/// Opens the directory `path` itself, never through a symlink there.
+pub fn open_dir(path: &Path, what: &str) -> Result<OwnedFd, String> {
+    open(path, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty()).map_err(|e| err(path, what, e))
+}
+
 /// Makes `path` a real directory (never a symlink) with the owner and mode its role
 /// demands, creating it and any missing parents (root 0755) if needed.
 pub fn ensure_dir(path: &Path, role: DirRole, frontend: Ids) -> Result<(), String> {
@@ -28,8 +33,7 @@ pub fn ensure_dir(path: &Path, role: DirRole, frontend: Ids) -> Result<(), Strin
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
         Err(e) => return Err(err(path, "create", e)),
     };
-    let fd: OwnedFd = open(path, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| err(path, "open (a symlink is refused)", e))?;
+    let fd = open_dir(path, "open (a symlink is refused)")?;
     let st = fstat(fd.as_fd()).map_err(|e| err(path, "fstat", e))?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
         return Err(err(path, "check", "not a directory"));

@@ -9,19 +9,18 @@
 use std::ffi::{CString, OsStr, OsString};
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use my_hypervisor_broker_proto::{Envelope, PROTOCOL_VERSION, WireError, recv, send};
 use my_hypervisor_policy::elf::closure;
 use my_hypervisor_policy::layout::Ids;
-use my_hypervisor_policy::sandbox::{VMM_CLONE_FLAGS, check_keep_list, launcher_args, vmm_keep_list};
+use my_hypervisor_policy::sandbox::{VMM_CLONE_FLAGS, VmmRoot, c_argv, check_keep_list, launcher_args, vmm_keep_list};
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use nix::unistd::pipe2;
 use serde::{Deserialize, Serialize};
 
-use crate::unpriv::{VmmRoot, drop_privileges, enter_vmm_namespaces, place_fds, reset_signals, run_dir_tmpfs, sys};
+use crate::unpriv::{drop_privileges, enter_vmm_namespaces, place_fds, reset_signals, run_dir_tmpfs, sys};
 
 /// The fd numbers the frontend finds its inheritance at.
 pub const FRONTEND_LISTEN_FD: i32 = 3;
@@ -125,10 +124,7 @@ pub fn serve(chan: OwnedFd, mut cfg: SpawnerConfig) -> Result<(), String> {
 }
 
 fn c_args(prog: &Program, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Result<Vec<CString>, String> {
-    std::iter::once(prog.path.as_os_str().to_owned())
-        .chain(args.into_iter().map(|a| a.as_ref().to_owned()))
-        .map(|a| CString::new(a.as_bytes()).map_err(|_| "NUL in an argument".to_string()))
-        .collect()
+    c_argv(prog.path.as_os_str(), args)
 }
 
 /// Carries out one order: a started program, or `None` for a run dir (un)mount.

@@ -37,7 +37,8 @@ fn refuse_fds(fd: &impl AsFd) -> std::io::Result<()> {
     if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
-fn pair() -> Result<(OwnedFd, OwnedFd), String> {
+/// A SOCK_SEQPACKET socketpair, close-on-exec.
+pub fn pair() -> Result<(OwnedFd, OwnedFd), String> {
     socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .map_err(|e| format!("socketpair: {e}"))
 }

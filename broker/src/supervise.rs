@@ -15,7 +15,7 @@ use my_hypervisor_policy::layout::check_image_root_owner;
 use my_hypervisor_policy::sandbox::SandboxOptions;
 use my_hypervisor_policy::seccomp;
 use my_hypervisor_policy::vmm::exit_status;
-use nix::fcntl::{OFlag, open};
+use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::sys::signal::{SigSet, Signal, kill};
@@ -27,7 +27,7 @@ use nix::unistd::{ForkResult, Pid, fork, geteuid};
 
 use crate::cli::{Args, Config, resolve};
 use crate::confine::{BROKER_CAPS, SPAWNER_CAPS, apply_broker_filter, keep_only};
-use crate::dirs::{bind_rpc_socket, ensure_dir};
+use crate::dirs::{bind_rpc_socket, ensure_dir, open_dir};
 use crate::spawner::{self, Order, Program, SpawnerConfig};
 use crate::strays::Strays;
 use crate::table::{Broker, serve};
@@ -53,10 +53,6 @@ pub fn run(args: &Args) -> Result<(), String> {
         ensure_dir(dir, role, cfg.frontend)?;
     }
     let listener = bind_rpc_socket(&args.rpc_socket, cfg.rpc_gid)?;
-    let dir_fd = |p: &std::path::Path| {
-        open(p, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|e| format!("{}: {e}", p.display()))
-    };
     let image_roots = args
         .image_roots
         .iter()
@@ -64,13 +60,13 @@ pub fn run(args: &Args) -> Result<(), String> {
             if std::fs::canonicalize(r).ok().as_ref() != Some(r) {
                 return Err(format!("image root {} must be a canonical path, with no symlink on the way", r.display()));
             }
-            let fd = dir_fd(r)?;
+            let fd = open_dir(r, "open")?;
             let st = nix::sys::stat::fstat(&fd).map_err(|e| format!("{}: {e}", r.display()))?;
             check_image_root_owner(&r.to_string_lossy(), st.st_uid, st.st_mode).map_err(|e| e.to_string())?;
             Ok((r.clone(), fd))
         })
         .collect::<Result<_, String>>()?;
-    let run_fd = dir_fd(&args.run_dir)?;
+    let run_fd = open_dir(&args.run_dir, "open")?;
     // VMs held by an earlier broker (one killed, or crashed) are not taken up again yet: the
     // daemon refuses to start rather than hand their uids, taps or disks out twice.
     let journal_path = args.run_dir.join(journal::FILE);
@@ -253,8 +249,7 @@ fn serve_one(b: &mut Broker, f: &Frontend) -> Result<(), WireError> {
 /// Forks the spawn helper while the broker still has every capability and no filter. It
 /// keeps the capabilities it needs to start unprivileged programs and nothing else.
 fn start_spawner(args: &Args, cfg: &Config) -> Result<(OwnedFd, u32), String> {
-    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
-        .map_err(|e| format!("socketpair: {e}"))?;
+    let (ours, theirs) = crate::strays::pair()?;
     let mut frontend_args: Vec<std::ffi::OsString> =
         vec!["--listen-fd".into(), spawner::FRONTEND_LISTEN_FD.to_string().into()];
     frontend_args.extend(["--broker-fd".into(), spawner::FRONTEND_BROKER_FD.to_string().into()]);

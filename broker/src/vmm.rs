@@ -176,10 +176,7 @@ pub fn signal(vm: &Vm, sig: VmmSignal) -> Result<(), Refusal> {
     let sig = signal_number(sig);
     // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo and no flags.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0) };
-    if r < 0 {
-        return Err(Refusal::Vmm(format!("signal: {}", std::io::Error::last_os_error())));
-    }
-    Ok(())
+    crate::unpriv::sys("signal", r).map(drop).map_err(|e| Refusal::Vmm(e.to_string()))
 }
 
 /// Records the exit of a reaped child if it was a VMM; returns the event for the frontend.
@@ -203,9 +200,7 @@ pub fn stop(b: &mut Broker, id: &str) -> Result<(), Refusal> {
         let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
         signal(vm, VmmSignal::Kill)?;
         if !matches!(poll(&mut fds, PollTimeout::from(RELEASE_WAIT_MS)), Ok(n) if n > 0) {
-            return Err(Refusal::Vmm(format!(
-                "VMM {pid} did not exit within {RELEASE_WAIT_MS} ms of SIGKILL; release again later"
-            )));
+            return Err(Refusal::StillAlive { pid, ms: RELEASE_WAIT_MS });
         }
         let status = waitpid(Pid::from_raw(pid as i32), None).map_err(Refusal::vmm(format!("reap VMM {pid}")))?;
         reaped(b, pid, exit_status(status).map_or(ExitStatus::Signal(libc::SIGKILL), |s| s.1));

@@ -3,7 +3,9 @@
 //! applies before it execs CH (rlimits, Landlock, seccomp). [`SandboxSpec::report`] is the
 //! text `my_hypervisor-vmm-launcher --explain` prints, and what the broker stores at spawn.
 
+use std::ffi::{CString, OsStr};
 use std::fmt::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use landlock::{ABI, AccessFs, BitFlags};
@@ -54,6 +56,22 @@ pub struct SandboxSpec {
     pub seccomp: seccomp::Mode,
     /// Landlock as a hard requirement (default), or best effort with a warning.
     pub landlock_best_effort: bool,
+}
+
+/// What a VMM's minimal root holds besides /dev: `files`, the programs' ELF closure (bound
+/// read-only), and `binds`, (path, writable, fd) of the fds the broker holds for its images
+/// and its runtime dir (bound noexec, read-only unless writable).
+pub struct VmmRoot {
+    pub files: Vec<String>,
+    pub binds: Vec<(String, bool, std::os::fd::RawFd)>,
+}
+
+/// An argv for execve: `program`, then `args`; an argument with a NUL byte is refused.
+pub fn c_argv(program: &OsStr, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Result<Vec<CString>, String> {
+    std::iter::once(program.to_owned())
+        .chain(args.into_iter().map(|a| a.as_ref().to_owned()))
+        .map(|a| CString::new(a.as_bytes()).map_err(|_| "NUL in an argument".to_string()))
+        .collect()
 }
 
 /// The launcher's arguments: the VM's sandbox spec (JSON), then cloud-hypervisor's argv.
@@ -244,6 +262,13 @@ mod tests {
         assert_eq!(vmm_keep_list(&[]), None);
         let args: Vec<String> = launcher_args("{}".into(), vec!["/ch".into(), "--pvpanic".into()]).collect();
         assert_eq!(args, ["--spec", "{}", "--", "/ch", "--pvpanic"]);
+    }
+
+    #[test]
+    fn an_argv_is_the_program_then_its_args_and_refuses_nul() {
+        let argv = c_argv(OsStr::new("/bin/launcher"), ["--spec", "{}"]).unwrap();
+        assert_eq!(argv, [c"/bin/launcher", c"--spec", c"{}"]);
+        assert_eq!(c_argv(OsStr::new("/p"), ["a\0b"]).unwrap_err(), "NUL in an argument");
     }
 
     #[test]
