@@ -43,17 +43,11 @@ pub fn resolve(args: &Args) -> Result<Config, String> {
     };
     let vm_uids = layout::parse_uid_range(&args.vm_uid_range).map_err(|e| e.to_string())?;
     layout::check_identities(frontend, &vm_uids).map_err(|e| e.to_string())?;
-    let rpc_gid = match &args.rpc_group {
-        None => None,
-        Some(g) => Some(match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => Group::from_name(g)
-                .map_err(|e| format!("looking up group {g:?}: {e}"))?
-                .ok_or_else(|| format!("no group named {g:?}"))?
-                .gid
-                .as_raw(),
-        }),
+    let group = |g: &String| {
+        let found = Group::from_name(g).map_err(|e| format!("looking up group {g:?}: {e}"))?;
+        Ok::<_, String>(found.ok_or_else(|| format!("no group named {g:?}"))?.gid.as_raw())
     };
+    let rpc_gid = args.rpc_group.as_ref().map(|g| g.parse::<u32>().or_else(|_| group(g))).transpose()?;
     let frontend_bin = match &args.frontend_bin {
         Some(p) => p.clone(),
         None => sibling("my_hypervisor-frontend")?,

@@ -4,9 +4,9 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use my_hypervisor_policy::layout::{self, DirRole, Enforce, Ids};
+use my_hypervisor_policy::layout::{self, DirRole, Enforce, Ids, check_image_root_owner};
 use nix::fcntl::{OFlag, open};
 use nix::sys::stat::{Mode, SFlag, fchmod, fstat, umask};
 use nix::unistd::{Gid, Uid, fchown};
@@ -46,6 +46,18 @@ pub fn ensure_dir(path: &Path, role: DirRole, frontend: Ids) -> Result<(), Strin
     fchmod(fd.as_fd(), Mode::from_bits_truncate(mode)).map_err(|e| err(path, "chmod", e))?;
     tracing::info!(path = %path.display(), uid = ids.uid, gid = ids.gid, mode = format!("{mode:o}"), "directory ready");
     Ok(())
+}
+
+/// Opens an image root, which must be a canonical path owned by root and writable by no
+/// group or other.
+pub fn open_image_root(r: &Path) -> Result<(PathBuf, OwnedFd), String> {
+    if std::fs::canonicalize(r).ok().as_deref() != Some(r) {
+        return Err(format!("image root {} must be a canonical path, with no symlink on the way", r.display()));
+    }
+    let fd = open_dir(r, "open")?;
+    let st = fstat(&fd).map_err(|e| format!("{}: {e}", r.display()))?;
+    check_image_root_owner(&r.to_string_lossy(), st.st_uid, st.st_mode).map_err(|e| e.to_string())?;
+    Ok((r.to_path_buf(), fd))
 }
 
 /// Binds the RPC socket with no window in which it is more open than its final mode:

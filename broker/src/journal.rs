@@ -5,10 +5,11 @@
 //! (`table::serve`).
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 
 pub use my_hypervisor_policy::journal::FILE;
 use my_hypervisor_policy::journal::{Entry, start_time};
+use nix::fcntl::{OFlag, open};
+use nix::sys::stat::Mode;
 
 use crate::table::{Broker, Vmm};
 
@@ -41,14 +42,9 @@ pub fn save(b: &Broker) -> Result<(), String> {
         .collect();
     let bytes = postcard::to_stdvec(&entries).map_err(|e| e.to_string())?;
     let tmp = b.run_dir.join(format!("{FILE}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = open(&tmp, flags, Mode::from_bits_truncate(0o600)).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let mut f = std::fs::File::from(fd);
     f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(|e| format!("write journal: {e}"))?;
     std::fs::rename(&tmp, b.run_dir.join(FILE)).map_err(|e| format!("rename journal: {e}"))?;
     std::fs::File::open(&b.run_dir).and_then(|d| d.sync_all()).map_err(|e| format!("sync run dir: {e}"))

@@ -14,11 +14,9 @@ use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use my_hypervisor_broker_proto::{Request, WireError, recv_keeping_fds};
+use my_hypervisor_policy::net::SO_PASSRIGHTS;
 use nix::sys::socket::{AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair};
 use nix::unistd::{ForkResult, fork};
-
-/// asm-generic/socket.h (Linux 6.16); not in the libc crate yet.
-pub const SO_PASSRIGHTS: i32 = 83;
 
 pub enum Strays {
     /// Frontend channels refuse fds (SO_PASSRIGHTS off on the broker's end).

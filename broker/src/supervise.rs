@@ -11,7 +11,6 @@ use my_hypervisor_broker_proto::{
 };
 use my_hypervisor_policy::daemon::Backoff;
 use my_hypervisor_policy::journal::check_found;
-use my_hypervisor_policy::layout::check_image_root_owner;
 use my_hypervisor_policy::sandbox::SandboxOptions;
 use my_hypervisor_policy::seccomp;
 use my_hypervisor_policy::vmm::exit_status;
@@ -27,7 +26,7 @@ use nix::unistd::{ForkResult, Pid, fork, geteuid};
 
 use crate::cli::{Args, Config, resolve};
 use crate::confine::{BROKER_CAPS, SPAWNER_CAPS, apply_broker_filter, keep_only};
-use crate::dirs::{bind_rpc_socket, ensure_dir, open_dir};
+use crate::dirs::{bind_rpc_socket, ensure_dir, open_dir, open_image_root};
 use crate::spawner::{self, Order, Program, SpawnerConfig};
 use crate::strays::Strays;
 use crate::table::{Broker, serve};
@@ -53,19 +52,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         ensure_dir(dir, role, cfg.frontend)?;
     }
     let listener = bind_rpc_socket(&args.rpc_socket, cfg.rpc_gid)?;
-    let image_roots = args
-        .image_roots
-        .iter()
-        .map(|r| {
-            if std::fs::canonicalize(r).ok().as_ref() != Some(r) {
-                return Err(format!("image root {} must be a canonical path, with no symlink on the way", r.display()));
-            }
-            let fd = open_dir(r, "open")?;
-            let st = nix::sys::stat::fstat(&fd).map_err(|e| format!("{}: {e}", r.display()))?;
-            check_image_root_owner(&r.to_string_lossy(), st.st_uid, st.st_mode).map_err(|e| e.to_string())?;
-            Ok((r.clone(), fd))
-        })
-        .collect::<Result<_, String>>()?;
+    let image_roots = args.image_roots.iter().map(|r| open_image_root(r)).collect::<Result<_, String>>()?;
     let run_fd = open_dir(&args.run_dir, "open")?;
     // VMs held by an earlier broker (one killed, or crashed) are not taken up again yet: the
     // daemon refuses to start rather than hand their uids, taps or disks out twice.

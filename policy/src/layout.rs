@@ -239,6 +239,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_dir_owner_is_root_or_the_frontend() {
+        let frontend = Ids { uid: 61000, gid: 61001 };
+        assert_eq!(dir_rule(DirRole::State).0.ids(frontend), frontend);
+        assert_eq!(dir_rule(DirRole::Run).0.ids(frontend), Ids { uid: 0, gid: 0 });
+        assert_eq!(dir_rule(DirRole::ImageRoot).0.ids(frontend), Ids { uid: 0, gid: 0 });
+    }
+
+    #[test]
     fn an_image_is_found_below_its_root_and_reachable_through_searchable_dirs() {
         let roots = vec![(PathBuf::from("/srv/img"), 1), (PathBuf::from("/srv/images"), 2)];
         let (root, rel) = image_root_of(&roots, "/srv/images/a/vmlinux").unwrap();

@@ -7,6 +7,10 @@ pub const SIOCBRADDIF: libc::c_ulong = 0x89a2;
 /// A tap, without packet information, with virtio-net headers (what cloud-hypervisor uses).
 pub const TAP_FLAGS: i16 = 0x0002 | 0x1000 | 0x4000; // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
 
+/// asm-generic/socket.h (Linux 6.16); not in the libc crate yet. The broker turns it off on
+/// each frontend channel, so that no fd can come with a request.
+pub const SO_PASSRIGHTS: i32 = 83;
+
 /// `struct ifreq`: a name, then a 24-byte union of which the short and int members are used.
 #[repr(C)]
 pub struct IfReq {
