@@ -178,9 +178,8 @@ pub unsafe fn fork_sibling(ns_flags: u64) -> std::io::Result<Option<Started>> {
     // `struct clone_args` v0: flags, pidfd, child_tid, parent_tid, exit_signal, stack,
     // stack_size, tls. exit_signal must be 0 with CLONE_PARENT: the child inherits the
     // helper's own, SIGCHLD, which the broker reads.
-    let mut args = [0u64; 8];
-    args[0] = ns_flags | libc::CLONE_PARENT as u64 | libc::CLONE_PIDFD as u64;
-    args[1] = &mut pidfd as *mut libc::c_int as u64;
+    let flags = ns_flags | libc::CLONE_PARENT as u64 | libc::CLONE_PIDFD as u64;
+    let args: [u64; 8] = [flags, &mut pidfd as *mut libc::c_int as u64, 0, 0, 0, 0, 0, 0];
     // SAFETY: clone3 without CLONE_VM or a stack is a fork: the child runs on a copy of this
     // stack and memory. `args` and `pidfd` outlive the call; the kernel writes only `pidfd`.
     match sys("clone3", unsafe { libc::syscall(libc::SYS_clone3, args.as_ptr(), std::mem::size_of_val(&args)) })? {
@@ -217,18 +216,10 @@ fn start_detached(
                 let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
                 ptrs.push(std::ptr::null());
                 let env: [*const libc::c_char; 1] = [std::ptr::null()];
+                let (path, flags) = (c"".as_ptr(), libc::AT_EMPTY_PATH);
                 // SAFETY: argv and env are NUL-terminated arrays of C strings that outlive
                 // the call; `exe` is the pinned O_PATH handle.
-                unsafe {
-                    libc::syscall(
-                        libc::SYS_execveat,
-                        exe,
-                        c"".as_ptr(),
-                        ptrs.as_ptr(),
-                        env.as_ptr(),
-                        libc::AT_EMPTY_PATH,
-                    )
-                };
+                unsafe { libc::syscall(libc::SYS_execveat, exe, path, ptrs.as_ptr(), env.as_ptr(), flags) };
                 Err::<(), _>(std::io::Error::other(format!("exec: {}", std::io::Error::last_os_error())))
             });
             if let Err(e) = err {

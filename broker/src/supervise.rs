@@ -259,14 +259,11 @@ fn start_spawner(args: &Args, cfg: &Config) -> Result<(OwnedFd, u32), String> {
     match unsafe { fork() }.map_err(|e| format!("fork spawn helper: {e}"))? {
         ForkResult::Child => {
             drop(ours);
-            let code = match keep_only(SPAWNER_CAPS).and_then(|()| spawner::serve(theirs, sc)) {
-                Ok(()) => 0,
-                Err(e) => {
-                    tracing::error!(error = %e, "spawn helper stopped");
-                    1
-                }
-            };
-            std::process::exit(code)
+            let served = keep_only(SPAWNER_CAPS).and_then(|()| spawner::serve(theirs, sc));
+            if let Err(e) = &served {
+                tracing::error!(error = %e, "spawn helper stopped");
+            }
+            std::process::exit(i32::from(served.is_err()))
         }
         ForkResult::Parent { child } => {
             tracing::info!(pid = child.as_raw(), caps = ?SPAWNER_CAPS, "spawn helper started");

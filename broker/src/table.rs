@@ -28,12 +28,11 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use my_hypervisor_broker_proto::{ExitStatus, HeldVm, Reply, Request};
+use my_hypervisor_policy::acl::Shares;
 pub use my_hypervisor_policy::refusal::Refusal;
 use my_hypervisor_policy::request::{self, Held, StateError};
 use my_hypervisor_policy::sandbox::SandboxOptions;
-use my_hypervisor_policy::vmm::{MAX_NETS, check_range};
-
-use my_hypervisor_policy::acl::Shares;
+use my_hypervisor_policy::vmm::{MAX_NETS, check_bridge, check_range};
 
 use crate::images::Grant;
 use crate::{images, journal, kvm, vmm};
@@ -159,9 +158,7 @@ fn dispatch(b: &mut Broker, req: &Request) -> Handled {
             Ok((reply, vec![]))
         }
         Request::CreateTap { vm, mac, mtu, bridge } => {
-            if let Some(br) = bridge.as_ref().filter(|br| !b.allowed_bridges.contains(br)) {
-                return Err(Refusal::Bridge(br.clone()));
-            }
+            check_bridge(&b.allowed_bridges, bridge.as_deref()).map_err(Refusal::Bridge)?;
             let v = b.vm(vm)?;
             check_range("nets", v.taps.len() as u64 + 1, 0, MAX_NETS as u64)?;
             let name = my_hypervisor_policy::vmm::tap_name(v.uid, v.taps.len());

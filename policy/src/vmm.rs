@@ -89,6 +89,15 @@ pub fn exit_status(ws: nix::sys::wait::WaitStatus) -> Option<(u32, ExitStatus)> 
     }
 }
 
+/// A tap's bridge, if it asks for one, must be one the daemon was started with
+/// (`--allowed-bridge`); the refused name otherwise.
+pub fn check_bridge(allowed: &[String], bridge: Option<&str>) -> Result<(), String> {
+    match bridge {
+        Some(br) if !allowed.iter().any(|a| a == br) => Err(br.to_string()),
+        _ => Ok(()),
+    }
+}
+
 /// A VMM socket the broker connects to: `st_mode` and `st_uid` of the node opened O_PATH in
 /// the VM's dir must say a socket owned by the VM uid.
 pub fn check_socket_node(name: &str, st_mode: u32, st_uid: u32, vm_uid: u32) -> Result<(), String> {
@@ -321,6 +330,16 @@ mod tests {
         assert_eq!(exit_status(killed), Some((4321, ExitStatus::Signal(libc::SIGKILL))));
         assert_eq!(exit_status(WaitStatus::Stopped(pid, Signal::SIGSTOP)), None);
         assert_eq!(exit_status(WaitStatus::StillAlive), None);
+    }
+
+    #[test]
+    fn a_tap_lands_only_on_an_allowed_bridge() {
+        let allowed = vec!["br0".to_string(), "vmbr1".to_string()];
+        assert_eq!(check_bridge(&allowed, None), Ok(()));
+        assert_eq!(check_bridge(&allowed, Some("vmbr1")), Ok(()));
+        assert_eq!(check_bridge(&allowed, Some("br1")), Err("br1".to_string()));
+        assert_eq!(check_bridge(&allowed, Some("br")), Err("br".to_string()), "whole names only");
+        assert_eq!(check_bridge(&[], Some("br0")), Err("br0".to_string()), "none by default");
     }
 
     #[test]
