@@ -80,7 +80,11 @@ pub fn grant(
     if let Some(other) = taken(inode, writable) {
         return Err(refuse(format!("is already granted to VM {other}, and a writable disk belongs to one VM")));
     }
-    check_traversable(Path::new(path)).map_err(refuse)?;
+    // Every directory above the image must be searchable by the VM uid.
+    for dir in Path::new(path).ancestors().skip(1) {
+        let mode = std::fs::metadata(dir).map_err(|e| refuse(format!("{}: {e}", dir.display())))?.permissions().mode();
+        check_searchable(dir, mode, Path::new(path)).map_err(refuse)?;
+    }
     // A regular file (a FIFO or a device would have been refused above): now opened for I/O,
     // through the handle, so it is the same inode.
     let access = if writable { OFlag::O_RDWR } else { OFlag::O_RDONLY };
@@ -105,27 +109,23 @@ pub fn prepare(b: &mut Broker, vm: &str, uid: u32, images: &[Image]) -> Result<V
     mkdirat(b.run_fd.as_fd(), vm, mode).map_err(|e| Refusal::RunDir(format!("create {vm}: {e}")))?;
     let mut grants: Vec<Grant> = Vec::new();
     let dir = crate::vmm::open_run_dir(b, vm, uid).inspect_err(|_| drop(crate::vmm::remove_run_dir(b, vm)))?;
-    let (vms, acls) = (&b.vms, &mut b.acls);
-    let result = (|| {
-        for image in images {
-            // Held by another VM, or by this one through an earlier image of the same Prepare.
-            let g = grant(&b.image_roots, acls, uid, image, |inode, w| {
-                let others = vms.iter().flat_map(|(id, v)| v.grants.iter().map(move |g| (id.as_str(), g)));
-                let mut all = others.chain(grants.iter().map(|g| (vm, g)));
-                all.find(|(_, g)| g.inode == inode && shares_conflict(w, g.writable())).map(|(id, _)| id.to_string())
-            })?;
-            grants.push(g);
-        }
-        Ok::<_, Refusal>(dir)
-    })();
-    match result {
-        Ok(dir) => Ok(Vm { uid, dir, grants, taps: vec![], vmm: Vmm::NotSpawned }),
-        Err(e) => {
-            grants.iter().for_each(|g| drop(revoke(g, acls)));
-            let _ = crate::vmm::remove_run_dir(b, vm);
-            Err(e)
+    for image in images {
+        // Held by another VM, or by this one through an earlier image of the same Prepare.
+        let taken = |inode, w| {
+            let others = b.vms.iter().flat_map(|(id, v)| v.grants.iter().map(move |g| (id.as_str(), g)));
+            let mut all = others.chain(grants.iter().map(|g| (vm, g)));
+            all.find(|(_, g)| g.inode == inode && shares_conflict(w, g.writable())).map(|(id, _)| id.to_string())
+        };
+        match grant(&b.image_roots, &mut b.acls, uid, image, taken) {
+            Ok(g) => grants.push(g),
+            Err(e) => {
+                grants.iter().for_each(|g| drop(revoke(g, &mut b.acls)));
+                let _ = crate::vmm::remove_run_dir(b, vm);
+                return Err(e);
+            }
         }
     }
+    Ok(Vm { uid, dir, grants, taps: vec![], vmm: Vmm::NotSpawned })
 }
 
 /// Undoes a grant through its fd. Safe to call on a grant that needs nothing undone.
@@ -138,16 +138,6 @@ pub fn revoke(g: &Grant, acls: &mut Shares) -> Result<(), String> {
             acl::remove_reader(&g.fd, acls, g.inode, uid).map_err(|e| format!("{}: revoke the ACL grant: {e}", g.path))
         }
     }
-}
-
-/// Every directory above the image must be searchable by a uid that is neither its owner
-/// nor in its group, which is what a VM uid is.
-fn check_traversable(path: &Path) -> Result<(), String> {
-    for dir in path.ancestors().skip(1) {
-        let mode = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?.permissions().mode();
-        check_searchable(dir, mode, path)?;
-    }
-    Ok(())
 }
 
 /// The ACL calls; what the entries are is `policy::acl`.
