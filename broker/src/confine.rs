@@ -28,8 +28,7 @@ pub fn keep_only(keep: &[Capability]) -> Result<(), String> {
 pub fn apply_broker_filter(mode: seccomp::Mode) -> Result<(), String> {
     let prog = seccomp::compile(&seccomp::broker_allow_list(), mode).map_err(|e| format!("compile filter: {e}"))?;
     // SAFETY: plain prctl with integer arguments; required to install a filter.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
-    }
+    let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    crate::unpriv::sys("no_new_privs", r.into()).map_err(|e| e.to_string())?;
     seccompiler::apply_filter(&prog).map_err(|e| format!("install filter: {e}"))
 }

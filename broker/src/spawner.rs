@@ -89,9 +89,8 @@ pub fn serve(chan: OwnedFd, mut cfg: SpawnerConfig) -> Result<(), String> {
     cfg.launcher.fd = above_floor(cfg.launcher.fd)?;
     // Nothing else inherited from the daemon stays open below the floor.
     // SAFETY: closes fds no one in this fresh process uses; what it holds is above the floor.
-    if unsafe { libc::close_range(3, FD_FLOOR as u32 - 1, 0) } < 0 {
-        return Err(format!("close inherited fds: {}", std::io::Error::last_os_error()));
-    }
+    let r = unsafe { libc::close_range(3, FD_FLOOR as u32 - 1, 0) };
+    sys("close inherited fds", r.into()).map_err(|e| e.to_string())?;
     let held = [chan.as_raw_fd(), cfg.frontend.fd.as_raw_fd(), cfg.launcher.fd.as_raw_fd()];
     assert!(held.iter().all(|&fd| fd >= FD_FLOOR), "the spawn helper's fds lie above {FD_FLOOR}: {held:?}");
     let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;

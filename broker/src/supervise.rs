@@ -67,9 +67,8 @@ pub fn run(args: &Args) -> Result<(), String> {
     let strays = Strays::start(args.no_passrights)?;
     // Every process the spawn helper starts is re-parented to the broker, which reaps it.
     // SAFETY: plain prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-        return Err(format!("become a child subreaper: {}", std::io::Error::last_os_error()));
-    }
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    crate::unpriv::sys("become a child subreaper", r.into()).map_err(|e| e.to_string())?;
     let signals: SigSet = [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP].into_iter().collect();
     signals.thread_block().map_err(|e| format!("block signals: {e}"))?;
     let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)

@@ -158,8 +158,5 @@ pub fn drop_privileges(ids: Ids) -> io::Result<()> {
         }
     }
     // SAFETY: plain prctl call with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(io_err("no_new_privs", io::Error::last_os_error()));
-    }
-    Ok(())
+    sys("no_new_privs", unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }.into()).map(drop)
 }
