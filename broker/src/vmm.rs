@@ -117,9 +117,8 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
     let plan = VmmPlan::new(run_dir.to_string_lossy().into_owned(), &images, nets, cfg);
     plan.check()?;
     let exe = ch.to_string_lossy().into_owned();
-    let interpreter = elf::needs(&exe, &std::fs::read(&ch).map_err(Refusal::vmm(&exe))?)
-        .map_err(|e| Refusal::Vmm(e.to_string()))?
-        .interpreter;
+    let bytes = std::fs::read(&ch).map_err(Refusal::vmm(&exe))?;
+    let interpreter = elf::needs(&exe, &bytes).map_err(|e| Refusal::Vmm(e.to_string()))?.interpreter;
     let spec = SandboxSpec::new(id, vm.uid, exe.clone(), interpreter, plan, b.sandbox);
     let report = spec.report();
     // On failure, remove what this attempt created, so that it can be tried again.
