@@ -9,8 +9,8 @@ use my_hypervisor_broker_proto::{Event, ExitStatus, ImageRole, Reply, SocketRole
 use my_hypervisor_policy::elf;
 use my_hypervisor_policy::sandbox::{SandboxSpec, status_uids};
 use my_hypervisor_policy::vmm::{
-    API_SOCKET, EVENT_FILE, LOG_FILE, SANDBOX_REPORT, VmmPlan, check_socket_node, exit_status, signal_number,
-    socket_name,
+    API_SOCKET, EVENT_FILE, LOG_FILE, RELEASE_WAIT_MS, SANDBOX_REPORT, VmmPlan, check_socket_node, exit_status,
+    signal_number, socket_name,
 };
 use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -23,8 +23,6 @@ use nix::unistd::{Gid, Pid, Uid, fchownat, unlinkat};
 use crate::images::revoke;
 use crate::spawner::{self, Order};
 use crate::table::{Broker, Handled, Refusal, Vm, Vmm};
-
-const RELEASE_WAIT_MS: u16 = 5000;
 
 /// The broker's read-only handles on a VMM's event-monitor file and log.
 pub struct Outputs {
@@ -60,10 +58,8 @@ fn find_cloud_hypervisor(configured: Option<&Path>) -> Result<PathBuf, Refusal> 
     let mut on_path = std::env::split_paths(&path).map(|d| d.join("cloud-hypervisor"));
     match configured {
         Some(p) if p.is_file() => Ok(p.to_path_buf()),
-        Some(p) => Err(Refusal::Vmm(format!("cloud-hypervisor not found at {}", p.display()))),
-        None => on_path.find(|p| p.is_file()).ok_or_else(|| {
-            Refusal::Vmm("cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor".into())
-        }),
+        Some(p) => Err(Refusal::NoCloudHypervisorAt(p.display().to_string())),
+        None => on_path.find(|p| p.is_file()).ok_or(Refusal::NoCloudHypervisor),
     }
 }
 

@@ -27,6 +27,10 @@ pub enum Refusal {
     Tap(String),
     #[error("{0}")]
     Vmm(String),
+    #[error("cloud-hypervisor not found at {0}")]
+    NoCloudHypervisorAt(String),
+    #[error("cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor")]
+    NoCloudHypervisor,
     #[error("VMM {pid} did not exit within {ms} ms of SIGKILL; release again later")]
     StillAlive { pid: u32, ms: u16 },
     #[error("release of VM {vm} is incomplete: {steps}")]
@@ -62,6 +66,9 @@ mod tests {
         );
         let journal = Refusal::Journal("disk full".into()).to_string();
         assert_eq!(journal, "the journal cannot be written (disk full); only Release is served until it can");
+        let at = Refusal::NoCloudHypervisorAt("/opt/ch".into()).to_string();
+        assert_eq!(at, "cloud-hypervisor not found at /opt/ch");
+        assert!(Refusal::NoCloudHypervisor.to_string().contains("--cloud-hypervisor"));
         let alive = Refusal::StillAlive { pid: 42, ms: 5000 }.to_string();
         assert_eq!(alive, "VMM 42 did not exit within 5000 ms of SIGKILL; release again later");
         assert_eq!(Refusal::from(nix::errno::Errno::ENOENT).to_string(), "ENOENT: No such file or directory");

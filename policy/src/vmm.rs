@@ -22,6 +22,9 @@ pub const VMM_EVENT_FD: i32 = 4;
 pub const VMM_FIRST_TAP_FD: i32 = 5;
 /// Guest CID of every VM: each VM has its own hybrid-vsock muxer, so CIDs never meet.
 pub const GUEST_CID: u32 = 3;
+/// How long a Release waits for a VMM to exit after SIGKILL before it gives up, so that a
+/// VMM stuck in uninterruptible I/O cannot stall the broker; the VM stays held.
+pub const RELEASE_WAIT_MS: u16 = 5000;
 
 /// The KVM API version cloud-hypervisor speaks, and the ioctls that ask for it and for each
 /// extension (linux/kvm.h).
