@@ -150,12 +150,14 @@ mod acl {
         let mut buf = vec![0u8; 65536]; // XATTR_SIZE_MAX
         // SAFETY: the buffer is valid for its length; the kernel writes at most that much.
         let n = unsafe { libc::fgetxattr(fd.as_raw_fd(), XATTR.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENODATA) { Ok(None) } else { Err(e) };
-        }
-        buf.truncate(n as usize);
-        Ok(Some(buf))
+        buf.truncate(n.max(0) as usize);
+        Ok(found(n)?.then_some(buf))
+    }
+
+    /// Whether an xattr call found the ACL: false for ENODATA (the file has none).
+    fn found(r: isize) -> std::io::Result<bool> {
+        let e = std::io::Error::last_os_error();
+        if r >= 0 || e.raw_os_error() == Some(libc::ENODATA) { Ok(r >= 0) } else { Err(e) }
     }
 
     fn write(fd: &OwnedFd, buf: &[u8]) -> std::io::Result<()> {
@@ -186,13 +188,7 @@ mod acl {
                 match original {
                     Some(bytes) => write(fd, &bytes)?,
                     // SAFETY: plain syscall on an owned fd with a NUL-terminated name.
-                    None if unsafe { libc::fremovexattr(fd.as_raw_fd(), XATTR.as_ptr()) } < 0 => {
-                        let e = std::io::Error::last_os_error();
-                        if e.raw_os_error() != Some(libc::ENODATA) {
-                            return Err(e);
-                        }
-                    }
-                    None => {}
+                    None => drop(found(unsafe { libc::fremovexattr(fd.as_raw_fd(), XATTR.as_ptr()) } as isize)?),
                 }
                 fchmod(fd.as_fd(), Mode::from_bits_truncate(mode))?;
             }

@@ -28,10 +28,9 @@ pub enum Strays {
 fn refuse_fds(fd: &impl AsFd) -> std::io::Result<()> {
     let off: libc::c_int = 0;
     let len = size_of::<libc::c_int>() as libc::socklen_t;
+    let (fd, value) = (fd.as_fd().as_raw_fd(), (&raw const off).cast());
     // SAFETY: setsockopt reads an int from a pointer valid for `len` bytes.
-    let r = unsafe {
-        libc::setsockopt(fd.as_fd().as_raw_fd(), libc::SOL_SOCKET, SO_PASSRIGHTS, (&raw const off).cast(), len)
-    };
+    let r = unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, SO_PASSRIGHTS, value, len) };
     if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 

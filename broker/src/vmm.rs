@@ -17,8 +17,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
 use nix::sys::stat::{Mode, fstat};
 use nix::sys::wait::waitpid;
-use nix::unistd::UnlinkatFlags::NoRemoveDir;
-use nix::unistd::{Gid, Pid, Uid, fchownat, unlinkat};
+use nix::unistd::{Gid, Pid, Uid, UnlinkatFlags, fchownat, unlinkat};
 
 use crate::images::revoke;
 use crate::spawner::{self, Order};
@@ -118,8 +117,9 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
     let spec = SandboxSpec::new(id, vm.uid, exe.clone(), interpreter, plan, b.sandbox);
     let report = spec.report();
     // On failure, remove what this attempt created, so that it can be tried again.
-    let cleanup =
-        |dir: &OwnedFd| [LOG_FILE, EVENT_FILE, SANDBOX_REPORT, API_SOCKET].map(|n| unlinkat(dir, n, NoRemoveDir));
+    let cleanup = |dir: &OwnedFd| {
+        [LOG_FILE, EVENT_FILE, SANDBOX_REPORT, API_SOCKET].map(|n| unlinkat(dir, n, UnlinkatFlags::NoRemoveDir))
+    };
     let started = (|| {
         let (log_w, log_r) = create_output(&vm.dir, LOG_FILE)?;
         let (events_w, events_r) = create_output(&vm.dir, EVENT_FILE)?;
