@@ -22,7 +22,6 @@ pub fn init_logging(format: LogFormat) {
 }
 
 /// The checked configuration.
-#[derive(Debug)]
 pub struct Config {
     pub frontend: Ids,
     pub vm_uids: std::ops::RangeInclusive<u32>,
