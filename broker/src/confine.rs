@@ -3,28 +3,8 @@
 //! its seccomp filter.
 
 use caps::{CapSet, Capability};
+pub use my_hypervisor_policy::privileges::{BROKER_CAPS, SPAWNER_CAPS};
 use my_hypervisor_policy::seccomp;
-
-/// The broker: chown of disks and VM dirs; reaching VM-owned dirs and sockets; ACLs on
-/// images it does not own; signals to the frontend and VMMs; taps.
-pub const BROKER_CAPS: &[Capability] = &[
-    Capability::CAP_CHOWN,
-    Capability::CAP_DAC_OVERRIDE,
-    Capability::CAP_FOWNER,
-    Capability::CAP_KILL,
-    Capability::CAP_NET_ADMIN,
-];
-
-/// The spawn helper: become another uid with no capabilities, and build the VMM's
-/// namespaces.
-pub const SPAWNER_CAPS: &[Capability] = &[
-    Capability::CAP_SETUID,
-    Capability::CAP_SETGID,
-    Capability::CAP_SETPCAP,
-    Capability::CAP_SYS_ADMIN,
-    Capability::CAP_MKNOD,
-    Capability::CAP_CHOWN,
-];
 
 /// Keeps exactly `keep` in the effective and permitted sets; empties the bounding,
 /// inheritable and ambient sets.
@@ -48,8 +28,7 @@ pub fn keep_only(keep: &[Capability]) -> Result<(), String> {
 pub fn apply_broker_filter(mode: seccomp::Mode) -> Result<(), String> {
     let prog = seccomp::compile(&seccomp::broker_allow_list(), mode).map_err(|e| format!("compile filter: {e}"))?;
     // SAFETY: plain prctl with integer arguments; required to install a filter.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
-    }
+    let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    crate::unpriv::sys("no_new_privs", r.into()).map_err(|e| e.to_string())?;
     seccompiler::apply_filter(&prog).map_err(|e| format!("install filter: {e}"))
 }

@@ -4,9 +4,9 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use my_hypervisor_policy::layout::{self, DirRole, Enforce, Ids, Owner};
+use my_hypervisor_policy::layout::{self, DirRole, Enforce, Ids, check_image_root_owner};
 use nix::fcntl::{OFlag, open};
 use nix::sys::stat::{Mode, SFlag, fchmod, fstat, umask};
 use nix::unistd::{Gid, Uid, fchown};
@@ -15,14 +15,16 @@ fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> String {
     format!("{}: {what}: {e}", path.display())
 }
 
+/// Opens the directory `path` itself, never through a symlink there.
+pub fn open_dir(path: &Path, what: &str) -> Result<OwnedFd, String> {
+    open(path, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty()).map_err(|e| err(path, what, e))
+}
+
 /// Makes `path` a real directory (never a symlink) with the owner and mode its role
 /// demands, creating it and any missing parents (root 0755) if needed.
 pub fn ensure_dir(path: &Path, role: DirRole, frontend: Ids) -> Result<(), String> {
     let (owner, mode, enforce) = layout::dir_rule(role);
-    let ids = match owner {
-        Owner::Root => Ids { uid: 0, gid: 0 },
-        Owner::Frontend => frontend,
-    };
+    let ids = owner.ids(frontend);
     if let Some(parent) = path.parent() {
         std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(|e| err(parent, "create", e))?;
     }
@@ -31,8 +33,7 @@ pub fn ensure_dir(path: &Path, role: DirRole, frontend: Ids) -> Result<(), Strin
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
         Err(e) => return Err(err(path, "create", e)),
     };
-    let fd: OwnedFd = open(path, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| err(path, "open (a symlink is refused)", e))?;
+    let fd = open_dir(path, "open (a symlink is refused)")?;
     let st = fstat(fd.as_fd()).map_err(|e| err(path, "fstat", e))?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
         return Err(err(path, "check", "not a directory"));
@@ -45,6 +46,18 @@ pub fn ensure_dir(path: &Path, role: DirRole, frontend: Ids) -> Result<(), Strin
     fchmod(fd.as_fd(), Mode::from_bits_truncate(mode)).map_err(|e| err(path, "chmod", e))?;
     tracing::info!(path = %path.display(), uid = ids.uid, gid = ids.gid, mode = format!("{mode:o}"), "directory ready");
     Ok(())
+}
+
+/// Opens an image root, which must be a canonical path owned by root and writable by no
+/// group or other.
+pub fn open_image_root(r: &Path) -> Result<(PathBuf, OwnedFd), String> {
+    if std::fs::canonicalize(r).ok().as_deref() != Some(r) {
+        return Err(format!("image root {} must be a canonical path, with no symlink on the way", r.display()));
+    }
+    let fd = open_dir(r, "open")?;
+    let st = fstat(&fd).map_err(|e| format!("{}: {e}", r.display()))?;
+    check_image_root_owner(&r.to_string_lossy(), st.st_uid, st.st_mode).map_err(|e| e.to_string())?;
+    Ok((r.to_path_buf(), fd))
 }
 
 /// Binds the RPC socket with no window in which it is more open than its final mode:

@@ -6,23 +6,23 @@
 //! counted per inode, and the last revoke writes the original ACL bytes and mode back.
 //! Revoking goes through the fd kept open since the grant.
 
-use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use my_hypervisor_broker_proto::{Image, ImageRole};
+use my_hypervisor_policy::acl::Shares;
 use my_hypervisor_policy::check_path_text;
-use my_hypervisor_policy::layout::{VM_RUN_DIR_MODE, check_image_file};
+use my_hypervisor_policy::journal::Restore;
+use my_hypervisor_policy::layout::{
+    VM_RUN_DIR_MODE, check_image_file, check_searchable, image_root_of, shares_conflict,
+};
 use my_hypervisor_policy::vmm::FieldError;
-use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 use nix::sys::stat::{Mode, fchmod, fstat, mkdirat};
 use nix::unistd::{Gid, Uid, fchown};
-use serde::{Deserialize, Serialize};
 
 use crate::table::{Broker, Refusal, Vm, Vmm};
-
-pub type Acls = BTreeMap<(u64, u64), Shared>;
 
 pub struct Grant {
     pub path: String,
@@ -40,32 +40,16 @@ enum Undo {
     AclEntry { uid: u32 },
 }
 
-/// A read-only image granted by ACL: how many grants hold it, and the ACL bytes (none if
-/// it had no ACL) and mode it had before the first.
-pub struct Shared {
-    count: u32,
-    original: Option<Vec<u8>>,
-    mode: u32,
-}
-
-/// What puts an image back as it was before it was granted: the journal's record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Restore {
-    Nothing,
-    Owner { uid: u32, gid: u32 },
-    Acl { original: Option<Vec<u8>>, mode: u32 },
-}
-
 impl Grant {
     pub fn writable(&self) -> bool {
         self.role.writable()
     }
 
-    pub fn restore(&self, acls: &Acls) -> Restore {
-        match (&self.undo, acls.get(&self.inode)) {
-            (Undo::Chown { uid, gid }, _) => Restore::Owner { uid: *uid, gid: *gid },
-            (Undo::AclEntry { .. }, Some(s)) => Restore::Acl { original: s.original.clone(), mode: s.mode },
-            _ => Restore::Nothing,
+    pub fn restore(&self, acls: &Shares) -> Restore {
+        match self.undo {
+            Undo::Chown { uid, gid } => Restore::Owner { uid, gid },
+            Undo::AclEntry { .. } => acls.saved(self.inode).unwrap_or(Restore::Nothing),
+            Undo::Nothing => Restore::Nothing,
         }
     }
 }
@@ -74,7 +58,7 @@ impl Grant {
 /// in a way that conflicts with this grant.
 pub fn grant(
     roots: &[(PathBuf, OwnedFd)],
-    acls: &mut Acls,
+    acls: &mut Shares,
     vm_uid: u32,
     image: &Image,
     taken: impl Fn((u64, u64), bool) -> Option<String>,
@@ -82,33 +66,29 @@ pub fn grant(
     let path = image.path.as_str();
     let refuse = |why: String| Refusal::Image { path: path.to_string(), why };
     check_path_text(path).map_err(FieldError::from)?;
-    let (root, rel) = roots
-        .iter()
-        .find_map(|(r, fd)| Path::new(path).strip_prefix(r).ok().map(|rel| ((r, fd), rel)))
-        .filter(|(_, rel)| !rel.as_os_str().is_empty())
-        .ok_or_else(|| refuse("is not under any image root".into()))?;
+    let ((root, root_fd), rel) =
+        image_root_of(roots, path).ok_or_else(|| refuse("is not under any image root".into()))?;
     let writable = image.role.writable();
     let how = OpenHow::new()
         .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
         .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     let node =
-        openat2(root.1.as_fd(), rel, how).map_err(|e| refuse(format!("open beneath {}: {e}", root.0.display())))?;
+        openat2(root_fd.as_fd(), rel, how).map_err(|e| refuse(format!("open beneath {}: {e}", root.display())))?;
     let st = fstat(node.as_fd())?;
     check_image_file(st.st_mode, st.st_nlink as u64, writable).map_err(|why| refuse(why.into()))?;
     let inode = (st.st_dev, st.st_ino);
     if let Some(other) = taken(inode, writable) {
         return Err(refuse(format!("is already granted to VM {other}, and a writable disk belongs to one VM")));
     }
-    check_traversable(Path::new(path)).map_err(refuse)?;
+    // Every directory above the image must be searchable by the VM uid.
+    for dir in Path::new(path).ancestors().skip(1) {
+        let mode = std::fs::metadata(dir).map_err(|e| refuse(format!("{}: {e}", dir.display())))?.permissions().mode();
+        check_searchable(dir, mode, Path::new(path)).map_err(refuse)?;
+    }
     // A regular file (a FIFO or a device would have been refused above): now opened for I/O,
     // through the handle, so it is the same inode.
     let access = if writable { OFlag::O_RDWR } else { OFlag::O_RDONLY };
-    let fd = open(
-        format!("/proc/self/fd/{}", node.as_raw_fd()).as_str(),
-        access | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
-        Mode::empty(),
-    )
-    .map_err(|e| refuse(format!("reopen: {e}")))?;
+    let fd = crate::vmm::reopen(&node, access).map_err(|e| refuse(format!("reopen: {e}")))?;
     let undo = if writable {
         fchown(fd.as_fd(), Some(Uid::from_raw(vm_uid)), Some(Gid::from_raw(vm_uid)))
             .map_err(|e| refuse(format!("chown to the VM uid: {e}")))?;
@@ -123,25 +103,26 @@ pub fn grant(
 }
 
 /// Grants every image, then creates the VM's runtime dir (new, on its own tmpfs owned by
-/// `uid`, 0700). On any failure, undoes what was done so far: nothing is left behind.
+/// `uid`, 0700): a refused image costs no dir and no mount. On any failure, undoes what was
+/// done so far: nothing is left behind.
 pub fn prepare(b: &mut Broker, vm: &str, uid: u32, images: &[Image]) -> Result<Vm, Refusal> {
     let mut grants: Vec<Grant> = Vec::new();
-    let (vms, acls) = (&b.vms, &mut b.acls);
-    let granted = (|| {
-        for image in images {
-            let held = |inode, writable: bool| {
-                let mut all = vms.iter().flat_map(|(id, v)| v.grants.iter().map(move |g| (id, g)));
-                all.find(|(_, g)| g.inode == inode && (writable || g.writable())).map(|(id, _)| id.clone())
-            };
-            let g = grant(&b.image_roots, acls, uid, image, |inode, w| {
-                held(inode, w)
-                    .or_else(|| grants.iter().find(|g| g.inode == inode && (w || g.writable())).map(|_| vm.to_string()))
-            })?;
-            grants.push(g);
+    let mut granted = Ok(());
+    for image in images {
+        // Held by another VM, or by this one through an earlier image of the same Prepare.
+        let taken = |inode, w| {
+            let others = b.vms.iter().flat_map(|(id, v)| v.grants.iter().map(move |g| (id.as_str(), g)));
+            let mut all = others.chain(grants.iter().map(|g| (vm, g)));
+            all.find(|(_, g)| g.inode == inode && shares_conflict(w, g.writable())).map(|(id, _)| id.to_string())
+        };
+        match grant(&b.image_roots, &mut b.acls, uid, image, taken) {
+            Ok(g) => grants.push(g),
+            Err(e) => {
+                granted = Err(e);
+                break;
+            }
         }
-        Ok::<_, Refusal>(())
-    })();
-    // The images first: a refused one costs no dir and no mount.
+    }
     let dir = granted.and_then(|()| {
         let mode = Mode::from_bits_truncate(VM_RUN_DIR_MODE);
         mkdirat(b.run_fd.as_fd(), vm, mode).map_err(|e| Refusal::RunDir(format!("create {vm}: {e}")))?;
@@ -157,7 +138,7 @@ pub fn prepare(b: &mut Broker, vm: &str, uid: u32, images: &[Image]) -> Result<V
 }
 
 /// Undoes a grant through its fd. Safe to call on a grant that needs nothing undone.
-pub fn revoke(g: &Grant, acls: &mut Acls) -> Result<(), String> {
+pub fn revoke(g: &Grant, acls: &mut Shares) -> Result<(), String> {
     match g.undo {
         Undo::Nothing => Ok(()),
         Undo::Chown { uid, gid } => fchown(g.fd.as_fd(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
@@ -168,39 +149,24 @@ pub fn revoke(g: &Grant, acls: &mut Acls) -> Result<(), String> {
     }
 }
 
-/// Every directory above the image must be searchable by a uid that is neither its owner
-/// nor in its group, which is what a VM uid is.
-fn check_traversable(path: &Path) -> Result<(), String> {
-    for dir in path.ancestors().skip(1) {
-        let mode = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?.permissions().mode();
-        if mode & 0o001 == 0 {
-            return Err(format!(
-                "{} is not searchable by the VM uid (mode {:o}); {} cannot be reached",
-                dir.display(),
-                mode & 0o7777,
-                path.display()
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// The ACL calls; what the entries are is `policy::acl`.
 mod acl {
     use super::*;
-    use my_hypervisor_policy::acl::{XATTR, decode, encode, with_reader, without_uid};
+    use my_hypervisor_policy::acl::{Revoke, XATTR, decode, encode, without_uid};
 
     /// The raw `system.posix_acl_access` bytes, or None if the file has no ACL.
     fn read(fd: &OwnedFd) -> std::io::Result<Option<Vec<u8>>> {
         let mut buf = vec![0u8; 65536]; // XATTR_SIZE_MAX
         // SAFETY: the buffer is valid for its length; the kernel writes at most that much.
         let n = unsafe { libc::fgetxattr(fd.as_raw_fd(), XATTR.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENODATA) { Ok(None) } else { Err(e) };
-        }
-        buf.truncate(n as usize);
-        Ok(Some(buf))
+        buf.truncate(n.max(0) as usize);
+        Ok(found(n)?.then_some(buf))
+    }
+
+    /// Whether an xattr call found the ACL: false for ENODATA (the file has none).
+    fn found(r: isize) -> std::io::Result<bool> {
+        let e = std::io::Error::last_os_error();
+        if r >= 0 || e.raw_os_error() == Some(libc::ENODATA) { Ok(r >= 0) } else { Err(e) }
     }
 
     fn write(fd: &OwnedFd, buf: &[u8]) -> std::io::Result<()> {
@@ -210,43 +176,33 @@ mod acl {
     }
 
     /// Adds `uid`'s read entry; the first grant on an inode saves its ACL and mode first.
-    pub fn add_reader(fd: &OwnedFd, acls: &mut Acls, inode: (u64, u64), mode: u32, uid: u32) -> std::io::Result<()> {
-        let current = read(fd)?;
-        let entries = with_reader(current.as_deref().map(decode), mode, uid);
-        let shared = acls.entry(inode).or_insert(Shared { count: 0, original: current, mode: mode & 0o7777 });
-        let written = write(fd, &encode(entries));
-        if written.is_ok() {
-            shared.count += 1;
-        } else if shared.count == 0 {
-            acls.remove(&inode);
-        }
+    pub fn add_reader(fd: &OwnedFd, acls: &mut Shares, inode: (u64, u64), mode: u32, uid: u32) -> std::io::Result<()> {
+        let bytes = acls.grant(inode, read(fd)?, mode, uid);
+        let written = write(fd, &bytes);
+        acls.granted(inode, written.is_ok());
         written
     }
 
     /// Takes `uid`'s entry off while other grants hold the inode; the last one restores the
     /// saved ACL bytes (or removes the ACL) and the saved mode, exactly.
-    pub fn remove_reader(fd: &OwnedFd, acls: &mut Acls, inode: (u64, u64), uid: u32) -> std::io::Result<()> {
-        let Some(shared) = acls.get_mut(&inode) else { return Ok(()) };
-        if shared.count > 1 {
-            if let Some(current) = read(fd)? {
-                write(fd, &encode(without_uid(decode(&current), uid)))?;
-            }
-            shared.count -= 1;
-            return Ok(());
-        }
-        match &shared.original {
-            Some(bytes) => write(fd, bytes)?,
-            // SAFETY: plain syscall on an owned fd with a NUL-terminated name.
-            None if unsafe { libc::fremovexattr(fd.as_raw_fd(), XATTR.as_ptr()) } < 0 => {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::ENODATA) {
-                    return Err(e);
+    pub fn remove_reader(fd: &OwnedFd, acls: &mut Shares, inode: (u64, u64), uid: u32) -> std::io::Result<()> {
+        match acls.revoke(inode) {
+            Revoke::Nothing => return Ok(()),
+            Revoke::Entry => {
+                if let Some(current) = read(fd)? {
+                    write(fd, &encode(without_uid(decode(&current), uid)))?;
                 }
             }
-            None => {}
+            Revoke::Restore { original, mode } => {
+                match original {
+                    Some(bytes) => write(fd, &bytes)?,
+                    // SAFETY: plain syscall on an owned fd with a NUL-terminated name.
+                    None => drop(found(unsafe { libc::fremovexattr(fd.as_raw_fd(), XATTR.as_ptr()) } as isize)?),
+                }
+                fchmod(fd.as_fd(), Mode::from_bits_truncate(mode))?;
+            }
         }
-        fchmod(fd.as_fd(), Mode::from_bits_truncate(shared.mode))?;
-        acls.remove(&inode);
+        acls.revoked(inode);
         Ok(())
     }
 }
@@ -257,6 +213,7 @@ mod tests {
     use my_hypervisor_policy::acl::{
         GROUP, GROUP_OBJ, MASK, NO_ID, OTHER, READ, USER, USER_OBJ, XATTR, decode, encode,
     };
+    use nix::fcntl::open;
 
     fn xattr(p: &Path) -> Option<Vec<u8>> {
         let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
@@ -293,7 +250,7 @@ mod tests {
         let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         let root_fd = open(&dir, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).unwrap();
         let roots = vec![(dir.clone(), root_fd)];
-        let mut acls = Acls::new();
+        let mut acls = Shares::default();
         let image = Image { path: file.to_str().unwrap().into(), role: ImageRole::Kernel };
         let a = grant(&roots, &mut acls, 62001, &image, |_, _| None).unwrap();
         let b = grant(&roots, &mut acls, 62002, &image, |_, _| None).unwrap();
@@ -319,7 +276,7 @@ mod tests {
         nix::unistd::mkfifo(&dir.join("k"), Mode::from_bits_truncate(0o644)).unwrap();
         let roots = vec![(dir.clone(), open(&dir, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).unwrap())];
         let image = Image { path: dir.join("k").to_str().unwrap().into(), role: ImageRole::Kernel };
-        let r = grant(&roots, &mut Acls::new(), 62001, &image, |_, _| None);
+        let r = grant(&roots, &mut Shares::default(), 62001, &image, |_, _| None);
         assert!(matches!(r, Err(Refusal::Image { ref why, .. }) if why == "is not a regular file"), "{:?}", r.err());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -2,11 +2,7 @@
 
 use std::os::fd::AsRawFd;
 
-use my_hypervisor_policy::vmm::KVM_EXTENSIONS;
-
-const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
-const KVM_CHECK_EXTENSION: libc::c_ulong = 0xAE03;
-pub const KVM_API_VERSION: i32 = 12;
+use my_hypervisor_policy::vmm::{KVM_API_VERSION, KVM_CHECK_EXTENSION, KVM_EXTENSIONS, KVM_GET_API_VERSION};
 
 pub fn check() -> Result<(i32, Vec<(String, bool)>), String> {
     let kvm =

@@ -25,11 +25,9 @@ use clap::Parser;
 fn main() -> ExitCode {
     let args = cli::Args::parse();
     cli::init_logging(args.log_format);
-    match supervise::run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "daemon stopped");
-            ExitCode::FAILURE
-        }
+    let ran = supervise::run(&args);
+    if let Err(e) = &ran {
+        tracing::error!(error = %e, "daemon stopped");
     }
+    if ran.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }

@@ -9,20 +9,19 @@
 use std::ffi::{CString, OsStr};
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use my_hypervisor_broker_proto::{Envelope, PROTOCOL_VERSION, WireError, recv, send};
 use my_hypervisor_policy::elf::closure;
 use my_hypervisor_policy::frontend::{BROKER_FD, EXE_FD, LISTEN_FD, NAMESPACES, REPORT_FD};
 use my_hypervisor_policy::layout::Ids;
-use my_hypervisor_policy::sandbox::VMM_CLONE_FLAGS;
+use my_hypervisor_policy::sandbox::{VMM_CLONE_FLAGS, VmmRoot, c_argv, check_keep_list, launcher_args, vmm_keep_list};
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use nix::unistd::pipe2;
 use serde::{Deserialize, Serialize};
 
-use crate::unpriv::{VmmRoot, drop_privileges, enter_vmm_namespaces, place_fds, reset_signals, run_dir_tmpfs, sys};
+use crate::unpriv::{drop_privileges, enter_vmm_namespaces, place_fds, reset_signals, run_dir_tmpfs, sys};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Order {
@@ -90,9 +89,8 @@ pub fn serve(chan: OwnedFd, mut cfg: SpawnerConfig) -> Result<(), String> {
     cfg.frontend_launcher.fd = above_floor(cfg.frontend_launcher.fd)?;
     // Nothing else inherited from the daemon stays open below the floor.
     // SAFETY: closes fds no one in this fresh process uses; what it holds is above the floor.
-    if unsafe { libc::close_range(3, FD_FLOOR as u32 - 1, 0) } < 0 {
-        return Err(format!("close inherited fds: {}", std::io::Error::last_os_error()));
-    }
+    let r = unsafe { libc::close_range(3, FD_FLOOR as u32 - 1, 0) };
+    sys("close inherited fds", r.into()).map_err(|e| e.to_string())?;
     let held = [chan, &cfg.frontend.fd, &cfg.launcher.fd, &cfg.frontend_launcher.fd].map(|f| f.as_raw_fd());
     assert!(held.iter().all(|&fd| fd >= FD_FLOOR), "the spawn helper's fds lie above {FD_FLOOR}: {held:?}");
     let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
@@ -125,10 +123,7 @@ pub fn serve(chan: OwnedFd, mut cfg: SpawnerConfig) -> Result<(), String> {
 }
 
 fn c_args(prog: &Program, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Result<Vec<CString>, String> {
-    std::iter::once(prog.path.as_os_str().to_owned())
-        .chain(args.into_iter().map(|a| a.as_ref().to_owned()))
-        .map(|a| CString::new(a.as_bytes()).map_err(|_| "NUL in an argument".to_string()))
-        .collect()
+    c_argv(prog.path.as_os_str(), args)
 }
 
 /// Carries out one order: a started program, or `None` for a run dir (un)mount.
@@ -153,17 +148,15 @@ fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Result<Option<
             // The new root holds CH's and the launcher's ELF closure, but not the launcher
             // itself: it is exec'd through its pinned handle.
             let launcher = cfg.launcher.path.to_string_lossy();
-            let mut files = closure(&[&ch_argv[0], &launcher], |p| std::fs::read(p).ok()).map_err(|e| e.to_string())?;
+            let ch = ch_argv.first().ok_or("vmm order has no cloud-hypervisor")?;
+            let mut files = closure(&[ch, &launcher], |p| std::fs::read(p).ok()).map_err(|e| e.to_string())?;
             files.retain(|f| *f != launcher);
             let n = fds.len().checked_sub(binds.len()).ok_or("vmm order has fewer fds than binds")?;
             let binds = binds.into_iter().zip(&fds[n..]).map(|((p, w), fd)| (p, w, fd.as_raw_fd())).collect();
             let root = VmmRoot { files, binds };
-            let args = ["--spec".to_string(), spec, "--".to_string()].into_iter().chain(ch_argv);
-            let argv = c_args(&cfg.launcher, args)?;
-            // fds: the log (stdout and stderr), then the VMM's own from 3 up.
-            let mut keep: Vec<(i32, i32)> = fds[..n].iter().map(|fd| fd.as_raw_fd()).zip(2..).collect();
-            keep.first_mut().ok_or("vmm order needs a log fd")?.1 = 1;
-            keep.insert(1, (fds[0].as_raw_fd(), 2));
+            let argv = c_args(&cfg.launcher, launcher_args(spec, ch_argv))?;
+            let raw: Vec<i32> = fds[..n].iter().map(|fd| fd.as_raw_fd()).collect();
+            let keep = vmm_keep_list(&raw).ok_or("vmm order needs a log fd")?;
             let ids = Ids { uid, gid: uid };
             start_detached(argv, &cfg.launcher, keep, ids, VMM_CLONE_FLAGS, Some(root), None).map(Some)
         }
@@ -190,9 +183,8 @@ pub unsafe fn fork_sibling(ns_flags: u64) -> std::io::Result<Option<Started>> {
     // `struct clone_args` v0: flags, pidfd, child_tid, parent_tid, exit_signal, stack,
     // stack_size, tls. exit_signal must be 0 with CLONE_PARENT: the child inherits the
     // helper's own, SIGCHLD, which the broker reads.
-    let mut args = [0u64; 8];
-    args[0] = ns_flags | libc::CLONE_PARENT as u64 | libc::CLONE_PIDFD as u64;
-    args[1] = &mut pidfd as *mut libc::c_int as u64;
+    let flags = ns_flags | libc::CLONE_PARENT as u64 | libc::CLONE_PIDFD as u64;
+    let args: [u64; 8] = [flags, &mut pidfd as *mut libc::c_int as u64, 0, 0, 0, 0, 0, 0];
     // SAFETY: clone3 without CLONE_VM or a stack is a fork: the child runs on a copy of this
     // stack and memory. `args` and `pidfd` outlive the call; the kernel writes only `pidfd`.
     match sys("clone3", unsafe { libc::syscall(libc::SYS_clone3, args.as_ptr(), std::mem::size_of_val(&args)) })? {
@@ -216,10 +208,7 @@ fn start_detached(
     vmm: Option<VmmRoot>,
     report: Option<i32>,
 ) -> Result<Started, String> {
-    // Only stdio keeps its own number; every other kept fd comes from above the floor.
-    if keep.iter().any(|&(from, to)| to >= FD_FLOOR || (from < FD_FLOOR && from != to)) {
-        return Err(format!("keep-list {keep:?} crosses fd {FD_FLOOR}"));
-    }
+    check_keep_list(&keep, FD_FLOOR)?;
     let exe = prog.fd.as_raw_fd();
     let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
     let mut keep: Vec<(i32, i32)> = std::iter::once((null.as_raw_fd(), 0)).chain(keep).collect();
@@ -236,18 +225,10 @@ fn start_detached(
                 let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
                 ptrs.push(std::ptr::null());
                 let env: [*const libc::c_char; 1] = [std::ptr::null()];
+                let (path, flags) = (c"".as_ptr(), libc::AT_EMPTY_PATH);
                 // SAFETY: argv and env are NUL-terminated arrays of C strings that outlive
                 // the call; `exe` is the pinned O_PATH handle.
-                unsafe {
-                    libc::syscall(
-                        libc::SYS_execveat,
-                        exe,
-                        c"".as_ptr(),
-                        ptrs.as_ptr(),
-                        env.as_ptr(),
-                        libc::AT_EMPTY_PATH,
-                    )
-                };
+                unsafe { libc::syscall(libc::SYS_execveat, exe, path, ptrs.as_ptr(), env.as_ptr(), flags) };
                 Err::<(), _>(std::io::Error::other(format!("exec: {}", std::io::Error::last_os_error())))
             });
             if let Err(e) = err {

@@ -14,11 +14,9 @@ use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use my_hypervisor_broker_proto::{Request, WireError, recv_keeping_fds};
+use my_hypervisor_policy::net::SO_PASSRIGHTS;
 use nix::sys::socket::{AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair};
 use nix::unistd::{ForkResult, fork};
-
-/// asm-generic/socket.h (Linux 6.16); not in the libc crate yet.
-pub const SO_PASSRIGHTS: i32 = 83;
 
 pub enum Strays {
     /// Frontend channels refuse fds (SO_PASSRIGHTS off on the broker's end).
@@ -30,14 +28,14 @@ pub enum Strays {
 fn refuse_fds(fd: &impl AsFd) -> std::io::Result<()> {
     let off: libc::c_int = 0;
     let len = size_of::<libc::c_int>() as libc::socklen_t;
+    let (fd, value) = (fd.as_fd().as_raw_fd(), (&raw const off).cast());
     // SAFETY: setsockopt reads an int from a pointer valid for `len` bytes.
-    let r = unsafe {
-        libc::setsockopt(fd.as_fd().as_raw_fd(), libc::SOL_SOCKET, SO_PASSRIGHTS, (&raw const off).cast(), len)
-    };
+    let r = unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, SO_PASSRIGHTS, value, len) };
     if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
-fn pair() -> Result<(OwnedFd, OwnedFd), String> {
+/// A SOCK_SEQPACKET socketpair, close-on-exec.
+pub fn pair() -> Result<(OwnedFd, OwnedFd), String> {
     socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .map_err(|e| format!("socketpair: {e}"))
 }

@@ -9,10 +9,13 @@ use std::time::{Duration, Instant};
 use my_hypervisor_broker_proto::{
     Envelope, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv_keeping_fds, send,
 };
+use my_hypervisor_policy::daemon::Backoff;
 use my_hypervisor_policy::frontend::FrontendPlan;
-use my_hypervisor_policy::layout::{DirRole, check_image_root_owner};
+use my_hypervisor_policy::journal::check_found;
+use my_hypervisor_policy::sandbox::SandboxOptions;
 use my_hypervisor_policy::seccomp;
-use nix::fcntl::{OFlag, open};
+use my_hypervisor_policy::vmm::exit_status;
+use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::sys::signal::{SigSet, Signal, kill};
@@ -24,16 +27,11 @@ use nix::unistd::{ForkResult, Pid, fork, geteuid};
 
 use crate::cli::{Args, Config, resolve, sibling};
 use crate::confine::{BROKER_CAPS, SPAWNER_CAPS, apply_broker_filter, keep_only};
-use crate::dirs::{bind_rpc_socket, ensure_dir};
+use crate::dirs::{bind_rpc_socket, ensure_dir, open_dir, open_image_root};
 use crate::spawner::{self, Order, Program, SpawnerConfig};
 use crate::strays::Strays;
-use crate::table::{Broker, SandboxOptions, serve};
+use crate::table::{Broker, serve};
 use crate::{journal, vmm};
-
-const BACKOFF_FIRST: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// A frontend that ran this long is healthy again: its next restart comes quickly.
-const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 
 /// The frontend as the broker knows it from the spawn: its pid and uid are the audit
 /// identity of every request on its channel.
@@ -51,43 +49,17 @@ pub fn run(args: &Args) -> Result<(), String> {
     }
     umask(Mode::from_bits_truncate(0o022));
     let cfg = resolve(args)?;
-    let socket_parent = args.rpc_socket.parent().ok_or("the rpc socket needs a parent dir")?;
-    ensure_dir(socket_parent, DirRole::SocketParent, cfg.frontend)?;
-    ensure_dir(&args.state_dir, DirRole::State, cfg.frontend)?;
-    ensure_dir(&args.console_dir, DirRole::Console, cfg.frontend)?;
-    ensure_dir(&args.run_dir, DirRole::Run, cfg.frontend)?;
-    for root in &args.image_roots {
-        ensure_dir(root, DirRole::ImageRoot, cfg.frontend)?;
+    for (dir, role) in args.dirs()? {
+        ensure_dir(dir, role, cfg.frontend)?;
     }
     let listener = bind_rpc_socket(&args.rpc_socket, cfg.rpc_gid)?;
-    let dir_fd = |p: &std::path::Path| {
-        open(p, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|e| format!("{}: {e}", p.display()))
-    };
-    let image_roots = args
-        .image_roots
-        .iter()
-        .map(|r| {
-            if std::fs::canonicalize(r).ok().as_ref() != Some(r) {
-                return Err(format!("image root {} must be a canonical path, with no symlink on the way", r.display()));
-            }
-            let fd = dir_fd(r)?;
-            let st = nix::sys::stat::fstat(&fd).map_err(|e| format!("{}: {e}", r.display()))?;
-            check_image_root_owner(&r.to_string_lossy(), st.st_uid, st.st_mode).map_err(|e| e.to_string())?;
-            Ok((r.clone(), fd))
-        })
-        .collect::<Result<_, String>>()?;
-    let run_fd = dir_fd(&args.run_dir)?;
+    let image_roots = args.image_roots.iter().map(|r| open_image_root(r)).collect::<Result<_, String>>()?;
+    let run_fd = open_dir(&args.run_dir, "open")?;
     // VMs held by an earlier broker (one killed, or crashed) are not taken up again yet: the
     // daemon refuses to start rather than hand their uids, taps or disks out twice.
-    match std::fs::read(args.run_dir.join(journal::FILE)) {
-        Ok(bytes) if bytes != [0] => {
-            return Err(format!(
-                "{} lists VMs an earlier broker held; stop their VMMs, undo their grants and remove the file",
-                args.run_dir.join(journal::FILE).display()
-            ));
-        }
-        _ => {}
+    let journal_path = args.run_dir.join(journal::FILE);
+    if let Ok(bytes) = std::fs::read(&journal_path) {
+        check_found(&bytes).map_err(|e| format!("{} {e}", journal_path.display()))?;
     }
     // Every VMM costs the broker a few fds (grants, taps, its pidfd and outputs).
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| format!("getrlimit: {e}"))?;
@@ -96,13 +68,9 @@ pub fn run(args: &Args) -> Result<(), String> {
     let strays = Strays::start(args.no_passrights)?;
     // Every process the spawn helper starts is re-parented to the broker, which reaps it.
     // SAFETY: plain prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-        return Err(format!("become a child subreaper: {}", std::io::Error::last_os_error()));
-    }
-    let mut signals = SigSet::empty();
-    for s in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        signals.add(s);
-    }
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    crate::unpriv::sys("become a child subreaper", r.into()).map_err(|e| e.to_string())?;
+    let signals: SigSet = [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP].into_iter().collect();
     signals.thread_block().map_err(|e| format!("block signals: {e}"))?;
     let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("signalfd: {e}"))?;
@@ -123,16 +91,16 @@ pub fn run(args: &Args) -> Result<(), String> {
         sandbox: SandboxOptions { seccomp: args.vmm_seccomp, landlock_best_effort: args.landlock_best_effort },
         allowed_bridges: args.allowed_bridges.clone(),
         vms: BTreeMap::new(),
-        acls: BTreeMap::new(),
+        acls: Default::default(),
         journal_failed: false,
         strays,
     };
     journal::save(&b)?;
     // Fail closed: the first frontend must start, or the daemon does not run.
     let mut frontend = Some(start_frontend(&b, &cfg, &listener).map_err(|e| format!("start frontend: {e}"))?);
-    let mut restart = Restart { backoff: BACKOFF_FIRST, at: None, count: 0 };
+    let (mut backoff, mut restart_at) = (Backoff::default(), None::<Instant>);
     loop {
-        let timeout = match restart.at {
+        let timeout = match restart_at {
             Some(t) => PollTimeout::try_from(t.saturating_duration_since(Instant::now())).unwrap_or(PollTimeout::MAX),
             None => PollTimeout::NONE,
         };
@@ -161,18 +129,20 @@ pub fn run(args: &Args) -> Result<(), String> {
                 }
             }
             while let Ok(ws) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                let Some((pid, status)) = vmm::exit_status(ws) else { break };
+                let Some((pid, status)) = exit_status(ws) else { break };
                 if pid == spawner_pid {
                     return Err(format!("the spawn helper exited ({status:?}); no VMM or frontend can start"));
                 }
                 if frontend.as_ref().is_some_and(|f| f.pid.as_raw() as u32 == pid) {
                     let f = frontend.take().expect("checked above");
                     b.strays.drain(&f.channel);
-                    restart.schedule(f.started.elapsed());
-                    tracing::warn!(pid, ?status, restart = restart.count, delay = ?restart.backoff, "frontend exited; restarting it");
+                    restart_at = Some(Instant::now() + backoff.delay(f.started.elapsed()));
+                    tracing::warn!(pid, ?status, restart = backoff.count, delay = ?backoff.next, "frontend exited; restarting it");
                 } else if let Some(event) = vmm::reaped(&mut b, pid, status) {
                     tracing::info!(pid, ?status, ?event, "VMM exited");
-                    log_err(journal::commit(&mut b));
+                    if let Err(e) = journal::commit(&mut b) {
+                        tracing::error!(error = %e, "journal");
+                    }
                     if let Some(f) = frontend.as_mut().filter(|f| f.serving) {
                         let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: FromBroker::Event(event) };
                         if let Err(e) = send(&f.channel, env, &[]) {
@@ -184,35 +154,16 @@ pub fn run(args: &Args) -> Result<(), String> {
                 }
             }
         }
-        if restart.at.is_some_and(|t| Instant::now() >= t) {
-            restart.at = None;
+        if restart_at.is_some_and(|t| Instant::now() >= t) {
+            restart_at = None;
             match start_frontend(&b, &cfg, &listener) {
                 Ok(f) => frontend = Some(f),
                 Err(e) => {
                     tracing::error!(error = %e, "frontend restart failed");
-                    restart.schedule(Duration::ZERO);
+                    restart_at = Some(Instant::now() + backoff.delay(Duration::ZERO));
                 }
             }
         }
-    }
-}
-
-/// When the next frontend starts: backoff doubling from 200 ms to 10 s, and back to the
-/// start after a frontend that ran for 30 s.
-struct Restart {
-    backoff: Duration,
-    at: Option<Instant>,
-    count: u64,
-}
-
-impl Restart {
-    fn schedule(&mut self, ran_for: Duration) {
-        if ran_for >= HEALTHY_AFTER {
-            self.backoff = BACKOFF_FIRST;
-        }
-        self.count += 1;
-        self.at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 }
 
@@ -242,12 +193,6 @@ fn shut_down(b: &mut Broker, frontend: Option<&Frontend>, sig: Signal) -> Result
         }
     }
     journal::save(b)
-}
-
-fn log_err(r: Result<(), String>) {
-    if let Err(e) = r {
-        tracing::error!(error = %e, "journal");
-    }
 }
 
 /// Receives, checks, dispatches, audits and answers one request. An error here means the
@@ -291,8 +236,7 @@ fn serve_one(b: &mut Broker, f: &Frontend) -> Result<(), WireError> {
 /// Forks the spawn helper while the broker still has every capability and no filter. It
 /// keeps the capabilities it needs to start unprivileged programs and nothing else.
 fn start_spawner(args: &Args, cfg: &Config) -> Result<(OwnedFd, u32), String> {
-    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
-        .map_err(|e| format!("socketpair: {e}"))?;
+    let (ours, theirs) = crate::strays::pair()?;
     let plan = FrontendPlan {
         frontend_bin: &cfg.frontend_bin,
         state_dir: &args.state_dir,
@@ -316,14 +260,11 @@ fn start_spawner(args: &Args, cfg: &Config) -> Result<(OwnedFd, u32), String> {
     match unsafe { fork() }.map_err(|e| format!("fork spawn helper: {e}"))? {
         ForkResult::Child => {
             drop(ours);
-            let code = match keep_only(SPAWNER_CAPS).and_then(|()| spawner::serve(theirs, sc)) {
-                Ok(()) => 0,
-                Err(e) => {
-                    tracing::error!(error = %e, "spawn helper stopped");
-                    1
-                }
-            };
-            std::process::exit(code)
+            let served = keep_only(SPAWNER_CAPS).and_then(|()| spawner::serve(theirs, sc));
+            if let Err(e) = &served {
+                tracing::error!(error = %e, "spawn helper stopped");
+            }
+            std::process::exit(i32::from(served.is_err()))
         }
         ForkResult::Parent { child } => {
             tracing::info!(pid = child.as_raw(), caps = ?SPAWNER_CAPS, "spawn helper started");

@@ -28,10 +28,13 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use my_hypervisor_broker_proto::{ExitStatus, HeldVm, Reply, Request};
+use my_hypervisor_policy::acl::Shares;
+pub use my_hypervisor_policy::refusal::Refusal;
 use my_hypervisor_policy::request::{self, Held, StateError};
-use my_hypervisor_policy::vmm::{FieldError, MAX_NETS};
+use my_hypervisor_policy::sandbox::SandboxOptions;
+use my_hypervisor_policy::vmm::{MAX_NETS, check_bridge, check_range};
 
-use crate::images::{Grant, Shared};
+use crate::images::Grant;
 use crate::{images, journal, kvm, vmm};
 
 pub struct Broker {
@@ -45,19 +48,12 @@ pub struct Broker {
     pub allowed_bridges: Vec<String>,
     pub vms: BTreeMap<String, Vm>,
     /// Read-only images granted by ACL, by inode: how many grants, and what to restore.
-    pub acls: BTreeMap<(u64, u64), Shared>,
+    pub acls: Shares,
     /// The last journal write failed: state-changing requests but Release are refused
     /// until a write succeeds.
     pub journal_failed: bool,
     /// Where fds that came with a request go: never closed on the broker's thread.
     pub strays: crate::strays::Strays,
-}
-
-/// Debugging switches for every VMM's sandbox (flags of the daemon).
-#[derive(Debug, Clone, Copy)]
-pub struct SandboxOptions {
-    pub seccomp: my_hypervisor_policy::seccomp::Mode,
-    pub landlock_best_effort: bool,
 }
 
 /// The broker's own record of a VM: what it granted, created and spawned.
@@ -91,50 +87,23 @@ pub enum Vmm {
     },
 }
 
-/// Why a request was refused; nothing was changed.
-#[derive(Debug, thiserror::Error)]
-pub enum Refusal {
-    #[error(transparent)]
-    Field(#[from] FieldError),
-    #[error(transparent)]
-    State(#[from] StateError),
-    #[error("the journal cannot be written ({0}); only Release is served until it can")]
-    Journal(String),
-    #[error("{path}: {why}")]
-    Image { path: String, why: String },
-    #[error("runtime dir: {0}")]
-    RunDir(String),
-    #[error("every uid in the VM uid range is in use")]
-    NoUid,
-    #[error("bridge {0} is not one the daemon allows (--allowed-bridge)")]
-    Bridge(String),
-    #[error("{0}")]
-    Kvm(String),
-    #[error("{0}")]
-    Tap(String),
-    #[error("{0}")]
-    Vmm(String),
-    #[error("release of VM {vm} is incomplete: {steps}")]
-    Release { vm: String, steps: String },
-    #[error("the reply carries {got} fds, its row says {row}")]
-    ReplyFds { got: usize, row: u8 },
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-    #[error(transparent)]
-    Sys(#[from] nix::errno::Errno),
-}
-
 /// What a handler returns: the reply and its fds.
 pub type Handled = Result<(Reply, Vec<OwnedFd>), Refusal>;
 
+impl Vmm {
+    /// The state the request table checks, and the pid and exit status the Inventory shows.
+    fn summary(&self) -> (Held, Option<u32>, Option<ExitStatus>) {
+        match *self {
+            Vmm::NotSpawned => (Held::Prepared, None, None),
+            Vmm::Alive { pid, .. } => (Held::Alive, Some(pid), None),
+            Vmm::Exited { pid, status, .. } => (Held::Exited, Some(pid), Some(status)),
+        }
+    }
+}
+
 impl Broker {
     fn held(&self, id: &str) -> Held {
-        match self.vms.get(id).map(|v| &v.vmm) {
-            None => Held::Unknown,
-            Some(Vmm::NotSpawned) => Held::Prepared,
-            Some(Vmm::Alive { .. }) => Held::Alive,
-            Some(Vmm::Exited { .. }) => Held::Exited,
-        }
+        self.vms.get(id).map_or(Held::Unknown, |v| v.vmm.summary().0)
     }
 
     fn vm(&mut self, id: &str) -> Result<&mut Vm, Refusal> {
@@ -189,19 +158,9 @@ fn dispatch(b: &mut Broker, req: &Request) -> Handled {
             Ok((reply, vec![]))
         }
         Request::CreateTap { vm, mac, mtu, bridge } => {
-            if let Some(br) = bridge.as_ref().filter(|br| !b.allowed_bridges.contains(br)) {
-                return Err(Refusal::Bridge(br.clone()));
-            }
+            check_bridge(&b.allowed_bridges, bridge.as_deref()).map_err(Refusal::Bridge)?;
             let v = b.vm(vm)?;
-            if v.taps.len() >= MAX_NETS {
-                return Err(FieldError::Range {
-                    field: "nets",
-                    min: 0,
-                    max: MAX_NETS as u64,
-                    got: v.taps.len() as u64 + 1,
-                }
-                .into());
-            }
+            check_range("nets", v.taps.len() as u64 + 1, 0, MAX_NETS as u64)?;
             let name = my_hypervisor_policy::vmm::tap_name(v.uid, v.taps.len());
             let fd = crate::tap::create(&name, *mtu, bridge.as_deref()).map_err(Refusal::Tap)?;
             v.taps.push(Tap { name: name.clone(), mac: mac.clone(), fd });
@@ -222,19 +181,11 @@ fn dispatch(b: &mut Broker, req: &Request) -> Handled {
             Ok((Reply::Released, vec![]))
         }
         Request::Inventory => {
-            let vms = b
-                .vms
-                .iter()
-                .map(|(id, v)| {
-                    let (pid, alive, exit) = match v.vmm {
-                        Vmm::NotSpawned => (None, false, None),
-                        Vmm::Alive { pid, .. } => (Some(pid), true, None),
-                        Vmm::Exited { pid, status, .. } => (Some(pid), false, Some(status)),
-                    };
-                    HeldVm { vm: id.clone(), uid: v.uid, pid, alive, exit }
-                })
-                .collect();
-            Ok((Reply::Inventory { vms }, vec![]))
+            let vms = b.vms.iter().map(|(id, v)| {
+                let (held, pid, exit) = v.vmm.summary();
+                HeldVm { vm: id.clone(), uid: v.uid, pid, alive: held == Held::Alive, exit }
+            });
+            Ok((Reply::Inventory { vms: vms.collect() }, vec![]))
         }
     }
 }
@@ -243,15 +194,27 @@ fn dispatch(b: &mut Broker, req: &Request) -> Handled {
 mod tests {
     use std::path::Path;
 
-    use my_hypervisor_broker_proto::{Image, ImageRole, VmmSignal};
+    use my_hypervisor_broker_proto::{Envelope, Image, ImageRole, PROTOCOL_VERSION, VmmSignal, recv, send};
     use nix::fcntl::{OFlag, open};
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
     use nix::sys::stat::Mode;
 
     use super::*;
+    use my_hypervisor_policy::sandbox::SandboxOptions;
 
     fn broker(dir: &Path) -> Broker {
-        let (spawner, _) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let (spawner, helper) =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        // A stand-in for the spawn helper: it mounts no run dir tmpfs, and answers every order
+        // with success, so that a Prepare gets as far as its images.
+        std::thread::spawn(move || {
+            while let Ok((env, _)) = recv::<crate::spawner::Order>(&helper) {
+                let reply = Envelope { version: PROTOCOL_VERSION, id: env.id, fds: 0, body: Ok::<u32, String>(0) };
+                if send(&helper, reply, &[]).is_err() {
+                    break;
+                }
+            }
+        });
         Broker {
             run_dir: dir.to_path_buf(),
             run_fd: open(dir, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).unwrap(),
@@ -262,7 +225,7 @@ mod tests {
             sandbox: SandboxOptions { seccomp: my_hypervisor_policy::seccomp::Mode::Kill, landlock_best_effort: false },
             allowed_bridges: vec![],
             vms: BTreeMap::new(),
-            acls: BTreeMap::new(),
+            acls: Shares::default(),
             journal_failed: false,
             strays: crate::strays::Strays::Refused,
         }

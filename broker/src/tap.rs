@@ -5,44 +5,18 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
+use my_hypervisor_policy::net::{IfReq, SIOCBRADDIF, TAP_FLAGS, TUNSETIFF, TUNSETPERSIST};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-const SIOCBRADDIF: libc::c_ulong = 0x89a2;
-const IFF_TAP: i16 = 0x0002;
-const IFF_NO_PI: i16 = 0x1000;
-const IFF_VNET_HDR: i16 = 0x4000;
-
-/// `struct ifreq`: a name, then a 24-byte union of which we use the short and int members.
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    data: [u8; 24],
-}
-
-impl IfReq {
-    fn new(name: &str) -> IfReq {
-        let mut r = IfReq { name: [0; libc::IFNAMSIZ], data: [0; 24] };
-        r.name[..name.len()].copy_from_slice(name.as_bytes());
-        r
-    }
-    fn set_int(&mut self, v: i32) {
-        self.data[..4].copy_from_slice(&v.to_ne_bytes());
-    }
-    fn set_short(&mut self, v: i16) {
-        self.data[..2].copy_from_slice(&v.to_ne_bytes());
-    }
+fn control_socket() -> Result<OwnedFd, String> {
+    socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| format!("control socket: {e}"))
 }
 
 fn ioctl(fd: &OwnedFd, req: libc::c_ulong, ifr: &mut IfReq, what: &str) -> Result<(), String> {
     // SAFETY: every request used here reads or writes one `struct ifreq`, which IfReq lays out.
     if unsafe { libc::ioctl(fd.as_raw_fd(), req, ifr as *mut IfReq) } < 0 {
-        return Err(format!(
-            "{what} on {}: {}",
-            String::from_utf8_lossy(&ifr.name).trim_end_matches('\0'),
-            std::io::Error::last_os_error()
-        ));
+        return Err(format!("{what} on {}: {}", ifr.name(), std::io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -55,8 +29,7 @@ pub fn delete(name: &str, fd: OwnedFd) -> Result<(), String> {
     crate::unpriv::sys("TUNSETPERSIST 0", unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 0) }.into())
         .map_err(|e| format!("{name}: {e}"))?;
     drop(fd);
-    let ctl = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(|e| format!("control socket: {e}"))?;
+    let ctl = control_socket()?;
     // SAFETY: SIOCGIFINDEX reads and writes one `struct ifreq`, which IfReq lays out.
     let found = unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFINDEX, &mut IfReq::new(name) as *mut IfReq) };
     match std::io::Error::last_os_error().raw_os_error() {
@@ -69,33 +42,20 @@ pub fn delete(name: &str, fd: OwnedFd) -> Result<(), String> {
 /// Creates tap `name` (already validated, at most 15 bytes), sets its MTU, attaches it to
 /// `bridge` and brings it up. Returns the tap's fd.
 pub fn create(name: &str, mtu: Option<u32>, bridge: Option<&str>) -> Result<OwnedFd, String> {
-    let tun = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .map_err(|e| format!("/dev/net/tun: {e}"))?;
-    let tun = OwnedFd::from(tun);
-    let mut ifr = IfReq::new(name);
-    ifr.set_short(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
-    ioctl(&tun, TUNSETIFF, &mut ifr, "TUNSETIFF")?;
-    let ctl = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(|e| format!("control socket: {e}"))?;
+    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun");
+    let tun = OwnedFd::from(tun.map_err(|e| format!("/dev/net/tun: {e}"))?);
+    ioctl(&tun, TUNSETIFF, &mut IfReq::with_short(name, TAP_FLAGS), "TUNSETIFF")?;
+    let ctl = control_socket()?;
     if let Some(mtu) = mtu {
-        let mut r = IfReq::new(name);
-        r.set_int(mtu as i32);
-        ioctl(&ctl, libc::SIOCSIFMTU, &mut r, "SIOCSIFMTU")?;
+        ioctl(&ctl, libc::SIOCSIFMTU, &mut IfReq::with_int(name, mtu as i32), "SIOCSIFMTU")?;
     }
     if let Some(bridge) = bridge {
         let mut r = IfReq::new(name);
         ioctl(&ctl, libc::SIOCGIFINDEX, &mut r, "SIOCGIFINDEX")?;
-        let mut b = IfReq::new(bridge);
-        b.data[..4].copy_from_slice(&r.data[..4]); // the tap's index
-        ioctl(&ctl, SIOCBRADDIF, &mut b, "SIOCBRADDIF")?;
+        ioctl(&ctl, SIOCBRADDIF, &mut IfReq::with_int(bridge, r.int()), "SIOCBRADDIF")?;
     }
     let mut r = IfReq::new(name);
     ioctl(&ctl, libc::SIOCGIFFLAGS, &mut r, "SIOCGIFFLAGS")?;
-    let up = i16::from_ne_bytes([r.data[0], r.data[1]]) | libc::IFF_UP as i16;
-    r.set_short(up);
-    ioctl(&ctl, libc::SIOCSIFFLAGS, &mut r, "SIOCSIFFLAGS")?;
+    ioctl(&ctl, libc::SIOCSIFFLAGS, &mut IfReq::with_short(name, r.short() | libc::IFF_UP as i16), "SIOCSIFFLAGS")?;
     Ok(tun)
 }

@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use caps::CapSet;
 use my_hypervisor_policy::layout::Ids;
-use my_hypervisor_policy::sandbox::{DEV_NODES, ROOT_STAGE, run_dir_tmpfs_options};
+use my_hypervisor_policy::sandbox::{DEV_NODES, ROOT_STAGE, VmmRoot, run_dir_tmpfs_options};
 use nix::fcntl::OFlag;
 use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
 
@@ -45,14 +45,6 @@ pub fn reset_signals() -> io::Result<()> {
         unsafe { signal(sig, SigHandler::SigDfl) }.map_err(io::Error::from)?;
     }
     nix::sys::signal::SigSet::empty().thread_set_mask().map_err(io::Error::from)
-}
-
-/// What a VMM's minimal root holds besides /dev: `files`, the programs' ELF closure (bound
-/// read-only), and `binds`, (path, writable, fd) of the fds the broker holds for its images
-/// and its runtime dir (bound noexec, read-only unless writable).
-pub struct VmmRoot {
-    pub files: Vec<String>,
-    pub binds: Vec<(String, bool, RawFd)>,
 }
 
 /// A detached copy of the mount at `fd` (open_tree with OPEN_TREE_CLONE), made while still
@@ -166,8 +158,5 @@ pub fn drop_privileges(ids: Ids) -> io::Result<()> {
         }
     }
     // SAFETY: plain prctl call with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(io_err("no_new_privs", io::Error::last_os_error()));
-    }
-    Ok(())
+    sys("no_new_privs", unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }.into()).map(drop)
 }

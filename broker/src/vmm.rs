@@ -9,21 +9,19 @@ use my_hypervisor_broker_proto::{Event, ExitStatus, ImageRole, Reply, SocketRole
 use my_hypervisor_policy::elf;
 use my_hypervisor_policy::sandbox::{SandboxSpec, status_uids};
 use my_hypervisor_policy::vmm::{
-    API_SOCKET, EVENT_FILE, LOG_FILE, SANDBOX_REPORT, VmmPlan, signal_number, socket_name,
+    API_SOCKET, EVENT_FILE, LOG_FILE, RELEASE_WAIT_MS, SANDBOX_REPORT, VmmPlan, check_socket_node, exit_status,
+    signal_number, socket_name,
 };
 use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
-use nix::sys::stat::{Mode, SFlag, fstat};
-use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::UnlinkatFlags::NoRemoveDir;
-use nix::unistd::{Gid, Pid, Uid, fchownat, unlinkat};
+use nix::sys::stat::{Mode, fstat};
+use nix::sys::wait::waitpid;
+use nix::unistd::{Gid, Pid, Uid, UnlinkatFlags, fchownat, unlinkat};
 
 use crate::images::revoke;
 use crate::spawner::{self, Order};
 use crate::table::{Broker, Handled, Refusal, Vm, Vmm};
-
-const RELEASE_WAIT_MS: u16 = 5000;
 
 /// The broker's read-only handles on a VMM's event-monitor file and log.
 pub struct Outputs {
@@ -34,10 +32,7 @@ pub struct Outputs {
 impl Outputs {
     /// New open file descriptions of both files, read-only, each with its own offset.
     pub fn reopen(&self) -> Result<Vec<OwnedFd>, Refusal> {
-        [&self.events, &self.log]
-            .into_iter()
-            .map(|fd| Ok(std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))?.into()))
-            .collect()
+        [&self.events, &self.log].into_iter().map(|fd| Ok(reopen(fd, OFlag::O_RDONLY)?)).collect()
     }
 }
 
@@ -46,39 +41,42 @@ fn create_output(dir: &OwnedFd, name: &str) -> Result<(OwnedFd, OwnedFd), Refusa
     let flags =
         OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let w = openat(dir.as_fd(), name, flags, Mode::from_bits_truncate(0o600))
-        .map_err(|e| Refusal::Vmm(format!("create {name}: {e}")))?;
-    let r = std::fs::File::open(format!("/proc/self/fd/{}", w.as_raw_fd()))?;
-    Ok((w, r.into()))
+        .map_err(Refusal::vmm(format!("create {name}")))?;
+    let r = reopen(&w, OFlag::O_RDONLY)?;
+    Ok((w, r))
+}
+
+/// A new open file description, with its own offset, of the file `fd` is open on.
+pub fn reopen(fd: &impl AsRawFd, flags: OFlag) -> nix::Result<OwnedFd> {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    nix::fcntl::open(path.as_str(), flags | OFlag::O_CLOEXEC | OFlag::O_NOCTTY, Mode::empty())
 }
 
 fn find_cloud_hypervisor(configured: Option<&Path>) -> Result<PathBuf, Refusal> {
     let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut on_path = std::env::split_paths(&path).map(|d| d.join("cloud-hypervisor"));
     match configured {
         Some(p) if p.is_file() => Ok(p.to_path_buf()),
-        Some(p) => Err(Refusal::Vmm(format!("cloud-hypervisor not found at {}", p.display()))),
-        None => {
-            std::env::split_paths(&path).map(|d| d.join("cloud-hypervisor")).find(|p| p.is_file()).ok_or_else(|| {
-                Refusal::Vmm("cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor".into())
-            })
-        }
+        Some(p) => Err(Refusal::NoCloudHypervisorAt(p.display().to_string())),
+        None => on_path.find(|p| p.is_file()).ok_or(Refusal::NoCloudHypervisor),
     }
 }
 
 /// Mounts the VM's own size-limited tmpfs on its new run dir `vm` (through the spawn helper)
 /// and opens it; the tmpfs is owned by `uid`, mode 0700.
 pub fn open_run_dir(b: &Broker, vm: &str, uid: u32) -> Result<OwnedFd, Refusal> {
-    let open =
-        || openat(b.run_fd.as_fd(), vm, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty());
-    spawner::run_dir(&b.spawner, Some(uid), open()?).map_err(Refusal::RunDir)?;
-    Ok(open()?)
+    spawner::run_dir(&b.spawner, Some(uid), run_dir_fd(b, vm)?).map_err(Refusal::RunDir)?;
+    Ok(run_dir_fd(b, vm)?)
+}
+
+fn run_dir_fd(b: &Broker, vm: &str) -> nix::Result<OwnedFd> {
+    openat(b.run_fd.as_fd(), vm, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
 }
 
 /// Unmounts the run dir's tmpfs (EINVAL, not a mount point, if it was never mounted), then
 /// removes the dir and anything left below it.
 pub fn remove_run_dir(b: &Broker, vm: &str) -> Result<(), String> {
-    if let Ok(dir) =
-        openat(b.run_fd.as_fd(), vm, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-    {
+    if let Ok(dir) = run_dir_fd(b, vm) {
         let _ = spawner::run_dir(&b.spawner, None, dir);
     }
     match std::fs::remove_dir_all(b.run_dir.join(vm)) {
@@ -114,46 +112,31 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
     let plan = VmmPlan::new(run_dir.to_string_lossy().into_owned(), &images, nets, cfg);
     plan.check()?;
     let exe = ch.to_string_lossy().into_owned();
-    let interpreter = elf::needs(&exe, &std::fs::read(&ch).map_err(|e| Refusal::Vmm(format!("{exe}: {e}")))?)
-        .map_err(|e| Refusal::Vmm(e.to_string()))?
-        .interpreter;
-    let mut ch_argv = vec![exe.clone()];
-    ch_argv.extend(plan.args());
-    let spec = SandboxSpec {
-        vm: id.to_string(),
-        uid: vm.uid,
-        cloud_hypervisor: exe.clone(),
-        interpreter,
-        plan,
-        seccomp: b.sandbox.seccomp,
-        landlock_best_effort: b.sandbox.landlock_best_effort,
-    };
+    let bytes = std::fs::read(&ch).map_err(Refusal::vmm(&exe))?;
+    let interpreter = elf::needs(&exe, &bytes).map_err(|e| Refusal::Vmm(e.to_string()))?.interpreter;
+    let spec = SandboxSpec::new(id, vm.uid, exe.clone(), interpreter, plan, b.sandbox);
     let report = spec.report();
     // On failure, remove what this attempt created, so that it can be tried again.
-    let cleanup =
-        |dir: &OwnedFd| [LOG_FILE, EVENT_FILE, SANDBOX_REPORT, API_SOCKET].map(|n| unlinkat(dir, n, NoRemoveDir));
+    let cleanup = |dir: &OwnedFd| {
+        [LOG_FILE, EVENT_FILE, SANDBOX_REPORT, API_SOCKET].map(|n| unlinkat(dir, n, UnlinkatFlags::NoRemoveDir))
+    };
     let started = (|| {
         let (log_w, log_r) = create_output(&vm.dir, LOG_FILE)?;
         let (events_w, events_r) = create_output(&vm.dir, EVENT_FILE)?;
         let (report_w, _) = create_output(&vm.dir, SANDBOX_REPORT)?;
         std::io::Write::write_all(&mut std::fs::File::from(report_w), report.as_bytes())?;
-        let api =
-            UnixListener::bind(run_dir.join(API_SOCKET)).map_err(|e| Refusal::Vmm(format!("bind api socket: {e}")))?;
+        let api = UnixListener::bind(run_dir.join(API_SOCKET)).map_err(Refusal::vmm("bind api socket"))?;
         let ids = (Some(Uid::from_raw(vm.uid)), Some(Gid::from_raw(vm.uid)));
         fchownat(vm.dir.as_fd(), API_SOCKET, ids.0, ids.1, AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map_err(|e| Refusal::Vmm(format!("chown api socket: {e}")))?;
+            .map_err(Refusal::vmm("chown api socket"))?;
         let mut fds: Vec<OwnedFd> = vec![log_w, api.into(), events_w];
         for fd in vm.taps.iter().map(|t| &t.fd).chain(vm.grants.iter().map(|g| &g.fd)).chain([&vm.dir]) {
             fds.push(fd.try_clone()?);
         }
         let mut binds: Vec<(String, bool)> = vm.grants.iter().map(|g| (g.path.clone(), g.writable())).collect();
         binds.push((spec.plan.run_dir.clone(), true));
-        let order = Order::Vmm {
-            uid: vm.uid,
-            spec: serde_json::to_string(&spec).map_err(|e| Refusal::Vmm(e.to_string()))?,
-            ch_argv,
-            binds,
-        };
+        let json = serde_json::to_string(&spec).map_err(|e| Refusal::Vmm(e.to_string()))?;
+        let order = Order::Vmm { uid: vm.uid, spec: json, ch_argv: spec.ch_argv(), binds };
         let started = spawner::order(&b.spawner, order, &fds).map_err(Refusal::Vmm)?;
         Ok::<_, Refusal>((started, Outputs { events: events_r, log: log_r }))
     })();
@@ -169,16 +152,14 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
 pub fn connect(vm: &Vm, role: SocketRole) -> Handled {
     let name = socket_name(role);
     let node = openat(vm.dir.as_fd(), name, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| Refusal::Vmm(format!("{name}: {e}")))?;
+        .map_err(Refusal::vmm(name))?;
     let st = fstat(node.as_fd())?;
-    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK || st.st_uid != vm.uid {
-        return Err(Refusal::Vmm(format!("{name} is not a socket owned by the VM uid {}", vm.uid)));
-    }
+    check_socket_node(name, st.st_mode, st.st_uid, vm.uid).map_err(Refusal::Vmm)?;
     // Non-blocking: a VMM that listens but never accepts must not stall the broker.
     let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
     let sock = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
     let addr = UnixAddr::new(format!("/proc/self/fd/{}", node.as_raw_fd()).as_str())?;
-    socket::connect(sock.as_raw_fd(), &addr).map_err(|e| Refusal::Vmm(format!("connect {name}: {e}")))?;
+    socket::connect(sock.as_raw_fd(), &addr).map_err(Refusal::vmm(format!("connect {name}")))?;
     nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))?;
     Ok((Reply::Connected, vec![sock]))
 }
@@ -190,18 +171,7 @@ pub fn signal(vm: &Vm, sig: VmmSignal) -> Result<(), Refusal> {
     let sig = signal_number(sig);
     // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo and no flags.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0) };
-    if r < 0 {
-        return Err(Refusal::Vmm(format!("signal: {}", std::io::Error::last_os_error())));
-    }
-    Ok(())
-}
-
-pub fn exit_status(ws: WaitStatus) -> Option<(u32, ExitStatus)> {
-    match ws {
-        WaitStatus::Exited(pid, code) => Some((pid.as_raw() as u32, ExitStatus::Code(code))),
-        WaitStatus::Signaled(pid, sig, _) => Some((pid.as_raw() as u32, ExitStatus::Signal(sig as i32))),
-        _ => None,
-    }
+    crate::unpriv::sys("signal", r).map(drop).map_err(|e| Refusal::Vmm(e.to_string()))
 }
 
 /// Records the exit of a reaped child if it was a VMM; returns the event for the frontend.
@@ -225,12 +195,9 @@ pub fn stop(b: &mut Broker, id: &str) -> Result<(), Refusal> {
         let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
         signal(vm, VmmSignal::Kill)?;
         if !matches!(poll(&mut fds, PollTimeout::from(RELEASE_WAIT_MS)), Ok(n) if n > 0) {
-            return Err(Refusal::Vmm(format!(
-                "VMM {pid} did not exit within {RELEASE_WAIT_MS} ms of SIGKILL; release again later"
-            )));
+            return Err(Refusal::StillAlive { pid, ms: RELEASE_WAIT_MS });
         }
-        let status =
-            waitpid(Pid::from_raw(pid as i32), None).map_err(|e| Refusal::Vmm(format!("reap VMM {pid}: {e}")))?;
+        let status = waitpid(Pid::from_raw(pid as i32), None).map_err(Refusal::vmm(format!("reap VMM {pid}")))?;
         reaped(b, pid, exit_status(status).map_or(ExitStatus::Signal(libc::SIGKILL), |s| s.1));
     }
     Ok(())

@@ -7,6 +7,10 @@
 //! only takes its own entry off ([`without_uid`]); the last one writes the saved bytes and
 //! mode back exactly, so that no mask or group bit stays wider than before.
 
+use std::collections::BTreeMap;
+
+use crate::journal::Restore;
+
 pub const XATTR: &std::ffi::CStr = c"system.posix_acl_access";
 pub const USER_OBJ: u16 = 0x01;
 pub const USER: u16 = 0x02;
@@ -66,6 +70,77 @@ pub fn without_uid(mut entries: Vec<Entry>, uid: u32) -> Vec<Entry> {
     entries
 }
 
+/// Read-only images granted by ACL, by inode (st_dev, st_ino): how many grants hold each,
+/// and the ACL bytes (none if it had no ACL) and mode it had before the first.
+#[derive(Debug, Default)]
+pub struct Shares(BTreeMap<(u64, u64), Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    count: u32,
+    original: Option<Vec<u8>>,
+    mode: u32,
+}
+
+/// What a revoke does to the file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Revoke {
+    /// No grant by ACL holds the inode: nothing.
+    Nothing,
+    /// Other grants still hold it: take only this uid's entry off ([`without_uid`]).
+    Entry,
+    /// The last grant: write the saved ACL bytes back (or remove the ACL if there were
+    /// none), then the saved mode.
+    Restore { original: Option<Vec<u8>>, mode: u32 },
+}
+
+impl Shares {
+    /// The ACL bytes that add `uid`'s read entry to the file's `current` ACL bytes (None if
+    /// it has no ACL) and `mode` (st_mode). The first grant on `inode` saves both; report
+    /// whether writing the bytes worked with [`Shares::granted`].
+    pub fn grant(&mut self, inode: (u64, u64), current: Option<Vec<u8>>, mode: u32, uid: u32) -> Vec<u8> {
+        let bytes = encode(with_reader(current.as_deref().map(decode), mode, uid));
+        self.0.entry(inode).or_insert(Shared { count: 0, original: current, mode: mode & 0o7777 });
+        bytes
+    }
+
+    /// Counts a grant whose write worked; forgets an inode whose first grant failed.
+    pub fn granted(&mut self, inode: (u64, u64), written: bool) {
+        match self.0.get_mut(&inode) {
+            Some(s) if written => s.count += 1,
+            Some(s) if s.count == 0 => drop(self.0.remove(&inode)),
+            _ => {}
+        }
+    }
+
+    pub fn revoke(&self, inode: (u64, u64)) -> Revoke {
+        match self.0.get(&inode) {
+            None => Revoke::Nothing,
+            Some(s) if s.count > 1 => Revoke::Entry,
+            Some(s) => Revoke::Restore { original: s.original.clone(), mode: s.mode },
+        }
+    }
+
+    /// After a revoke's writes worked: one grant fewer; the last one forgets the inode.
+    pub fn revoked(&mut self, inode: (u64, u64)) {
+        if let Some(s) = self.0.get_mut(&inode) {
+            s.count = s.count.saturating_sub(1);
+            if s.count == 0 {
+                self.0.remove(&inode);
+            }
+        }
+    }
+
+    /// What the journal records to restore `inode`, if a grant by ACL holds it.
+    pub fn saved(&self, inode: (u64, u64)) -> Option<Restore> {
+        self.0.get(&inode).map(|s| Restore::Acl { original: s.original.clone(), mode: s.mode })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +188,35 @@ mod tests {
             vec![(USER_OBJ, 6, NO_ID), (USER, 6, 34), (GROUP_OBJ, 4, NO_ID), (MASK, 4, NO_ID), (OTHER, 0, NO_ID)];
         let a = with_reader(Some(existing), 0o640, 61001);
         assert!(a.contains(&(MASK, READ, NO_ID)), "{a:?}");
+    }
+
+    #[test]
+    fn shares_count_grants_and_only_the_last_revoke_restores() {
+        let (inode, original) =
+            ((1, 2), Some(encode(vec![(USER_OBJ, 6, NO_ID), (GROUP_OBJ, 0, NO_ID), (OTHER, 0, NO_ID)])));
+        let mut shares = Shares::default();
+        let first = shares.grant(inode, original.clone(), 0o100600, 61001);
+        assert!(decode(&first).contains(&(USER, READ, 61001)));
+        shares.granted(inode, true);
+        // The second grant builds on the file's current ACL, and does not overwrite the saved one.
+        let second = shares.grant(inode, Some(first), 0o100640, 61002);
+        assert!(decode(&second).contains(&(USER, READ, 61001)) && decode(&second).contains(&(USER, READ, 61002)));
+        shares.granted(inode, true);
+        let restore = Revoke::Restore { original: original.clone(), mode: 0o600 };
+        assert_eq!(shares.saved(inode), Some(Restore::Acl { original: original.clone(), mode: 0o600 }));
+        assert_eq!(shares.revoke(inode), Revoke::Entry);
+        shares.revoked(inode);
+        assert_eq!(shares.revoke(inode), restore, "the last grant restores the saved bytes and mode");
+        shares.revoked(inode);
+        assert!(shares.is_empty() && shares.revoke(inode) == Revoke::Nothing && shares.saved(inode).is_none());
+        // A first grant whose write failed leaves nothing behind; a later one that fails keeps the count.
+        shares.grant(inode, None, 0o100600, 61001);
+        shares.granted(inode, false);
+        assert!(shares.is_empty());
+        shares.grant(inode, None, 0o100600, 61001);
+        shares.granted(inode, true);
+        shares.grant(inode, None, 0o100600, 61002);
+        shares.granted(inode, false);
+        assert_eq!(shares.revoke(inode), Revoke::Restore { original: None, mode: 0o600 });
     }
 }

@@ -2,6 +2,7 @@
 //! the frontend and every VMM apart. docs/layout.md is the prose form of this file.
 
 use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
 
 /// Default numeric frontend identity: works with no account created, and is not 65534
 /// (`nobody`), which other services share.
@@ -19,6 +20,16 @@ pub const VM_RUN_DIR_MODE: u32 = 0o700;
 pub enum Owner {
     Root,
     Frontend,
+}
+
+impl Owner {
+    /// The uid and gid the owner stands for.
+    pub fn ids(self, frontend: Ids) -> Ids {
+        match self {
+            Owner::Root => Ids { uid: 0, gid: 0 },
+            Owner::Frontend => frontend,
+        }
+    }
 }
 
 /// The directories the daemon creates and checks at every start.
@@ -111,6 +122,35 @@ pub fn check_image_file(mode: u32, nlink: u64, writable: bool) -> Result<(), &'s
     Ok(())
 }
 
+/// The image root `path` lies under (the first that holds it), and the path below it, never
+/// empty: an image root itself is no image.
+pub fn image_root_of<'a, T>(roots: &'a [(PathBuf, T)], path: &'a str) -> Option<(&'a (PathBuf, T), &'a Path)> {
+    roots
+        .iter()
+        .find_map(|r| Path::new(path).strip_prefix(&r.0).ok().map(|rel| (r, rel)))
+        .filter(|(_, rel)| !rel.as_os_str().is_empty())
+}
+
+/// Every directory above an image must be searchable by a uid that is neither its owner nor
+/// in its group, which is what a VM uid is. `mode` is `dir`'s.
+pub fn check_searchable(dir: &Path, mode: u32, image: &Path) -> Result<(), String> {
+    if mode & 0o001 == 0 {
+        return Err(format!(
+            "{} is not searchable by the VM uid (mode {:o}); {} cannot be reached",
+            dir.display(),
+            mode & 0o7777,
+            image.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Whether two grants of one inode conflict: a writable disk belongs to one VM at a time,
+/// and a read-only image may be shared only while no one holds it writable.
+pub fn shares_conflict(writable: bool, held_writable: bool) -> bool {
+    writable || held_writable
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ids {
     pub uid: u32,
@@ -197,6 +237,32 @@ pub fn parse_rpc_limit(s: &str) -> Result<(String, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dir_owner_is_root_or_the_frontend() {
+        let frontend = Ids { uid: 61000, gid: 61001 };
+        assert_eq!(dir_rule(DirRole::State).0.ids(frontend), frontend);
+        assert_eq!(dir_rule(DirRole::Run).0.ids(frontend), Ids { uid: 0, gid: 0 });
+        assert_eq!(dir_rule(DirRole::ImageRoot).0.ids(frontend), Ids { uid: 0, gid: 0 });
+    }
+
+    #[test]
+    fn an_image_is_found_below_its_root_and_reachable_through_searchable_dirs() {
+        let roots = vec![(PathBuf::from("/srv/img"), 1), (PathBuf::from("/srv/images"), 2)];
+        let (root, rel) = image_root_of(&roots, "/srv/images/a/vmlinux").unwrap();
+        assert_eq!((root.1, rel), (2, Path::new("a/vmlinux")));
+        assert!(image_root_of(&roots, "/srv/images").is_none(), "a root itself is no image");
+        assert!(image_root_of(&roots, "/srv/imagesX/k").is_none(), "components, not bytes");
+        assert!(image_root_of(&roots, "/elsewhere/k").is_none());
+        let (dir, image) = (Path::new("/srv/images/a"), Path::new("/srv/images/a/vmlinux"));
+        assert_eq!(check_searchable(dir, 0o40711, image), Ok(()));
+        assert_eq!(
+            check_searchable(dir, 0o40750, image).unwrap_err(),
+            "/srv/images/a is not searchable by the VM uid (mode 750); /srv/images/a/vmlinux cannot be reached"
+        );
+        assert!(!shares_conflict(false, false), "read-only images are shared");
+        assert!(shares_conflict(true, false) && shares_conflict(false, true) && shares_conflict(true, true));
+    }
 
     #[test]
     fn image_roots() {

@@ -3,10 +3,15 @@
 //! launcher all decide through it, so a reviewer can sign the rules in one place.
 
 pub mod acl;
+pub mod daemon;
 pub mod elf;
 pub mod frontend;
+pub mod journal;
 pub mod layout;
 pub mod names;
+pub mod net;
+pub mod privileges;
+pub mod refusal;
 pub mod request;
 pub mod sandbox;
 pub mod seccomp;

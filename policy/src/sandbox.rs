@@ -3,7 +3,9 @@
 //! applies before it execs CH (rlimits, Landlock, seccomp). [`SandboxSpec::report`] is the
 //! text `my_hypervisor-vmm-launcher --explain` prints, and what the broker stores at spawn.
 
+use std::ffi::{CString, OsStr};
 use std::fmt::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use landlock::{ABI, AccessFs, BitFlags};
@@ -54,6 +56,63 @@ pub struct SandboxSpec {
     pub seccomp: seccomp::Mode,
     /// Landlock as a hard requirement (default), or best effort with a warning.
     pub landlock_best_effort: bool,
+}
+
+/// What a VMM's minimal root holds besides /dev: `files`, the programs' ELF closure (bound
+/// read-only), and `binds`, (path, writable, fd) of the fds the broker holds for its images
+/// and its runtime dir (bound noexec, read-only unless writable).
+pub struct VmmRoot {
+    pub files: Vec<String>,
+    pub binds: Vec<(String, bool, std::os::fd::RawFd)>,
+}
+
+/// An argv for execve: `program`, then `args`; an argument with a NUL byte is refused.
+pub fn c_argv(program: &OsStr, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Result<Vec<CString>, String> {
+    std::iter::once(program.to_owned())
+        .chain(args.into_iter().map(|a| a.as_ref().to_owned()))
+        .map(|a| CString::new(a.as_bytes()).map_err(|_| "NUL in an argument".to_string()))
+        .collect()
+}
+
+/// The launcher's arguments: the VM's sandbox spec (JSON), then cloud-hypervisor's argv.
+pub fn launcher_args(spec: String, ch_argv: Vec<String>) -> impl Iterator<Item = String> {
+    ["--spec".to_string(), spec, "--".to_string()].into_iter().chain(ch_argv)
+}
+
+/// Where a VMM's fds go, as (fd, target) pairs: the first, its log, becomes stdout and
+/// stderr, the rest its own fds from 3 up (`VMM_API_FD`...). `None` without a log fd.
+pub fn vmm_keep_list(fds: &[i32]) -> Option<Vec<(i32, i32)>> {
+    let (&log, own) = fds.split_first()?;
+    Some([(log, 1), (log, 2)].into_iter().chain(own.iter().copied().zip(3..)).collect())
+}
+
+/// A keep-list of the spawn helper, whose own fds lie at `floor` and above: only stdio keeps
+/// its own number, every other kept fd comes from above the floor and moves below it, so
+/// that moving them into place never overwrites one the helper holds.
+pub fn check_keep_list(keep: &[(i32, i32)], floor: i32) -> Result<(), String> {
+    if keep.iter().any(|&(from, to)| to >= floor || (from < floor && from != to)) {
+        return Err(format!("keep-list {keep:?} crosses fd {floor}"));
+    }
+    Ok(())
+}
+
+/// Debugging switches for every VMM's sandbox (flags of the daemon).
+#[derive(Debug, Clone, Copy)]
+pub struct SandboxOptions {
+    pub seccomp: seccomp::Mode,
+    pub landlock_best_effort: bool,
+}
+
+impl SandboxSpec {
+    pub fn new(vm: &str, uid: u32, ch: String, interpreter: Option<String>, plan: VmmPlan, o: SandboxOptions) -> Self {
+        let (seccomp, landlock_best_effort) = (o.seccomp, o.landlock_best_effort);
+        SandboxSpec { vm: vm.to_string(), uid, cloud_hypervisor: ch, interpreter, plan, seccomp, landlock_best_effort }
+    }
+
+    /// cloud-hypervisor's argv: the binary, then the plan's arguments.
+    pub fn ch_argv(&self) -> Vec<String> {
+        std::iter::once(self.cloud_hypervisor.clone()).chain(self.plan.args()).collect()
+    }
 }
 
 /// A Landlock rule: a path and the rights granted beneath it.
@@ -189,5 +248,34 @@ impl SandboxSpec {
         }
         let _ = writeln!(w, "\n[exec]\n{} {}", self.cloud_hypervisor, self.plan.args().join(" "));
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vmm_gets_its_log_as_stdio_and_its_fds_from_3() {
+        assert_eq!(vmm_keep_list(&[70, 71, 72, 73]), Some(vec![(70, 1), (70, 2), (71, 3), (72, 4), (73, 5)]));
+        assert_eq!(vmm_keep_list(&[70]), Some(vec![(70, 1), (70, 2)]));
+        assert_eq!(vmm_keep_list(&[]), None);
+        let args: Vec<String> = launcher_args("{}".into(), vec!["/ch".into(), "--pvpanic".into()]).collect();
+        assert_eq!(args, ["--spec", "{}", "--", "/ch", "--pvpanic"]);
+    }
+
+    #[test]
+    fn an_argv_is_the_program_then_its_args_and_refuses_nul() {
+        let argv = c_argv(OsStr::new("/bin/launcher"), ["--spec", "{}"]).unwrap();
+        assert_eq!(argv, [c"/bin/launcher", c"--spec", c"{}"]);
+        assert_eq!(c_argv(OsStr::new("/p"), ["a\0b"]).unwrap_err(), "NUL in an argument");
+    }
+
+    #[test]
+    fn a_keep_list_never_crosses_the_floor() {
+        assert_eq!(check_keep_list(&[(1, 1), (2, 2), (64, 3), (65, 4)], 64), Ok(()));
+        assert!(check_keep_list(&[(64, 64)], 64).is_err(), "to the floor");
+        assert!(check_keep_list(&[(5, 3)], 64).is_err(), "from below the floor");
+        assert!(check_keep_list(&[(3, 3)], 64).is_ok(), "kept in place");
     }
 }

@@ -80,15 +80,15 @@ pub(crate) use {only, sys};
 /// The ioctls the broker issues: the KVM check, and tap set-up and deletion (linux/kvm.h,
 /// if_tun.h, sockios.h).
 const BROKER_IOCTLS: &[u64] = &[
-    0xAE00,      // KVM_GET_API_VERSION
-    0xAE03,      // KVM_CHECK_EXTENSION
-    0x4004_54ca, // TUNSETIFF
-    0x4004_54cb, // TUNSETPERSIST (clearing it, at release)
-    0x8913,      // SIOCGIFFLAGS
-    0x8914,      // SIOCSIFFLAGS
-    0x8922,      // SIOCSIFMTU
-    0x8933,      // SIOCGIFINDEX
-    0x89a2,      // SIOCBRADDIF
+    crate::vmm::KVM_GET_API_VERSION,
+    crate::vmm::KVM_CHECK_EXTENSION,
+    crate::net::TUNSETIFF,
+    crate::net::TUNSETPERSIST, // clearing it, at release
+    libc::SIOCGIFFLAGS,
+    libc::SIOCSIFFLAGS,
+    libc::SIOCSIFMTU,
+    libc::SIOCGIFINDEX,
+    crate::net::SIOCBRADDIF,
 ];
 const UNIX_ONLY: &[u64] = &[libc::AF_UNIX as u64];
 
@@ -159,7 +159,7 @@ pub fn broker_allow_list() -> Vec<Allow> {
     v.push(only!(SYS_socket, 0, UNIX_ONLY));
     v.push(only!(SYS_socketpair, 0, UNIX_ONLY));
     // SO_PASSRIGHTS (83) off on each new frontend channel: requests never carry fds.
-    v.push(only!(SYS_setsockopt, 2, &[83]));
+    v.push(only!(SYS_setsockopt, 2, &[crate::net::SO_PASSRIGHTS as u64]));
     v.extend(sys!(SYS_connect, SYS_bind, SYS_listen));
     // Processes the broker spawned: pidfds and signals.
     v.extend(sys!(SYS_pidfd_open, SYS_pidfd_send_signal, SYS_kill));

@@ -1,7 +1,7 @@
 //! What a VMM may be given: limits on every field a client controls, and the one function
 //! that turns validated fields into cloud-hypervisor's argv.
 
-use my_hypervisor_broker_proto::{ImageRole, SocketRole, VmmConfig, VmmSignal};
+use my_hypervisor_broker_proto::{ExitStatus, ImageRole, SocketRole, VmmConfig, VmmSignal};
 
 use crate::names::{NameError, check_path_text};
 
@@ -22,7 +22,15 @@ pub const VMM_EVENT_FD: i32 = 4;
 pub const VMM_FIRST_TAP_FD: i32 = 5;
 /// Guest CID of every VM: each VM has its own hybrid-vsock muxer, so CIDs never meet.
 pub const GUEST_CID: u32 = 3;
+/// How long a Release waits for a VMM to exit after SIGKILL before it gives up, so that a
+/// VMM stuck in uninterruptible I/O cannot stall the broker; the VM stays held.
+pub const RELEASE_WAIT_MS: u16 = 5000;
 
+/// The KVM API version cloud-hypervisor speaks, and the ioctls that ask for it and for each
+/// extension (linux/kvm.h).
+pub const KVM_API_VERSION: i32 = 12;
+pub const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+pub const KVM_CHECK_EXTENSION: libc::c_ulong = 0xAE03;
 /// The KVM extensions cloud-hypervisor (v50-v53, x86_64) requires before it creates a VM
 /// (`check_required_kvm_extensions`), with their numbers from linux/kvm.h. The broker's KVM
 /// check reports each one.
@@ -71,6 +79,35 @@ pub fn signal_number(sig: VmmSignal) -> i32 {
         VmmSignal::Kill => libc::SIGKILL,
         VmmSignal::Cont => libc::SIGCONT,
     }
+}
+
+/// The pid and exit of a reaped child that exited or was killed; `None` for any other
+/// wait status.
+pub fn exit_status(ws: nix::sys::wait::WaitStatus) -> Option<(u32, ExitStatus)> {
+    use nix::sys::wait::WaitStatus;
+    match ws {
+        WaitStatus::Exited(pid, code) => Some((pid.as_raw() as u32, ExitStatus::Code(code))),
+        WaitStatus::Signaled(pid, sig, _) => Some((pid.as_raw() as u32, ExitStatus::Signal(sig as i32))),
+        _ => None,
+    }
+}
+
+/// A tap's bridge, if it asks for one, must be one the daemon was started with
+/// (`--allowed-bridge`); the refused name otherwise.
+pub fn check_bridge(allowed: &[String], bridge: Option<&str>) -> Result<(), String> {
+    match bridge {
+        Some(br) if !allowed.iter().any(|a| a == br) => Err(br.to_string()),
+        _ => Ok(()),
+    }
+}
+
+/// A VMM socket the broker connects to: `st_mode` and `st_uid` of the node opened O_PATH in
+/// the VM's dir must say a socket owned by the VM uid.
+pub fn check_socket_node(name: &str, st_mode: u32, st_uid: u32, vm_uid: u32) -> Result<(), String> {
+    if st_mode & libc::S_IFMT != libc::S_IFSOCK || st_uid != vm_uid {
+        return Err(format!("{name} is not a socket owned by the VM uid {vm_uid}"));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -269,6 +306,52 @@ mod tests {
              --net fd=5,mac=52:54:00:12:34:56 --net fd=6 --serial socket=/run/my_hypervisor/vmm/a/serial.sock \
              --console off --vsock cid=3,socket=/run/my_hypervisor/vmm/a/vsock.sock --seccomp true --pvpanic"
         );
+    }
+
+    #[test]
+    fn the_sandbox_spec_runs_the_plan_under_its_binary() {
+        use crate::sandbox::{SandboxOptions, SandboxSpec};
+        let opts = SandboxOptions { seccomp: crate::seccomp::Mode::Log, landlock_best_effort: true };
+        let spec = SandboxSpec::new("a", 62601, "/usr/bin/cloud-hypervisor".into(), None, plan(), opts);
+        assert_eq!(
+            (spec.vm.as_str(), spec.uid, spec.seccomp, spec.landlock_best_effort),
+            ("a", 62601, opts.seccomp, true)
+        );
+        let argv = spec.ch_argv();
+        assert_eq!(argv[0], "/usr/bin/cloud-hypervisor");
+        assert_eq!(argv[1..], plan().args()[..]);
+    }
+
+    #[test]
+    fn exits_and_kills_are_reported_and_nothing_else() {
+        use nix::sys::signal::Signal;
+        use nix::sys::wait::WaitStatus;
+        use nix::unistd::Pid;
+        let pid = Pid::from_raw(4321);
+        assert_eq!(exit_status(WaitStatus::Exited(pid, 3)), Some((4321, ExitStatus::Code(3))));
+        let killed = WaitStatus::Signaled(pid, Signal::SIGKILL, false);
+        assert_eq!(exit_status(killed), Some((4321, ExitStatus::Signal(libc::SIGKILL))));
+        assert_eq!(exit_status(WaitStatus::Stopped(pid, Signal::SIGSTOP)), None);
+        assert_eq!(exit_status(WaitStatus::StillAlive), None);
+    }
+
+    #[test]
+    fn a_tap_lands_only_on_an_allowed_bridge() {
+        let allowed = vec!["br0".to_string(), "vmbr1".to_string()];
+        assert_eq!(check_bridge(&allowed, None), Ok(()));
+        assert_eq!(check_bridge(&allowed, Some("vmbr1")), Ok(()));
+        assert_eq!(check_bridge(&allowed, Some("br1")), Err("br1".to_string()));
+        assert_eq!(check_bridge(&allowed, Some("br")), Err("br".to_string()), "whole names only");
+        assert_eq!(check_bridge(&[], Some("br0")), Err("br0".to_string()), "none by default");
+    }
+
+    #[test]
+    fn only_a_socket_owned_by_the_vm_uid_is_connected() {
+        assert_eq!(check_socket_node("api.sock", libc::S_IFSOCK | 0o600, 62601, 62601), Ok(()));
+        let refused = "api.sock is not a socket owned by the VM uid 62601";
+        assert_eq!(check_socket_node("api.sock", libc::S_IFSOCK | 0o600, 0, 62601).unwrap_err(), refused);
+        assert_eq!(check_socket_node("api.sock", libc::S_IFLNK | 0o777, 62601, 62601).unwrap_err(), refused);
+        assert_eq!(check_socket_node("api.sock", libc::S_IFIFO | 0o600, 62601, 62601).unwrap_err(), refused);
     }
 
     #[test]

@@ -90,6 +90,8 @@ fn requests_refusals_and_release() {
     assert_eq!(acl_bytes(&ro), None, "a world-readable image needs no ACL");
 
     h.refused(prep("b", vec![k.clone(), img(&disk, ImageRole::Disk { readonly: true })]), "already granted to VM a");
+    assert_eq!(acl_users(&kernel), vec![(READ, VM_UID)], "the refused Prepare undid its kernel grant");
+    assert!(!h.d.path("run/vmm/b").exists(), "and removed its run dir");
     h.refused(Request::Signal { vm: "a".into(), signal: VmmSignal::Term }, "never spawned");
     h.refused(Request::Connect { vm: "a".into(), role: SocketRole::Serial }, "never spawned");
 
