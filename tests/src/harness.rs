@@ -2,7 +2,7 @@
 //! broker channel, so that the test speaks the typed protocol directly.
 
 use std::io::{BufRead, BufReader, IoSliceMut, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -167,6 +167,19 @@ impl Drop for Harness {
 fn accept_channel(rpc_socket: &Path) -> (BufReader<UnixStream>, OwnedFd) {
     let s = UnixStream::connect(rpc_socket).expect("connect to the stand-in frontend");
     s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    // Wait for the message first, retrying a wait a signal cut short, so that the receive
+    // itself cannot be interrupted.
+    let mut ready = [nix::poll::PollFd::new(s.as_fd(), nix::poll::PollFlags::POLLIN)];
+    loop {
+        match nix::poll::poll(&mut ready, nix::poll::PollTimeout::from(20_000u16)) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Ok(0) => panic!("the stand-in frontend sent no channel within 20 s"),
+            r => {
+                r.expect("poll the stand-in");
+                break;
+            }
+        }
+    }
     let mut buf = [0u8; 2];
     let mut space = nix::cmsg_space!([i32; 1]);
     let mut iov = [IoSliceMut::new(&mut buf)];
