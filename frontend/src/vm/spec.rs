@@ -96,6 +96,15 @@ impl VmSpec {
         self.agent.unwrap_or(self.vsock)
     }
 
+    /// The kernel command line the VM boots with: the spec's, plus guest-init's config
+    /// (docs/guest-init.md) when the VM boots a kernel.
+    pub fn boot_cmdline(&self) -> Option<String> {
+        if self.kernel.is_none() {
+            return self.cmdline.clone();
+        }
+        crate::exec::guest_cmdline(self.cmdline.as_deref(), self.agent(), self.nets.iter().map(|n| n.mtu))
+    }
+
     /// Checks every field; the first bad one is named in the error.
     pub fn validate(&self, image_roots: &[PathBuf]) -> Result<(), VmError> {
         check_vm_id(&self.id).map_err(|e| bad("id", e.to_string()))?;
@@ -159,6 +168,19 @@ impl VmSpec {
         }
         if self.agent == Some(true) && !self.vsock {
             return Err(bad("agent", "needs `vsock: true`"));
+        }
+        if let Some(c) = self.boot_cmdline()
+            && c.len() > MAX_CMDLINE
+        {
+            let extra = c.len() - self.cmdline.as_ref().map_or(0, String::len);
+            return Err(bad(
+                "cmdline",
+                format!(
+                    "with the {extra} bytes appended for guest-init (vsock port, NIC MTUs) it is {} bytes, over the \
+                     limit of {MAX_CMDLINE}",
+                    c.len()
+                ),
+            ));
         }
         if self.labels.len() > MAX_LABELS {
             return Err(bad("labels", format!("at most {MAX_LABELS} labels, got {}", self.labels.len())));
