@@ -102,7 +102,11 @@ impl Env {
 
     /// Starts `id` on another thread and, once its VMM serves vsock, starts the agent
     /// `make` gives; returns the start's answer and the agent.
-    fn start_with_agent(&self, id: &str, make: impl FnOnce(&std::path::Path) -> Agent) -> (Result<Value, (i64, String)>, Agent) {
+    fn start_with_agent(
+        &self,
+        id: &str,
+        make: impl FnOnce(&std::path::Path) -> Agent,
+    ) -> (Result<Value, (i64, String)>, Agent) {
         thread::scope(|s| {
             let start = s.spawn(|| self.rpc("compute.vm.start", json!({"vm_id": id})));
             let vsock = self.vm_dir(id).join("vsock.sock");
@@ -296,7 +300,9 @@ fn a_guest_that_powers_off_before_its_agent_answers_is_stopped() {
     let test = "a_guest_that_powers_off_before_its_agent_answers_is_stopped";
     let Some(env) = Env::start(test, 63160) else { return };
     if env.real.is_some() {
-        return eprintln!("SKIP {test} with real cloud-hypervisor: the PVH guest powers off before vm.info can say Running");
+        return eprintln!(
+            "SKIP {test} with real cloud-hypervisor: the PVH guest powers off before vm.info can say Running"
+        );
     }
     env.create("o", true, Some("ch_double.fault=guest-shutdown=1500"));
     let r = env.rpc("compute.vm.start", json!({"vm_id": "o"}));
