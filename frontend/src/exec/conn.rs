@@ -196,7 +196,9 @@ impl AgentConn {
         let limit = req.max_output_bytes.unwrap_or(my_hypervisor_exec_proto::DEFAULT_MAX_OUTPUT_BYTES);
         let deadline = Instant::now() + Duration::from_secs(secs.into()) + EXEC_MARGIN;
         let stalled = |_| ExecError::Stalled { what: "exit", after: Duration::from_secs(secs.into()) + EXEC_MARGIN };
-        timeout_at(deadline, send(&mut self.stream, &HostFrame::Exec(req))).await.map_err(stalled)??;
+        // A request too large for one frame is the caller's error, not the guest's.
+        let frame = encode(&HostFrame::Exec(req)).map_err(ExecError::BadRequest)?;
+        timeout_at(deadline, self.stream.write_all(&frame)).await.map_err(stalled)?.map_err(ExecError::Io)?;
 
         let (mut rd, mut wr) = self.stream.split();
         let reader = &mut self.reader;

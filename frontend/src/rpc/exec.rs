@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use my_hypervisor_exec_proto::{ExecRequest, ExitStatus, MAX_ARGS};
+use my_hypervisor_exec_proto::{ExecRequest, ExitStatus, HostFrame, MAX_ARGS, encode};
 
 use super::api::{Answer, invalid_field};
 use super::bytes::{self, Encoding};
@@ -62,6 +62,10 @@ pub async fn call(method: &'static str, vms: Arc<Manager>, p: ExecParams) -> Ans
         let e = e.to_string();
         let field = ["argv", "env", "cwd"].into_iter().find(|f| e.contains(f)).unwrap_or("argv");
         return Err(invalid_field(method, field, &e));
+    }
+    // argv, env and cwd together must fit one frame of the protocol.
+    if let Err(e) = encode(&HostFrame::Exec(req.clone())) {
+        return Err(invalid_field(method, "argv", &format!("with env and cwd, is too large for one frame: {e}")));
     }
     let r = vms.exec(p.vm_id.as_str(), req, stdin).await?;
     let (exit_code, signal) = match r.status {

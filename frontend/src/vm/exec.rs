@@ -17,6 +17,10 @@ use crate::exec::{AgentConn, DEFAULT_VSOCK_PORT, ExecError, ExecErrorKind, ExecR
 /// The most execs in flight at once, over all VMs.
 pub const MAX_EXECS: usize = 64;
 
+/// Tries to connect to the agent when nothing listens yet, and the pause between them.
+pub const CONNECT_ATTEMPTS: u32 = 3;
+const CONNECT_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
 static EXECS: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(MAX_EXECS));
 
 impl Manager {
@@ -39,12 +43,22 @@ impl Manager {
             detail: format!("{MAX_EXECS} execs are already running in this host's VMs"),
         })?;
         let unreachable = |detail: String| VmError::AgentUnreachable { vm_id: vm_id.to_string(), detail };
-        let fd = driver.vsock(vm_id).await.map_err(|e| unreachable(format!("no vsock stream: {e}")))?;
-        let run = async {
-            let conn = AgentConn::open(fd, DEFAULT_VSOCK_PORT).await?;
-            conn.exec(req, stdin.as_deref()).await
+        let mut attempt = 1;
+        let conn = loop {
+            let fd = driver.vsock(vm_id).await.map_err(|e| unreachable(format!("no vsock stream: {e}")))?;
+            match AgentConn::open(fd, DEFAULT_VSOCK_PORT).await {
+                Ok(conn) => break conn,
+                // Nothing listened yet, or the stream broke at once: a few quick tries more.
+                // A stall is not retried: it has cost its whole wait already.
+                Err(e @ (ExecError::NoListener { .. } | ExecError::Io(_))) if attempt < CONNECT_ATTEMPTS => {
+                    tracing::debug!(vm = vm_id, attempt, error = %e, "agent connect failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(CONNECT_RETRY).await;
+                }
+                Err(e) => return Err(exec_error(vm_id, &e)),
+            }
         };
-        run.await.map_err(|e| exec_error(vm_id, &e))
+        conn.exec(req, stdin.as_deref()).await.map_err(|e| exec_error(vm_id, &e))
     }
 }
 
