@@ -333,4 +333,32 @@ mod tests {
         let e = spec(good()).validate(&[]).unwrap_err();
         assert!(e.to_string().contains("no image root"), "{e}");
     }
+
+    #[test]
+    fn guest_init_s_words_count_against_the_cmdline_limit() {
+        let mut v = good();
+        v["nets"] = json!([{"mtu": 1400}, {}, {"mtu": 9000}]);
+        assert_eq!(
+            spec(v.clone()).boot_cmdline().as_deref(),
+            Some("console=ttyS0 myhv.port=1024 myhv.mtu=eth0:1400,eth2:9000")
+        );
+        // The words fit exactly, then one byte more does not.
+        let words = " myhv.port=1024 myhv.mtu=eth0:1400,eth2:9000".len();
+        v["cmdline"] = json!("x".repeat(MAX_CMDLINE - words));
+        spec(v.clone()).validate(&roots()).expect("fits exactly");
+        v["cmdline"] = json!("x".repeat(MAX_CMDLINE - words + 1));
+        let e = spec(v.clone()).validate(&roots()).unwrap_err();
+        assert!(e.to_string().contains("field `cmdline`") && e.to_string().contains("guest-init"), "{e}");
+        // Without the agent and MTUs nothing is appended, and firmware boots get nothing.
+        v["agent"] = json!(false);
+        v["nets"] = json!([]);
+        spec(v.clone()).validate(&roots()).expect("nothing appended");
+        assert_eq!(spec(v).boot_cmdline().map(|c| c.len()), Some(MAX_CMDLINE - words + 1));
+        let mut v = good();
+        for k in ["kernel", "initramfs", "cmdline"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        v["firmware"] = json!("/img/fw");
+        assert_eq!(spec(v).boot_cmdline(), None);
+    }
 }
