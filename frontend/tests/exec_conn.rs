@@ -121,7 +121,7 @@ async fn a_bad_request_is_refused_before_anything_is_sent() {
         assert_eq!(read_frame::<HostFrame>(&mut s).unwrap(), None);
     });
     let conn = AgentConn::open(fd, 1024).await.unwrap();
-    let e = conn.exec(ExecRequest::new(["a\0b"]), None).await.err().expect("refused");
+    let e = conn.exec(ExecRequest::new(["a\0b"]), None).await.expect_err("refused");
     assert_eq!(e.kind(), ExecErrorKind::BadRequest, "{e}");
     peer.join().unwrap();
 }
