@@ -125,3 +125,43 @@ async fn a_bad_request_is_refused_before_anything_is_sent() {
     assert_eq!(e.kind(), ExecErrorKind::BadRequest, "{e}");
     peer.join().unwrap();
 }
+
+#[tokio::test]
+async fn an_exit_ends_the_exec_even_while_stdin_is_still_being_written() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let answered = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&answered);
+    let (fd, peer) = pair(move |mut s| {
+        read_connect(&mut s);
+        s.write_all(b"OK 5\n").unwrap();
+        read_frame::<HostFrame>(&mut s).unwrap();
+        write_frame(&mut s, &guest_hello()).unwrap();
+        assert!(matches!(read_frame::<HostFrame>(&mut s).unwrap(), Some(HostFrame::Exec(_))));
+        // The command exits without reading its stdin, and the guest stops reading too.
+        let exit = ExitSummary {
+            status: ExitStatus::Code(0),
+            outcome: Outcome::Exited,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            stdout_truncated: false,
+            stderr_truncated: false,
+            duration_ms: 1,
+        };
+        write_frame(&mut s, &GuestFrame::Started { pid: 1 }).unwrap();
+        write_frame(&mut s, &GuestFrame::Exit(exit)).unwrap();
+        // The host answers while this end still holds the stream, unread.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !seen.load(Ordering::SeqCst) && std::time::Instant::now() < end {
+            thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(seen.load(Ordering::SeqCst), "the exec ended before the stream did");
+    });
+    let conn = AgentConn::open(fd, 1024).await.unwrap();
+    // Far more than the socket buffers hold.
+    let stdin = vec![7u8; 8 * 1024 * 1024];
+    let r = conn.exec(ExecRequest::new(["true"]), Some(&stdin)).await.expect("exit");
+    answered.store(true, Ordering::SeqCst);
+    assert_eq!(r.status, ExitStatus::Code(0));
+    peer.join().unwrap();
+}

@@ -232,31 +232,50 @@ impl AgentConn {
             }
         };
         tokio::pin!(collect);
-        let feed = async {
-            if let Some(data) = stdin {
-                for chunk in data.chunks(MAX_CHUNK) {
-                    send(&mut wr, &HostFrame::Stdin(chunk.to_vec())).await?;
-                }
-                send(&mut wr, &HostFrame::StdinEnd).await?;
-            }
-            Ok::<(), ExecError>(())
-        };
-        // Stdin is written while output is read, so neither side can block the other. A
-        // failed write shows up as the stream's end on the reading side too.
+        // Stdin is written while output is read, so neither side can block the other. The
+        // exec ends when the output does: an exit, an error, or the stream's end (a failed
+        // write shows up there too); stdin not yet written then is dropped.
+        let mut fed = false;
         let first = timeout_at(deadline, async {
-            let (_, r) = tokio::join!(feed, &mut collect);
-            r
+            let feed = async {
+                if let Some(data) = stdin {
+                    for chunk in data.chunks(MAX_CHUNK) {
+                        send(&mut wr, &HostFrame::Stdin(chunk.to_vec())).await?;
+                    }
+                    send(&mut wr, &HostFrame::StdinEnd).await?;
+                }
+                Ok::<(), ExecError>(())
+            };
+            tokio::pin!(feed);
+            loop {
+                tokio::select! {
+                    r = &mut collect => return r,
+                    w = &mut feed, if !fed => {
+                        fed = true;
+                        if let Err(e) = w {
+                            tracing::debug!(error = %e, "writing stdin failed; reading on");
+                        }
+                    }
+                }
+            }
         })
         .await;
         let result = match first {
             Ok(r) => r?,
+            // `collect` has not finished (it would have ended the wait). A cancel goes out
+            // only between frames; with stdin still being written, closing the stream is
+            // the cancel (the guest kills the command when its host goes away).
+            Err(_) if !fed => {
+                let _ = wr.shutdown().await;
+                return Err(ExecError::TimedOut { secs, how: "abandoned (stdin was still being written)" });
+            }
             Err(_) => {
                 let _ = timeout_at(Instant::now() + CANCEL_WAIT, send(&mut wr, &HostFrame::Cancel)).await;
-                match timeout_at(Instant::now() + CANCEL_WAIT, &mut collect).await {
-                    Ok(Ok(_)) => return Err(ExecError::TimedOut { secs, how: "cancelled" }),
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => return Err(ExecError::Stalled { what: "exit after a cancel", after: CANCEL_WAIT }),
-                }
+                return match timeout_at(Instant::now() + CANCEL_WAIT, &mut collect).await {
+                    Ok(Ok(_)) => Err(ExecError::TimedOut { secs, how: "cancelled" }),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(ExecError::Stalled { what: "exit after a cancel", after: CANCEL_WAIT }),
+                };
             }
         };
         match result.outcome {
