@@ -23,7 +23,7 @@ pub const DEFAULT_EXEC_TIMEOUT_SECS: u64 = crate::exec::conn::DEFAULT_TIMEOUT_SE
 /// The most stdin one call may carry (decoded); the request line limit bounds it anyway.
 pub const MAX_EXEC_STDIN: usize = 1024 * 1024;
 
-pub async fn call(method: &'static str, vms: Arc<Manager>, p: ExecParams) -> Answer<ExecResult> {
+pub async fn call(method: &'static str, vms: Arc<Manager>, mut p: ExecParams) -> Answer<ExecResult> {
     if p.argv.is_empty() {
         return Err(invalid_field(method, "argv", "must name a program"));
     }
@@ -38,9 +38,10 @@ pub async fn call(method: &'static str, vms: Arc<Manager>, p: ExecParams) -> Ans
     if max_output > MAX_EXEC_OUTPUT {
         return Err(invalid_field(method, "max_output_bytes", &format!("must be at most {MAX_EXEC_OUTPUT}")));
     }
-    let stdin = match &p.stdin {
+    // The base64 text is dropped once decoded.
+    let stdin = match p.stdin.take() {
         Some(text) => {
-            let data = bytes::decode(text).map_err(|why| invalid_field(method, "stdin", &why))?;
+            let data = bytes::decode(&text).map_err(|why| invalid_field(method, "stdin", &why))?;
             if data.len() > MAX_EXEC_STDIN {
                 return Err(invalid_field(method, "stdin", &format!("must decode to at most {MAX_EXEC_STDIN} bytes")));
             }

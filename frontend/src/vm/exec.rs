@@ -15,7 +15,7 @@ use super::manager::Manager;
 use crate::exec::{AgentConn, DEFAULT_VSOCK_PORT, ExecError, ExecErrorKind, ExecRequest, ExecResult};
 
 /// The most execs in flight at once, over all VMs.
-pub const MAX_EXECS: usize = 64;
+pub const MAX_EXECS: usize = 32;
 
 /// Tries to connect to the agent when nothing listens yet, and the pause between them.
 pub const CONNECT_ATTEMPTS: u32 = 3;
