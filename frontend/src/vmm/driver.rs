@@ -282,7 +282,7 @@ impl BrokerDriver {
         let mut last = String::from("no answer yet");
         loop {
             if let Some(status) = *rt.exit.borrow() {
-                return exited_in_boot(&rt, status);
+                return exited_in_boot(&rt, status, spec.agent());
             }
             if Instant::now() >= deadline {
                 return Err(DriverError::new(format!("not running after {BOOT_TIMEOUT:?} (last: {last})")));
@@ -310,7 +310,7 @@ impl BrokerDriver {
     fn now_running(rt: &Runtime) -> Result<Boot, DriverError> {
         rt.phase.store(RUNNING, Ordering::SeqCst);
         if let Some(status) = *rt.exit.borrow() {
-            return exited_in_boot(rt, status);
+            return exited_in_boot(rt, status, false);
         }
         Ok(Boot::Running)
     }
@@ -460,12 +460,13 @@ fn merge(rt: &Runtime, events: &[monitor::VmmEvent]) -> Vec<VmmReport> {
 /// The VMM exited before the VM counted as running. Exit status 0 after the guest booted
 /// (vm.info said Running, or the event file shows `vm`/`booted`) is a guest that powered
 /// itself off; anything else is a failed boot.
-fn exited_in_boot(rt: &Runtime, status: ExitStatus) -> Result<Boot, DriverError> {
+fn exited_in_boot(rt: &Runtime, status: ExitStatus, agent: bool) -> Result<Boot, DriverError> {
     let booted = rt.booted.load(Ordering::SeqCst)
         || monitor::read_from(&rt.events, rt.offset.load(Ordering::SeqCst), READ_STEP)
             .is_ok_and(|(evs, _)| evs.iter().any(|e| e.source == "vm" && e.event == "booted"));
     if status == ExitStatus::Code(0) && booted {
-        return Ok(Boot::PoweredOff(format!("the guest powered off right after it booted ({})", describe(status))));
+        let when = if agent { "before its agent answered" } else { "right after it booted" };
+        return Ok(Boot::PoweredOff(format!("the guest powered off {when} ({})", describe(status))));
     }
     Err(DriverError::new(format!("the VMM exited during boot ({})", describe(status))))
 }
