@@ -5,6 +5,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 pub mod broker;
+pub mod exec;
 pub mod rpc;
 pub mod vm;
 pub mod vmm;

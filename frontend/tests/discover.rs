@@ -170,6 +170,14 @@ async fn params_schemas_accept_and_refuse_what_the_server_does() {
         ("compute.vm.exec", json!({"vm_id": "a"}), false),
         ("compute.vm.exec", json!({"vm_id": "a", "argv": [1]}), false),
         ("compute.vm.exec", json!({"vm_id": "a", "argv": ["x"], "env": {"A": 1}}), false),
+        ("compute.vm.exec", json!({"vm_id": "a", "argv": ["x"], "stdin": "AAEC/w==", "encoding": "base64"}), true),
+        ("compute.vm.exec", json!({"vm_id": "a", "argv": ["x"], "encoding": "utf8"}), false),
+        ("compute.vm.exec", json!({"vm_id": "a", "argv": ["x"], "timeout_secs": 86400}), true),
+        ("compute.vm.exec", json!({"vm_id": "a", "argv": ["x"], "timeout_secs": 0}), false),
+        ("compute.vm.exec", json!({"vm_id": "a", "argv": ["x"], "timeout_secs": 86401}), false),
+        ("compute.vm.exec", json!({"vm_id": "a", "argv": ["x"], "max_output_bytes": 262144}), true),
+        ("compute.vm.exec", json!({"vm_id": "a", "argv": ["x"], "max_output_bytes": 262145}), false),
+        ("compute.vm.exec", json!({"vm_id": "a", "argv": vec!["x"; 1025]}), false),
         ("compute.vm.create", spec(&|_| {}), true),
         ("compute.vm.create", spec(&|v| v["labels"] = json!({"team/app": "x"})), true),
         ("compute.vm.create", spec(&|v| v["nets"] = json!([{"mac": "52:54:00:12:34:56", "mtu": 68}])), true),
@@ -270,7 +278,10 @@ fn full_params(name: &str) -> Value {
         "compute.vm.events.tail" => json!({"vm_id": vm, "since_seq": 0, "limit": 10}),
         "compute.vm.events.follow" => json!({"vm_id": vm, "since_seq": 0}),
         "compute.vm.logs" => json!({"vm_id": vm, "stream": "vmm", "max_bytes": 10}),
-        "compute.vm.exec" => json!({"vm_id": vm, "argv": ["true"], "env": {"A": "b"}, "cwd": "/", "timeout_secs": 5}),
+        "compute.vm.exec" => json!({
+            "vm_id": vm, "argv": ["true"], "env": {"A": "b"}, "cwd": "/", "timeout_secs": 5,
+            "stdin": "aGk=", "encoding": "base64", "max_output_bytes": 10
+        }),
         "compute.vm.list" | "rpc.discover" => json!({}),
         _ => json!({"vm_id": vm}),
     }

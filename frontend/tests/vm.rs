@@ -453,3 +453,25 @@ async fn the_number_of_vms_is_bounded() {
     m.remove("c").await.unwrap();
     assert_eq!(m.create(spec("d")).await, Ok(VmState::Pending), "room again after a remove");
 }
+
+#[tokio::test]
+async fn exec_answers_no_agent_not_running_or_unreachable_in_that_order() {
+    let (_dir, _driver, m) = setup();
+    let req = || my_hypervisor_frontend::exec::ExecRequest::new(["true"]);
+    let mut plain = spec("plain");
+    plain.agent = Some(false);
+    m.create(plain).await.unwrap();
+    m.create(spec("agent")).await.unwrap();
+    let e = m.exec("nope", req(), None).await.unwrap_err();
+    assert_eq!(e.code(), errors::NO_SUCH_VM, "{e}");
+    // Without an agent the VM's state does not matter.
+    let e = m.exec("plain", req(), None).await.unwrap_err();
+    assert_eq!(e.code(), errors::NO_AGENT, "{e}");
+    let e = m.exec("agent", req(), None).await.unwrap_err();
+    assert_eq!(e.code(), errors::NOT_RUNNING, "{e}");
+    assert_eq!(m.start("agent").await.unwrap(), VmState::Running);
+    // The test driver has no vsock: the agent cannot be reached.
+    let e = m.exec("agent", req(), None).await.unwrap_err();
+    assert_eq!(e.code(), errors::AGENT_UNREACHABLE, "{e}");
+    assert!(e.to_string().contains("no vsock stream"), "{e}");
+}

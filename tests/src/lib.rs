@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: locating the built binaries, running the daemon
 //! in a scratch tree, reading /proc, and speaking line-delimited JSON-RPC.
 
+pub mod agent;
 pub mod harness;
 pub mod pvh;
 pub mod vmm_sandbox;

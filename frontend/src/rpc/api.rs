@@ -22,7 +22,10 @@ use super::schema::schema_for;
 use crate::vm::Manager;
 pub use crate::vm::spec::{DiskSpec, NetSpec, VmSpec};
 
-use errors::{ALREADY_EXISTS, BUSY, ILLEGAL_TRANSITION, INVALID_SPEC, NO_SUCH_VM, NOT_READY, NOT_RUNNING, VMM_ERROR};
+use errors::{
+    AGENT_UNREACHABLE, ALREADY_EXISTS, BUSY, EXEC_REFUSED, EXEC_TIMEOUT, ILLEGAL_TRANSITION, INVALID_SPEC, NO_AGENT,
+    NO_SUCH_VM, NOT_READY, NOT_RUNNING, VMM_ERROR,
+};
 
 /// The name of the notifications `compute.vm.events.follow` sends.
 pub const EVENT_NOTIFICATION: &str = "compute.vm.event";
@@ -173,7 +176,7 @@ pub const API: &[MethodDef] = &[
     MethodDef::call::<Exec>(
         "compute.vm.exec",
         "Run a command in the guest through the vsock agent and wait for it.",
-        &[NO_SUCH_VM, NOT_RUNNING, BUSY, VMM_ERROR, NOT_READY],
+        &[NO_SUCH_VM, NOT_RUNNING, BUSY, NOT_READY, NO_AGENT, AGENT_UNREACHABLE, EXEC_TIMEOUT, EXEC_REFUSED],
     ),
     MethodDef::call::<Discover>("rpc.discover", "This API described as an OpenRPC document.", &[]),
 ];

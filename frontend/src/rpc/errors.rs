@@ -1,8 +1,8 @@
 //! Every error code the API answers with, in one place.
 //!
 //! Spec codes (-32700..-32600) come from JSON-RPC 2.0. Transport codes are the ones jsonrpsee
-//! defines for limits. Application codes live in -32020..-32029, clear of the codes jsonrpsee
-//! itself uses in -32000..-32011.
+//! defines for limits. Application codes live in -32020..-32029 (exec's in -32040..-32049), clear of
+//! the codes jsonrpsee itself uses in -32000..-32011.
 
 use jsonrpsee::types::ErrorObjectOwned;
 use serde::de::DeserializeOwned;
@@ -32,6 +32,15 @@ pub const NOT_READY: i32 = -32026;
 /// A VM with this id exists with a different spec.
 pub const ALREADY_EXISTS: i32 = -32027;
 
+/// The VM was created without a guest agent, so exec has nothing to talk to.
+pub const NO_AGENT: i32 = -32040;
+/// The guest agent did not answer (connect, handshake) or broke the exec protocol.
+pub const AGENT_UNREACHABLE: i32 = -32041;
+/// The command did not finish within its timeout; the guest killed its process group.
+pub const EXEC_TIMEOUT: i32 = -32042;
+/// The guest agent refused the command or could not run it (no such program, say).
+pub const EXEC_REFUSED: i32 = -32043;
+
 /// An application error: maps one-to-one onto the codes above.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
@@ -51,6 +60,14 @@ pub enum ApiError {
     NotReady { method: &'static str },
     #[error("VM {vm_id:?} already exists with a different spec")]
     AlreadyExists { vm_id: String },
+    #[error("VM {vm_id:?} was created without a guest agent (`agent: false`)")]
+    NoAgent { vm_id: String },
+    #[error("the guest agent of VM {vm_id:?} is unreachable: {detail}")]
+    AgentUnreachable { vm_id: String, detail: String },
+    #[error("exec in VM {vm_id:?} timed out: {detail}")]
+    ExecTimeout { vm_id: String, detail: String },
+    #[error("the guest agent of VM {vm_id:?} refused the command: {detail}")]
+    ExecRefused { vm_id: String, detail: String },
     /// A failure of the frontend itself (its state dir, say); answered as -32603.
     #[error("internal error: {detail}")]
     Internal { detail: String },
@@ -67,6 +84,10 @@ impl ApiError {
             ApiError::NotRunning { .. } => NOT_RUNNING,
             ApiError::NotReady { .. } => NOT_READY,
             ApiError::AlreadyExists { .. } => ALREADY_EXISTS,
+            ApiError::NoAgent { .. } => NO_AGENT,
+            ApiError::AgentUnreachable { .. } => AGENT_UNREACHABLE,
+            ApiError::ExecTimeout { .. } => EXEC_TIMEOUT,
+            ApiError::ExecRefused { .. } => EXEC_REFUSED,
             ApiError::Internal { .. } => INTERNAL_ERROR_CODE,
         }
     }
@@ -95,6 +116,10 @@ impl From<VmError> for ApiError {
             VmError::NotRunning { vm_id } => ApiError::NotRunning { vm_id },
             VmError::NotReady { method } => ApiError::NotReady { method },
             VmError::AlreadyExists { vm_id } => ApiError::AlreadyExists { vm_id },
+            VmError::NoAgent { vm_id } => ApiError::NoAgent { vm_id },
+            VmError::AgentUnreachable { vm_id, detail } => ApiError::AgentUnreachable { vm_id, detail },
+            VmError::ExecTimeout { vm_id, detail } => ApiError::ExecTimeout { vm_id, detail },
+            VmError::ExecRefused { vm_id, detail } => ApiError::ExecRefused { vm_id, detail },
             e @ (VmError::Store { .. } | VmError::Task { .. } | VmError::Ended { .. }) => {
                 let mut detail = e.to_string();
                 let mut cause = std::error::Error::source(&e);
@@ -124,6 +149,10 @@ pub const APPLICATION_CODES: &[(i32, &str)] = &[
     (NOT_RUNNING, "not running"),
     (NOT_READY, "not ready"),
     (ALREADY_EXISTS, "already exists"),
+    (NO_AGENT, "no guest agent"),
+    (AGENT_UNREACHABLE, "guest agent unreachable"),
+    (EXEC_TIMEOUT, "exec timed out"),
+    (EXEC_REFUSED, "exec refused"),
 ];
 
 /// Parses by-name params into `T`. Absent params count as `{}`. The error message names the
@@ -205,6 +234,10 @@ mod tests {
             (VmError::NotRunning { vm_id: "a".into() }, NOT_RUNNING),
             (VmError::NotReady { method: "compute.vm.start" }, NOT_READY),
             (VmError::AlreadyExists { vm_id: "a".into() }, ALREADY_EXISTS),
+            (VmError::NoAgent { vm_id: "a".into() }, NO_AGENT),
+            (VmError::AgentUnreachable { vm_id: "a".into(), detail: "x".into() }, AGENT_UNREACHABLE),
+            (VmError::ExecTimeout { vm_id: "a".into(), detail: "x".into() }, EXEC_TIMEOUT),
+            (VmError::ExecRefused { vm_id: "a".into(), detail: "x".into() }, EXEC_REFUSED),
             (VmError::store("writing state.json", io), INTERNAL_ERROR_CODE),
         ];
         for (e, code) in cases {

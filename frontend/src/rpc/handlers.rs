@@ -169,11 +169,8 @@ pub struct Exec;
 impl Handler for Exec {
     type Params = ExecParams;
     type Result = ExecResult;
-    async fn call(method: &'static str, _: Arc<Manager>, p: ExecParams) -> Answer<ExecResult> {
-        if p.argv.is_empty() {
-            return Err(invalid_field(method, "argv", "must name a program"));
-        }
-        not_ready(method)
+    async fn call(method: &'static str, vms: Arc<Manager>, p: ExecParams) -> Answer<ExecResult> {
+        super::exec::call(method, vms, p).await
     }
 }
 

@@ -4,7 +4,9 @@
 //! line-delimited transport itself ([`transport`]).
 
 pub mod api;
+pub mod bytes;
 pub mod errors;
+pub mod exec;
 pub mod handlers;
 pub mod limits;
 pub mod params;

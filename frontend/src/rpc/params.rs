@@ -150,13 +150,24 @@ pub struct LogsParams {
 #[serde(deny_unknown_fields)]
 pub struct ExecParams {
     pub vm_id: VmId,
-    /// The program and its arguments.
-    #[schemars(length(min = 1))]
+    /// The program and its arguments. A bare name is looked up in guest-init's PATH.
+    #[schemars(length(min = 1, max = my_hypervisor_exec_proto::MAX_ARGS))]
     pub argv: Vec<String>,
+    /// The command's whole environment (nothing else is inherited).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub cwd: Option<String>,
+    /// After it the guest kills the command's process group: SIGTERM, then SIGKILL.
+    #[schemars(range(min = 1, max = super::exec::MAX_EXEC_TIMEOUT_SECS), extend("default" = super::exec::DEFAULT_EXEC_TIMEOUT_SECS))]
     pub timeout_secs: Option<u64>,
+    /// The command's stdin, as `encoding` says; without it, stdin is /dev/null.
+    pub stdin: Option<String>,
+    /// How `stdin` is encoded.
+    #[serde(default)]
+    pub encoding: super::bytes::Encoding,
+    /// Output kept per stream; the rest is dropped and the stream marked truncated.
+    #[schemars(range(max = super::exec::MAX_EXEC_OUTPUT), extend("default" = super::exec::DEFAULT_EXEC_OUTPUT))]
+    pub max_output_bytes: Option<u64>,
 }
 
 #[cfg(test)]

@@ -144,9 +144,23 @@ pub struct LogsResult {
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 #[schemars(deny_unknown_fields)]
 pub struct ExecResult {
-    pub exit_code: i32,
+    /// The command's exit code; absent when a signal ended it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The signal that ended the command.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// The output kept, as `encoding` says.
     pub stdout: String,
     pub stderr: String,
+    pub encoding: super::bytes::Encoding,
+    /// Output past `max_output_bytes` was dropped.
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    /// What the command wrote to each stream, dropped bytes included.
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    pub duration_ms: u64,
 }
 
 /// Whether a subscription was ended.

@@ -6,6 +6,7 @@
 //! (except [`VmDriver::wait_running`], which a stop may abandon by dropping its future).
 
 use std::future::Future;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -65,6 +66,11 @@ pub trait VmDriver: Send + Sync + 'static {
     /// `event_offset`).
     fn reattach<'a>(&'a self, _vm_id: &'a str, _pid: Option<u32>, _event_offset: u64) -> DriverFuture<'a, Reattached> {
         Box::pin(async { Ok(Reattached::Gone("this driver cannot take up a running VMM".into())) })
+    }
+
+    /// A stream connected to the VM's hybrid-vsock socket (its muxer's host side), for exec.
+    fn vsock<'a>(&'a self, _vm_id: &'a str) -> DriverFuture<'a, OwnedFd> {
+        Box::pin(async { Err(DriverError::new("this driver has no vsock")) })
     }
 }
 

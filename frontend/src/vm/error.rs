@@ -26,6 +26,18 @@ pub enum VmError {
     NotReady { method: &'static str },
     #[error("VM {vm_id:?} already exists with a different spec")]
     AlreadyExists { vm_id: String },
+    /// The VM was created without the guest agent (`agent: false`).
+    #[error("VM {vm_id:?} was created without a guest agent (`agent: false`)")]
+    NoAgent { vm_id: String },
+    /// The guest agent did not answer, or broke the protocol.
+    #[error("the guest agent of VM {vm_id:?} is unreachable: {detail}")]
+    AgentUnreachable { vm_id: String, detail: String },
+    /// The guest agent refused the command or could not run it.
+    #[error("the guest agent of VM {vm_id:?} refused the command: {detail}")]
+    ExecRefused { vm_id: String, detail: String },
+    /// The command ran past its timeout and was killed.
+    #[error("exec in VM {vm_id:?} timed out: {detail}")]
+    ExecTimeout { vm_id: String, detail: String },
     /// The state dir could not be written.
     #[error("{what}")]
     Store {

@@ -6,6 +6,7 @@
 pub mod driver;
 pub mod error;
 pub mod events;
+mod exec;
 pub mod fsm;
 pub mod manager;
 mod ops;
@@ -19,6 +20,7 @@ pub mod writer;
 pub use driver::{Boot, DriverError, DriverFuture, Reattached, Spawned, StopOptions, VmDriver, VmmEvent, VmmReport};
 pub use error::VmError;
 pub use events::{Event, Follower};
+pub use exec::MAX_EXECS;
 pub use fsm::VmState;
 pub use manager::{Manager, ManagerConfig, VmStatus, VmSummary};
 pub use records::Tail;

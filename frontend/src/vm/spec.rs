@@ -96,6 +96,15 @@ impl VmSpec {
         self.agent.unwrap_or(self.vsock)
     }
 
+    /// The kernel command line the VM boots with: the spec's, plus guest-init's config
+    /// (docs/guest-init.md) when the VM boots a kernel.
+    pub fn boot_cmdline(&self) -> Option<String> {
+        if self.kernel.is_none() {
+            return self.cmdline.clone();
+        }
+        crate::exec::guest_cmdline(self.cmdline.as_deref(), self.agent(), self.nets.iter().map(|n| n.mtu))
+    }
+
     /// Checks every field; the first bad one is named in the error.
     pub fn validate(&self, image_roots: &[PathBuf]) -> Result<(), VmError> {
         check_vm_id(&self.id).map_err(|e| bad("id", e.to_string()))?;
@@ -159,6 +168,19 @@ impl VmSpec {
         }
         if self.agent == Some(true) && !self.vsock {
             return Err(bad("agent", "needs `vsock: true`"));
+        }
+        if let Some(c) = self.boot_cmdline()
+            && c.len() > MAX_CMDLINE
+        {
+            let extra = c.len() - self.cmdline.as_ref().map_or(0, String::len);
+            return Err(bad(
+                "cmdline",
+                format!(
+                    "with the {extra} bytes appended for guest-init (vsock port, NIC MTUs) it is {} bytes, over the \
+                     limit of {MAX_CMDLINE}",
+                    c.len()
+                ),
+            ));
         }
         if self.labels.len() > MAX_LABELS {
             return Err(bad("labels", format!("at most {MAX_LABELS} labels, got {}", self.labels.len())));
@@ -310,5 +332,33 @@ mod tests {
         // No image root at all refuses every path.
         let e = spec(good()).validate(&[]).unwrap_err();
         assert!(e.to_string().contains("no image root"), "{e}");
+    }
+
+    #[test]
+    fn guest_init_s_words_count_against_the_cmdline_limit() {
+        let mut v = good();
+        v["nets"] = json!([{"mtu": 1400}, {}, {"mtu": 9000}]);
+        assert_eq!(
+            spec(v.clone()).boot_cmdline().as_deref(),
+            Some("console=ttyS0 myhv.port=1024 myhv.mtu=eth0:1400,eth2:9000")
+        );
+        // The words fit exactly, then one byte more does not.
+        let words = " myhv.port=1024 myhv.mtu=eth0:1400,eth2:9000".len();
+        v["cmdline"] = json!("x".repeat(MAX_CMDLINE - words));
+        spec(v.clone()).validate(&roots()).expect("fits exactly");
+        v["cmdline"] = json!("x".repeat(MAX_CMDLINE - words + 1));
+        let e = spec(v.clone()).validate(&roots()).unwrap_err();
+        assert!(e.to_string().contains("field `cmdline`") && e.to_string().contains("guest-init"), "{e}");
+        // Without the agent and MTUs nothing is appended, and firmware boots get nothing.
+        v["agent"] = json!(false);
+        v["nets"] = json!([]);
+        spec(v.clone()).validate(&roots()).expect("nothing appended");
+        assert_eq!(spec(v).boot_cmdline().map(|c| c.len()), Some(MAX_CMDLINE - words + 1));
+        let mut v = good();
+        for k in ["kernel", "initramfs", "cmdline"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        v["firmware"] = json!("/img/fw");
+        assert_eq!(spec(v).boot_cmdline(), None);
     }
 }

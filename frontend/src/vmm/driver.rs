@@ -19,6 +19,7 @@ use crate::vm::driver::{
     Boot, DriverError, DriverFuture, Reattached, Spawned, StopOptions, VmDriver, VmmEvent, VmmReport,
 };
 use crate::vm::spec::VmSpec;
+use crate::vmm::agent::{self, AgentWait};
 use crate::vmm::{api, monitor};
 
 /// How long a boot may take (from the spawn to vm.info saying Running) before the start fails.
@@ -265,7 +266,7 @@ impl BrokerDriver {
     async fn spawn_vm(&self, vm_id: &str, spec: &VmSpec) -> Result<Spawned, DriverError> {
         self.inner.early_exits.lock().expect("exits").remove(vm_id);
         let memory_mib = u32::try_from(spec.memory_mib).map_err(|_| DriverError::new("memory_mib too large"))?;
-        let config = VmmConfig { vcpus: spec.vcpus, memory_mib, cmdline: spec.cmdline.clone(), vsock: spec.vsock };
+        let config = VmmConfig { vcpus: spec.vcpus, memory_mib, cmdline: spec.boot_cmdline(), vsock: spec.vsock };
         let (reply, fds) =
             self.inner.broker.call(Request::Spawn { vm: vm_id.into(), config }).await.map_err(step("spawn"))?;
         let Reply::Spawned { pid, .. } = reply else {
@@ -276,17 +277,12 @@ impl BrokerDriver {
     }
 
     async fn wait_running_vm(&self, vm_id: &str, spec: &VmSpec) -> Result<Boot, DriverError> {
-        if spec.agent() {
-            return Err(DriverError::new(
-                "waiting for the guest agent is not supported yet; create the VM with agent: false",
-            ));
-        }
         let rt = self.runtime(vm_id).ok_or_else(|| DriverError::new("no VMM was spawned"))?;
         let deadline = Instant::now() + BOOT_TIMEOUT;
         let mut last = String::from("no answer yet");
         loop {
             if let Some(status) = *rt.exit.borrow() {
-                return exited_in_boot(&rt, status);
+                return exited_in_boot(&rt, status, spec.agent());
             }
             if Instant::now() >= deadline {
                 return Err(DriverError::new(format!("not running after {BOOT_TIMEOUT:?} (last: {last})")));
@@ -294,12 +290,11 @@ impl BrokerDriver {
             match self.api(vm_id).await {
                 Ok(sock) => match api::vm_info(sock).await {
                     Ok(info) if info.state == "Running" => {
-                        rt.phase.store(RUNNING, Ordering::SeqCst);
                         rt.booted.store(true, Ordering::SeqCst);
-                        if let Some(status) = *rt.exit.borrow() {
-                            return exited_in_boot(&rt, status);
+                        if spec.agent() {
+                            return self.wait_agent_vm(vm_id, &rt, deadline).await;
                         }
-                        return Ok(Boot::Running);
+                        return Self::now_running(&rt);
                     }
                     Ok(info) => last = format!("vm.info says {}", info.state),
                     // A timeout is a busy VMM, not a dead one: ask again until the deadline.
@@ -308,6 +303,33 @@ impl BrokerDriver {
                 Err(e) => last = e.to_string(),
             }
             tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The VM counts as running from now on, unless its VMM already exited.
+    fn now_running(rt: &Runtime) -> Result<Boot, DriverError> {
+        rt.phase.store(RUNNING, Ordering::SeqCst);
+        if let Some(status) = *rt.exit.borrow() {
+            return exited_in_boot(rt, status, false);
+        }
+        Ok(Boot::Running)
+    }
+
+    /// The guest runs; with `agent: true` it is running only once guest-init answers. A clean
+    /// exit before that is a guest that powered off; no answer by the deadline fails the boot.
+    async fn wait_agent_vm(&self, vm_id: &str, rt: &Runtime, deadline: Instant) -> Result<Boot, DriverError> {
+        let exit = rt.exit.subscribe();
+        match agent::wait_agent(&self.inner.broker, vm_id, exit, deadline.into()).await {
+            AgentWait::Answered => Self::now_running(rt),
+            AgentWait::Exited(status @ ExitStatus::Code(0)) => {
+                Ok(Boot::PoweredOff(format!("the guest powered off before its agent answered ({})", describe(status))))
+            }
+            AgentWait::Exited(status) => {
+                Err(DriverError::new(format!("the VMM exited before the guest agent answered ({})", describe(status))))
+            }
+            AgentWait::NoAnswer(last) => Err(DriverError::new(format!(
+                "the guest agent did not answer within {BOOT_TIMEOUT:?} of the spawn (last: {last})"
+            ))),
         }
     }
 
@@ -373,6 +395,10 @@ impl BrokerDriver {
 }
 
 impl VmDriver for BrokerDriver {
+    fn vsock<'a>(&'a self, vm_id: &'a str) -> DriverFuture<'a, OwnedFd> {
+        Box::pin(async move { agent::vsock(&self.inner.broker, vm_id).await.map_err(DriverError::new) })
+    }
+
     fn prepare<'a>(&'a self, vm_id: &'a str, spec: &'a VmSpec) -> DriverFuture<'a, ()> {
         Box::pin(self.prepare_vm(vm_id, spec))
     }
@@ -434,12 +460,13 @@ fn merge(rt: &Runtime, events: &[monitor::VmmEvent]) -> Vec<VmmReport> {
 /// The VMM exited before the VM counted as running. Exit status 0 after the guest booted
 /// (vm.info said Running, or the event file shows `vm`/`booted`) is a guest that powered
 /// itself off; anything else is a failed boot.
-fn exited_in_boot(rt: &Runtime, status: ExitStatus) -> Result<Boot, DriverError> {
+fn exited_in_boot(rt: &Runtime, status: ExitStatus, agent: bool) -> Result<Boot, DriverError> {
     let booted = rt.booted.load(Ordering::SeqCst)
         || monitor::read_from(&rt.events, rt.offset.load(Ordering::SeqCst), READ_STEP)
             .is_ok_and(|(evs, _)| evs.iter().any(|e| e.source == "vm" && e.event == "booted"));
     if status == ExitStatus::Code(0) && booted {
-        return Ok(Boot::PoweredOff(format!("the guest powered off right after it booted ({})", describe(status))));
+        let when = if agent { "before its agent answered" } else { "right after it booted" };
+        return Ok(Boot::PoweredOff(format!("the guest powered off {when} ({})", describe(status))));
     }
     Err(DriverError::new(format!("the VMM exited during boot ({})", describe(status))))
 }

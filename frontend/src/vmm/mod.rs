@@ -2,6 +2,7 @@
 //! broker, and its event-monitor file read from a stored offset. Everything a VMM sends is
 //! untrusted: sizes are capped and time is bounded.
 
+pub mod agent;
 pub mod api;
 pub mod driver;
 pub mod monitor;
