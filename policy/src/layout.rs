@@ -169,8 +169,11 @@ pub fn check_identities(frontend: Ids, vm_range: &RangeInclusive<u32>) -> Result
 }
 
 /// The RPC transport's limits the daemon passes on to the frontend (`--rpc-limit
-/// NAME=VALUE` becomes the frontend's `--rpc-NAME=VALUE`); docs/api.md describes each.
+/// NAME=VALUE` becomes the frontend's `--rpc-NAME=VALUE`, and `--NAME=VALUE` for the
+/// `console-` ones); docs/api.md describes each.
 pub const RPC_LIMITS: &[&str] = &[
+    "console-log-bytes",
+    "console-replay-bytes",
     "max-line-bytes",
     "max-connections",
     "line-timeout",

@@ -141,29 +141,6 @@ impl Subscription for EventsFollow {
     }
 }
 
-pub struct ConsoleEndpoint;
-
-impl Handler for ConsoleEndpoint {
-    type Params = VmIdParams;
-    type Result = ConsoleResult;
-    async fn call(method: &'static str, _: Arc<Manager>, _: VmIdParams) -> Answer<ConsoleResult> {
-        not_ready(method)
-    }
-}
-
-pub struct Logs;
-
-impl Handler for Logs {
-    type Params = LogsParams;
-    type Result = LogsResult;
-    async fn call(method: &'static str, _: Arc<Manager>, p: LogsParams) -> Answer<LogsResult> {
-        if p.max_bytes == Some(0) {
-            return Err(invalid_field(method, "max_bytes", "must be at least 1"));
-        }
-        not_ready(method)
-    }
-}
-
 pub struct Exec;
 
 impl Handler for Exec {

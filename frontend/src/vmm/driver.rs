@@ -213,6 +213,12 @@ impl BrokerDriver {
         });
         self.inner.vms.lock().expect("vms").insert(vm_id.to_string(), Arc::clone(&rt));
         self.watch_events(vm_id.to_string(), Arc::clone(&rt));
+        if let Some(consoles) = crate::console::installed() {
+            match rt.log.try_clone() {
+                Ok(log) => consoles.attach(vm_id, rt.exit.subscribe(), log),
+                Err(e) => tracing::warn!(vm = %vm_id, error = %e, "no console: cannot share the VMM log fd"),
+            }
+        }
         if let Some(status) = self.inner.early_exits.lock().expect("exits").remove(vm_id) {
             self.exited(vm_id, status);
         }
@@ -342,6 +348,9 @@ impl BrokerDriver {
     }
 
     async fn release_vm(&self, vm_id: &str) -> Result<(), DriverError> {
+        if let Some(consoles) = crate::console::installed() {
+            consoles.detach(vm_id);
+        }
         self.inner.broker.call(Request::Release { vm: vm_id.into() }).await.map_err(step("release"))?;
         self.inner.vms.lock().expect("vms").remove(vm_id);
         self.inner.early_exits.lock().expect("exits").remove(vm_id);
@@ -349,6 +358,9 @@ impl BrokerDriver {
     }
 
     fn forget_vm(&self, vm_id: &str) {
+        if let Some(consoles) = crate::console::installed() {
+            consoles.forget(vm_id);
+        }
         self.inner.vms.lock().expect("vms").remove(vm_id);
         self.inner.early_exits.lock().expect("exits").remove(vm_id);
     }
