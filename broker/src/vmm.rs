@@ -39,6 +39,17 @@ impl Outputs {
             .map(|fd| Ok(std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))?.into()))
             .collect()
     }
+
+    /// Punches a hole over all but the log's newest bytes (`policy::vmm::log_punch_len`).
+    pub fn trim_log(&self) -> Result<(), Refusal> {
+        let f = std::fs::OpenOptions::new().write(true).open(format!("/proc/self/fd/{}", self.log.as_raw_fd()))?;
+        if let Some(len) = my_hypervisor_policy::vmm::log_punch_len(f.metadata()?.len()) {
+            let how =
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+            nix::fcntl::fallocate(&f, how, 0, len as i64).map_err(|e| Refusal::Vmm(format!("trim log: {e}")))?;
+        }
+        Ok(())
+    }
 }
 
 /// Creates `name` in the VM's dir for the VMM to append to: returns (append fd, read fd).

@@ -139,10 +139,11 @@ pub fn broker_allow_list() -> Vec<Allow> {
         SYS_wait4,
         SYS_waitid,
     ));
-    // Files: images, runtime dirs, the journal.
+    // Files: images, runtime dirs, the journal; fallocate trims a VMM's log (TrimLog).
     v.extend(sys!(
         SYS_openat,
         SYS_openat2,
+        SYS_fallocate,
         SYS_fstat,
         SYS_newfstatat,
         SYS_statx,

@@ -257,6 +257,33 @@ fn console_reattaches_after_a_frontend_kill() {
     assert!(contains(&env.logs("c3", "console", 65536).0, b"after-restart\n"));
 }
 
+/// A chatty VMM's own log is trimmed (holes punched over all but its newest bytes), so it
+/// is not killed at the 64 MiB bound; `logs` still reads its newest output.
+#[test]
+fn a_chatty_vmm_log_is_trimmed_not_killed() {
+    let Some(env) = Env::start("a_chatty_vmm_log_is_trimmed_not_killed", "63040-63049", &[]) else { return };
+    if env.real {
+        eprintln!("SKIP a_chatty_vmm_log_is_trimmed_not_killed: only the double is chatty");
+        return;
+    }
+    // 80 MiB in about 5 s: more than the 64 MiB kill bound, slower than the trims.
+    env.run_vm("c5", "chatty-log=80");
+    let log = env.d.path("run/vmm/c5/vmm.log");
+    wait_for("the chatty VMM to finish", Duration::from_secs(60), || {
+        let (data, _) = env.logs("c5", "vmm", 64);
+        data.ends_with(b"chatty-done\n").then_some(())
+    });
+    let m = std::fs::metadata(&log).expect("vmm.log");
+    assert!(m.len() > 80 << 20, "the apparent size keeps every byte written: {}", m.len());
+    assert_eq!(env.ok("compute.vm.status", json!({"vm_id": "c5"}))["state"], "running", "not killed");
+    let held = || std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&log).expect("vmm.log")) * 512;
+    wait_for("the log to be trimmed below 9 MiB", Duration::from_secs(10), || (held() <= 9 << 20).then_some(()));
+    let (tail, truncated) = env.logs("c5", "vmm", 4096);
+    assert!(truncated);
+    assert_eq!(tail.len(), 4096);
+    assert!(tail[..4096 - 12].iter().all(|&b| b == b'y'), "the newest bytes are data, not a hole");
+}
+
 /// The serial log is capped with one rotation; `logs` returns its newest bytes.
 #[test]
 fn serial_log_rotates_at_its_cap() {

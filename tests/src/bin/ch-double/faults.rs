@@ -41,6 +41,8 @@ pub struct Faults {
     pub serial_echo: bool,
     /// The guest prints this many KiB on its serial port at boot.
     pub serial_flood: Option<u64>,
+    /// The VMM writes this many MiB to its log, 1 MiB every 60 ms, then `chatty-done`.
+    pub chatty_log: Option<u64>,
 }
 
 impl Faults {
@@ -75,6 +77,10 @@ impl Faults {
                     "flood-log" => f.flood_log = Some(ms()?),
                     "flood-reboots" => f.flood_reboots = Some(ms()?),
                     "serial-echo" => f.serial_echo = true,
+                    "chatty-log" => {
+                        let mib = arg.and_then(|a| a.parse().ok());
+                        f.chatty_log = Some(mib.ok_or_else(|| format!("fault {name} needs =MIB"))?);
+                    }
                     "serial-flood" => {
                         let kib = arg.and_then(|a| a.parse().ok());
                         f.serial_flood = Some(kib.ok_or_else(|| format!("fault {name} needs =KIB"))?);

@@ -225,6 +225,17 @@ impl Vmm {
                 }
             });
         }
+        if let Some(mib) = f.chatty_log {
+            // A chatty VMM, slower than a flood: its log is trimmed, and it lives.
+            let _ = std::thread::Builder::new().name("ch-double-chatty".into()).spawn(move || {
+                let chunk = vec![b'y'; 1 << 20];
+                for _ in 0..mib {
+                    let _ = std::io::Write::write_all(&mut std::io::stderr(), &chunk);
+                    std::thread::sleep(Duration::from_millis(60));
+                }
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), b"chatty-done\n");
+            });
+        }
         if let Some(ms) = f.flood_log {
             // A VMM gone wrong: it writes to its log without end.
             let _ = std::thread::Builder::new().name("ch-double-flood".into()).spawn(move || {
