@@ -55,6 +55,9 @@ pub fn run(args: &Args) -> Result<(), String> {
     ensure_dir(socket_parent, DirRole::SocketParent, cfg.frontend)?;
     ensure_dir(&args.state_dir, DirRole::State, cfg.frontend)?;
     ensure_dir(&args.console_dir, DirRole::Console, cfg.frontend)?;
+    if let Some(gid) = cfg.rpc_gid {
+        crate::dirs::share_console_dir(&args.console_dir, cfg.frontend, gid)?;
+    }
     ensure_dir(&args.run_dir, DirRole::Run, cfg.frontend)?;
     for root in &args.image_roots {
         ensure_dir(root, DirRole::ImageRoot, cfg.frontend)?;

@@ -169,6 +169,24 @@ fn guest_line_reaches_two_clients_and_logs() {
     assert!(!env.d.path("run/vms/logs/c1.log").exists(), "the log goes with the VM");
 }
 
+/// With `--rpc-group`, the console dir is that group's and setgid, so each console socket
+/// is root's and the group's to connect to, like the RPC socket.
+#[test]
+fn console_sockets_belong_to_the_rpc_group() {
+    let Some(env) = Env::start("console_sockets_belong_to_the_rpc_group", "63050-63059", &["--rpc-group", "63099"])
+    else {
+        return;
+    };
+    let (_, gid, mode) = my_hypervisor_tests::owner_mode(&env.d.path("run/console"));
+    assert_eq!((gid, mode & 0o7777), (63099, 0o2750), "the console dir");
+    env.run_vm("c6", "");
+    let path = env.endpoint("c6");
+    let (_, gid, mode) = my_hypervisor_tests::owner_mode(&path);
+    assert_eq!((gid, mode & 0o777), (63099, 0o660), "the console socket");
+    let mut s = attach(&path);
+    read_until(&mut s, &mut Vec::new(), LINE.as_bytes());
+}
+
 /// Replay, live output and input with two clients while a third stalls: the stalled one is
 /// disconnected, the VM and the others go on.
 #[test]
