@@ -81,7 +81,8 @@ pub fn install(
     limits: ConsoleLimits,
     broker: BrokerClient,
 ) -> std::io::Result<Arc<Consoles>> {
-    match std::fs::create_dir(log_dir) {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(log_dir) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
         _ => {}
     }
