@@ -15,7 +15,7 @@ use std::time::Duration;
 use my_hypervisor_broker_proto::{ExitStatus, Request, SocketRole};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use super::Consoles;
 use super::log::SerialLog;
@@ -29,8 +29,10 @@ pub const CLIENT_QUEUE_BYTES: usize = 256 * 1024;
 pub const MAX_CLIENTS: usize = 16;
 /// Input chunks queued for the guest.
 const INPUT_QUEUE: usize = 16;
-/// Between attempts to connect to the VMM's serial socket (it appears once the VM exists).
+/// Between attempts to connect to the VMM's serial socket (it appears once the VM exists),
+/// doubling up to [`RETRY_MAX`] while they fail (each attempt is a broker request).
 const RETRY: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 /// After the VMM exited, how long its last output may take to drain.
 const DRAIN: Duration = Duration::from_secs(1);
 /// How long one write to a client may take.
@@ -95,6 +97,8 @@ struct Hub {
 struct Client {
     tx: mpsc::UnboundedSender<Chunk>,
     queued: Arc<AtomicUsize>,
+    /// Ends the client's connection at once, whatever is still queued for it.
+    kick: Arc<Notify>,
 }
 
 impl Hub {
@@ -109,6 +113,7 @@ impl Hub {
         let mut pending: Option<(Vec<u8>, usize)> = None;
         let mut buf = vec![0u8; CHUNK];
         let mut drain_until: Option<tokio::time::Instant> = None;
+        let mut retry = RETRY;
         loop {
             if exit.borrow().is_some() && drain_until.is_none() {
                 drain_until = Some(tokio::time::Instant::now() + DRAIN);
@@ -121,7 +126,10 @@ impl Hub {
                 _ = stopped.changed() => return,
                 _ = exit.changed(), if !draining => {}
                 () = tokio::time::sleep_until(drain_until.unwrap_or_else(tokio::time::Instant::now)), if draining => return,
-                () = tokio::time::sleep(RETRY), if serial.is_none() => serial = self.connect().await,
+                () = tokio::time::sleep(retry), if serial.is_none() => {
+                    serial = self.connect().await;
+                    retry = if serial.is_some() { RETRY } else { (retry * 2).min(RETRY_MAX) };
+                }
                 r = listener.accept() => match r {
                     Ok((stream, _)) => self.add_client(stream, input_tx.clone()),
                     Err(e) => {
@@ -198,6 +206,7 @@ impl Hub {
         self.clients.retain(|c| {
             if c.queued.fetch_add(data.len(), Ordering::SeqCst) + data.len() > CLIENT_QUEUE_BYTES {
                 tracing::info!(vm = %vm, "a console client stopped reading; disconnecting it");
+                c.kick.notify_one();
                 return false;
             }
             c.tx.send(Arc::clone(&chunk)).is_ok()
@@ -225,8 +234,9 @@ impl Hub {
             let _ = tx.send(Arc::from(c));
         }
         let queued = Arc::new(AtomicUsize::new(0));
-        self.clients.push(Client { tx, queued: Arc::clone(&queued) });
-        tokio::spawn(client(stream, rx, queued, input, replay.len()));
+        let kick = Arc::new(Notify::new());
+        self.clients.push(Client { tx, queued: Arc::clone(&queued), kick: Arc::clone(&kick) });
+        tokio::spawn(client(stream, rx, queued, kick, input, replay.len()));
     }
 }
 
@@ -235,6 +245,7 @@ async fn client(
     stream: UnixStream,
     mut out: mpsc::UnboundedReceiver<Chunk>,
     queued: Arc<AtomicUsize>,
+    kick: Arc<Notify>,
     input: mpsc::Sender<Vec<u8>>,
     mut replay: usize,
 ) {
@@ -271,5 +282,6 @@ async fn client(
     tokio::select! {
         () = writer => {}
         () = reader => {}
+        () = kick.notified() => {}
     }
 }
