@@ -106,10 +106,10 @@ impl Consoles {
 
     /// A VMM was spawned or taken up again: serve its console until it exits (or until
     /// [`Consoles::detach`]). `vmm_log` is a read fd of its output file.
-    pub fn attach(self: &Arc<Self>, vm_id: &str, exit: watch::Receiver<Option<ExitStatus>>, vmm_log: File) {
+    pub fn attach(self: &Arc<Self>, vm_id: &str, exit: watch::Receiver<Option<ExitStatus>>, vmm_log: Arc<File>) {
         let (stop, stopped) = watch::channel(false);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let attached = Attached { id, stop, vmm_log: Arc::new(vmm_log) };
+        let attached = Attached { id, stop, vmm_log };
         if let Some(old) = self.vms.lock().expect("consoles").insert(vm_id.into(), attached) {
             let _ = old.stop.send(true);
         }

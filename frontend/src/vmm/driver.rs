@@ -52,7 +52,8 @@ struct Runtime {
     /// The event file showed `vm`/`booted`.
     booted: AtomicBool,
     events: std::fs::File,
-    log: std::fs::File,
+    /// Shared with the VM's console, which serves its tail (`compute.vm.logs`).
+    log: Arc<std::fs::File>,
     offset: AtomicU64,
     exit: watch::Sender<Option<ExitStatus>>,
     /// BOOTING, RUNNING or STOPPING: only exits and guest events of a RUNNING VM are
@@ -222,7 +223,7 @@ impl BrokerDriver {
             generation: self.inner.next_generation.fetch_add(1, Ordering::SeqCst),
             booted: AtomicBool::new(false),
             events: events.into(),
-            log: log.into(),
+            log: Arc::new(log.into()),
             offset: AtomicU64::new(offset),
             exit: watch::channel(None).0,
             phase: AtomicU8::new(phase),
@@ -230,10 +231,7 @@ impl BrokerDriver {
         self.inner.vms.lock().expect("vms").insert(vm_id.to_string(), Arc::clone(&rt));
         self.watch_events(vm_id.to_string(), Arc::clone(&rt));
         if let Some(consoles) = crate::console::installed() {
-            match rt.log.try_clone() {
-                Ok(log) => consoles.attach(vm_id, rt.exit.subscribe(), log),
-                Err(e) => tracing::warn!(vm = %vm_id, error = %e, "no console: cannot share the VMM log fd"),
-            }
+            consoles.attach(vm_id, rt.exit.subscribe(), Arc::clone(&rt.log));
         }
         if let Some(status) = self.inner.early_exits.lock().expect("exits").remove(vm_id) {
             self.exited(vm_id, status);
