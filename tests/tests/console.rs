@@ -252,6 +252,9 @@ fn console_reattaches_after_a_frontend_kill() {
     let mut a = attach(&path);
     let mut ga = Vec::new();
     read_until(&mut a, &mut ga, LINE.as_bytes());
+    // A socket no running VMM owns (a VM that went while the frontend was down) is cleared.
+    let stray = env.d.path("run/console/gone.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stray).expect("stray socket"));
     let old = env.d.frontend_pid();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), nix::sys::signal::Signal::SIGKILL).expect("kill");
     wait_for("a new frontend", Duration::from_secs(10), || {
@@ -259,6 +262,7 @@ fn console_reattaches_after_a_frontend_kill() {
         (p != old && env.rpc("compute.vm.status", json!({"vm_id": "c3"})).is_ok()).then_some(())
     });
     assert_eq!(env.ok("compute.vm.status", json!({"vm_id": "c3"}))["state"], "running");
+    assert!(!stray.exists(), "the new frontend cleared the stray socket");
     let mut buf = [0u8; 64];
     a.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
     assert!(matches!(a.read(&mut buf), Ok(0) | Err(_)), "the old client's connection ended");

@@ -86,6 +86,13 @@ pub fn install(
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
         _ => {}
     }
+    // Sockets an earlier frontend left: those of VMMs still running are bound again when
+    // they are taken up; the others must not linger.
+    for entry in std::fs::read_dir(console_dir)?.flatten() {
+        if entry.file_name().to_string_lossy().ends_with(".sock") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     let c = Arc::new(Consoles {
         console_dir: console_dir.to_path_buf(),
         log_dir: log_dir.to_path_buf(),
