@@ -239,6 +239,12 @@ fn two_clients_type_and_read_while_one_stalls() {
     assert!(sink.len() < 2 << 20, "it did not get everything: {}", sink.len());
     a.write_all(b"still-here\n").expect("type");
     read_until(&mut b, &mut gb, b"still-here\n");
+    // Serial bytes are not UTF-8: they cross the console raw and `logs` as base64.
+    let binary = b"bin:\xff\x00\xfe\x80\r\n";
+    a.write_all(binary).expect("type");
+    read_until(&mut b, &mut gb, binary);
+    let (log, _) = env.logs("c2", "console", 4096);
+    assert!(contains(&log, binary), "logs returns the bytes as they were");
     assert_eq!(env.ok("compute.vm.status", json!({"vm_id": "c2"}))["state"], "running");
 }
 
