@@ -19,15 +19,21 @@ use tokio::sync::watch;
 
 use crate::broker::BrokerClient;
 
+/// The largest `--console-replay-bytes`.
+pub const MAX_REPLAY_BYTES: u64 = 1 << 20;
+
 /// The console and log settings, as frontend flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConsoleLimits {
     /// Bytes of serial output kept per log file; the log rotates once (to `<vm-id>.log.1`)
     /// when full, so up to twice this is kept per VM.
-    #[arg(long = "console-log-bytes", default_value_t = 8 << 20)]
+    #[arg(long = "console-log-bytes", default_value_t = 8 << 20,
+          value_parser = clap::value_parser!(u64).range(log::MIN_LOG_BYTES..=1 << 30))]
     pub log_bytes: u64,
-    /// Bytes of recent output replayed to a console client when it attaches.
-    #[arg(long = "console-replay-bytes", default_value_t = 64 << 10)]
+    /// Bytes of recent output replayed to a console client when it attaches (each attached
+    /// client holds up to this much while it is sent).
+    #[arg(long = "console-replay-bytes", default_value_t = 64 << 10,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_REPLAY_BYTES))]
     pub replay_bytes: u64,
 }
 
