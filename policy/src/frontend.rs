@@ -328,7 +328,8 @@ mod tests {
     #[test]
     fn the_launcher_gets_its_flags_then_the_frontends_argv() {
         let roots = [PathBuf::from("/img")];
-        let limits = [("max-line-bytes".to_string(), "256".to_string())];
+        let limits =
+            [("max-line-bytes".to_string(), "256".to_string()), ("console-log-bytes".to_string(), "65536".to_string())];
         let plan = FrontendPlan {
             frontend_bin: Path::new("/bin/fe"),
             state_dir: Path::new("/s"),
@@ -345,7 +346,7 @@ mod tests {
             args.join(" "),
             "/bin/launcher --state-dir /s --console-dir /c --seccomp log --landlock-best-effort -- /bin/fe --listen-fd 3 \
              --broker-fd 4 --state-dir /s --console-dir /c --log-format json --image-root /img \
-             --rpc-max-line-bytes=256"
+             --rpc-max-line-bytes=256 --console-log-bytes=65536"
         );
         let bad = [PathBuf::from("/img\0x")];
         assert!(FrontendPlan { image_roots: &bad, ..plan }.launcher_argv(Path::new("/l")).is_err(), "NUL is refused");
