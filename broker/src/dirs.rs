@@ -60,6 +60,14 @@ pub fn open_image_root(r: &Path) -> Result<(PathBuf, OwnedFd), String> {
     Ok((r.to_path_buf(), fd))
 }
 
+/// With `--rpc-group`: the console dir goes to that group, setgid (the frontend cannot chgrp).
+pub fn share_console_dir(path: &Path, frontend: Ids, gid: u32) -> Result<(), String> {
+    let fd = open_dir(path, "open (a symlink is refused)")?;
+    fchown(fd.as_fd(), Some(Uid::from_raw(frontend.uid)), Some(Gid::from_raw(gid)))
+        .map_err(|e| err(path, "chown", e))?;
+    fchmod(fd.as_fd(), Mode::from_bits_truncate(layout::CONSOLE_DIR_GROUP_MODE)).map_err(|e| err(path, "chmod", e))
+}
+
 /// Binds the RPC socket with no window in which it is more open than its final mode:
 /// 0600 root:root, or 0660 root:`gid` when a group is granted.
 pub fn bind_rpc_socket(path: &Path, gid: Option<u32>) -> Result<UnixListener, String> {

@@ -52,6 +52,9 @@ pub fn run(args: &Args) -> Result<(), String> {
     for (dir, role) in args.dirs()? {
         ensure_dir(dir, role, cfg.frontend)?;
     }
+    if let Some(gid) = cfg.rpc_gid {
+        crate::dirs::share_console_dir(&args.console_dir, cfg.frontend, gid)?;
+    }
     let listener = bind_rpc_socket(&args.rpc_socket, cfg.rpc_gid)?;
     let image_roots = args.image_roots.iter().map(|r| open_image_root(r)).collect::<Result<_, String>>()?;
     let run_fd = open_dir(&args.run_dir, "open")?;

@@ -19,6 +19,7 @@
 //! | Signal      | TERM, KILL or CONT only (the type allows no other)                                      |
 //! | Release     | a VM the broker does not hold is already released                                       |
 //! | Inventory   | —                                                                                       |
+//! | TrimLog     | the broker's own fd of the log, reopened for writing; the range from policy             |
 //!
 //! Every request, allowed or refused, is one audit line (see `supervise::serve_one`).
 
@@ -187,6 +188,10 @@ fn dispatch(b: &mut Broker, req: &Request) -> Handled {
             });
             Ok((Reply::Inventory { vms: vms.collect() }, vec![]))
         }
+        Request::TrimLog { vm } => match &b.vm(vm)?.vmm {
+            Vmm::Alive { outputs, .. } => Ok((Reply::Trimmed, outputs.trim_log().map(|()| vec![])?)),
+            _ => Err(StateError::Exited(vm.clone()).into()),
+        },
     }
 }
 

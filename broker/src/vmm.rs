@@ -34,6 +34,17 @@ impl Outputs {
     pub fn reopen(&self) -> Result<Vec<OwnedFd>, Refusal> {
         [&self.events, &self.log].into_iter().map(|fd| Ok(reopen(fd, OFlag::O_RDONLY)?)).collect()
     }
+
+    /// Punches a hole over all but the log's newest bytes (`policy::vmm::log_punch_len`).
+    pub fn trim_log(&self) -> Result<(), Refusal> {
+        let f = std::fs::OpenOptions::new().write(true).open(format!("/proc/self/fd/{}", self.log.as_raw_fd()))?;
+        if let Some(len) = my_hypervisor_policy::vmm::log_punch_len(f.metadata()?.len()) {
+            let how =
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+            nix::fcntl::fallocate(&f, how, 0, len as i64).map_err(|e| Refusal::Vmm(format!("trim log: {e}")))?;
+        }
+        Ok(())
+    }
 }
 
 /// Creates `name` in the VM's dir for the VMM to append to: returns (append fd, read fd).

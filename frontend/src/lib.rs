@@ -5,10 +5,14 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 pub mod broker;
+pub mod console;
 pub mod exec;
 pub mod rpc;
 pub mod vm;
 pub mod vmm;
+
+/// The serial logs' dir, below the state dir.
+pub const LOG_DIR: &str = "logs";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -17,6 +21,7 @@ pub struct Config {
     /// Where images may come from; the broker checks again when it opens them.
     pub image_roots: Vec<PathBuf>,
     pub limits: rpc::Limits,
+    pub console: console::ConsoleLimits,
 }
 
 pub fn init_logging(format: &str) {
@@ -35,6 +40,7 @@ pub fn run(cfg: Config, listen: OwnedFd, broker: OwnedFd) -> std::io::Result<()>
     rpc::limits::raise_nofile_limit(cfg.limits.max_connections);
     rt.block_on(async move {
         let broker = broker::BrokerClient::start(broker)?;
+        console::install(&cfg.console_dir, &cfg.state_dir.join(LOG_DIR), cfg.console.clone(), broker.clone())?;
         let (driver, mut reports) = vmm::driver::BrokerDriver::start(broker.clone());
         let config = vm::ManagerConfig::new(&cfg.state_dir, cfg.image_roots.clone());
         let manager = vm::Manager::open(config, Some(std::sync::Arc::new(driver)))?;

@@ -31,6 +31,8 @@ struct Args {
     image_roots: Vec<PathBuf>,
     #[command(flatten)]
     limits: my_hypervisor_frontend::rpc::Limits,
+    #[command(flatten)]
+    console: my_hypervisor_frontend::console::ConsoleLimits,
 }
 
 fn main() -> ExitCode {
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         console_dir: args.console_dir,
         image_roots: args.image_roots,
         limits: args.limits,
+        console: args.console,
     };
     match my_hypervisor_frontend::run(cfg, listen, broker) {
         Ok(()) => ExitCode::SUCCESS,

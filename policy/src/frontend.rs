@@ -82,7 +82,10 @@ impl FrontendPlan<'_> {
         for root in self.image_roots {
             v.extend(["--image-root".into(), root.into()]);
         }
-        v.extend(self.rpc_limits.iter().map(|(name, value)| format!("--rpc-{name}={value}").into()));
+        v.extend(self.rpc_limits.iter().map(|(name, value)| match name.starts_with("console-") {
+            true => format!("--{name}={value}").into(),
+            false => format!("--rpc-{name}={value}").into(),
+        }));
         v
     }
 }
@@ -112,7 +115,8 @@ pub fn landlock_rules(state_dir: &str, console_dir: &str) -> Vec<Rule> {
         | AccessFs::ReadDir
         | AccessFs::MakeReg
         | AccessFs::RemoveFile
-        | AccessFs::Truncate;
+        | AccessFs::Truncate
+        | AccessFs::MakeDir;
     v.push(rule(state_dir, state, false));
     v.push(rule(console_dir, AccessFs::ReadDir | AccessFs::MakeSock | AccessFs::RemoveFile, false));
     v
@@ -123,6 +127,12 @@ const FRONTEND_IOCTLS: &[u64] = &[0x5421, 0x5401];
 /// socketpair(2)'s type (tokio's signal driver): a connected stream pair, which can reach no
 /// address. No datagram socket can be made at all, so none can send to a socket path.
 const STREAM_PAIR: &[u64] = &[
+    (libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as u64,
+    (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64,
+];
+/// socket(2)'s type for the console listeners: a Unix stream socket, bound (where Landlock
+/// allows: the console dir) and listened on, never connected.
+const STREAM_SOCKET: &[u64] = &[
     (libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as u64,
     (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64,
 ];
@@ -211,10 +221,22 @@ pub fn allow_list() -> Vec<Allow> {
         SYS_getdents64,
         SYS_rename,
         SYS_unlink,
+        // The serial logs' dir below the state dir, and the console sockets' mode.
+        SYS_mkdir,
+        SYS_mkdirat,
+        SYS_chmod,
+        SYS_fchmodat,
     ));
     // Sockets: the RPC listener and the broker channel are inherited, VMM sockets arrive as
     // fds. Clients' credentials are read with SO_PEERCRED.
     v.push(only!(SYS_socketpair, 1, STREAM_PAIR));
+    // The console sockets: Unix stream listeners, made in the console dir (Landlock).
+    v.push(Allow {
+        nr: libc::SYS_socket,
+        name: "socket",
+        when: When::ArgEqAndIn { first: 0, value: libc::AF_UNIX as u64, arg: 1, values: STREAM_SOCKET },
+    });
+    v.extend(sys!(SYS_bind, SYS_listen));
     v.extend(sys!(SYS_accept4, SYS_shutdown, SYS_sendmsg, SYS_recvmsg, SYS_sendto, SYS_recvfrom, SYS_getsockopt,));
     v
 }
@@ -267,8 +289,6 @@ mod tests {
             libc::SYS_request_key,
             libc::SYS_execve,
             libc::SYS_connect,
-            libc::SYS_socket,
-            libc::SYS_bind,
             libc::SYS_kill,
             libc::SYS_setuid,
             libc::SYS_setresuid,
@@ -296,12 +316,20 @@ mod tests {
         let pair = allow_list().into_iter().find(|a| a.nr == libc::SYS_socketpair).unwrap();
         assert!(matches!(pair.when, When::ArgIn { arg: 1, values: STREAM_PAIR }));
         assert!(STREAM_PAIR.iter().all(|t| t & 0xf == libc::SOCK_STREAM as u64), "stream pairs only");
+        // Sockets: Unix streams only, so none can send a datagram to a path or reach a port.
+        let socket = allow_list().into_iter().find(|a| a.nr == libc::SYS_socket).unwrap();
+        assert!(matches!(
+            socket.when,
+            When::ArgEqAndIn { first: 0, value, arg: 1, values: STREAM_SOCKET } if value == libc::AF_UNIX as u64
+        ));
+        assert!(STREAM_SOCKET.iter().all(|t| t & 0xf == libc::SOCK_STREAM as u64), "stream sockets only");
     }
 
     #[test]
     fn the_launcher_gets_its_flags_then_the_frontends_argv() {
         let roots = [PathBuf::from("/img")];
-        let limits = [("max-line-bytes".to_string(), "256".to_string())];
+        let limits =
+            [("max-line-bytes".to_string(), "256".to_string()), ("console-log-bytes".to_string(), "65536".to_string())];
         let plan = FrontendPlan {
             frontend_bin: Path::new("/bin/fe"),
             state_dir: Path::new("/s"),
@@ -318,7 +346,7 @@ mod tests {
             args.join(" "),
             "/bin/launcher --state-dir /s --console-dir /c --seccomp log --landlock-best-effort -- /bin/fe --listen-fd 3 \
              --broker-fd 4 --state-dir /s --console-dir /c --log-format json --image-root /img \
-             --rpc-max-line-bytes=256"
+             --rpc-max-line-bytes=256 --console-log-bytes=65536"
         );
         let bad = [PathBuf::from("/img\0x")];
         assert!(FrontendPlan { image_roots: &bad, ..plan }.launcher_argv(Path::new("/l")).is_err(), "NUL is refused");

@@ -13,6 +13,9 @@ pub const DEFAULT_VM_UID_RANGE: &str = "61001-61999";
 /// The RPC socket without `--rpc-group`, and with it.
 pub const RPC_SOCKET_MODE: u32 = 0o600;
 pub const RPC_SOCKET_GROUP_MODE: u32 = 0o660;
+/// The console dir with `--rpc-group`: the frontend's, in that group, setgid, so that the
+/// sockets the frontend makes there (0660) are the group's too.
+pub const CONSOLE_DIR_GROUP_MODE: u32 = 0o2750;
 /// A per-VM runtime dir under the run dir, owned by the VM's uid.
 pub const VM_RUN_DIR_MODE: u32 = 0o700;
 
@@ -209,8 +212,11 @@ pub fn check_identities(frontend: Ids, vm_range: &RangeInclusive<u32>) -> Result
 }
 
 /// The RPC transport's limits the daemon passes on to the frontend (`--rpc-limit
-/// NAME=VALUE` becomes the frontend's `--rpc-NAME=VALUE`); docs/api.md describes each.
+/// NAME=VALUE` becomes the frontend's `--rpc-NAME=VALUE`, and `--NAME=VALUE` for the
+/// `console-` ones); docs/api.md describes each.
 pub const RPC_LIMITS: &[&str] = &[
+    "console-log-bytes",
+    "console-replay-bytes",
     "max-line-bytes",
     "max-connections",
     "line-timeout",

@@ -228,6 +228,9 @@ impl SandboxSpec {
             let _ = match a.when {
                 When::Always => writeln!(w, "allow {}", a.name),
                 When::ArgIn { arg, values } => writeln!(w, "allow {} if arg{arg} in {values:#x?}", a.name),
+                When::ArgEqAndIn { first, value, arg, values } => {
+                    writeln!(w, "allow {} if arg{first} == {value:#x} and arg{arg} in {values:#x?}", a.name)
+                }
                 When::ArgMasked { arg, mask, value } => {
                     writeln!(w, "allow {} if arg{arg} & {mask:#x} == {value:#x}", a.name)
                 }

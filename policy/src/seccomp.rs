@@ -54,6 +54,13 @@ pub enum When {
         arg: u8,
         values: &'static [u64],
     },
+    /// Argument `first` equals `value`, and argument `arg` equals one of `values`.
+    ArgEqAndIn {
+        first: u8,
+        value: u64,
+        arg: u8,
+        values: &'static [u64],
+    },
     /// Argument `arg` masked with `mask` equals `value`.
     ArgMasked {
         arg: u8,
@@ -132,10 +139,11 @@ pub fn broker_allow_list() -> Vec<Allow> {
         SYS_wait4,
         SYS_waitid,
     ));
-    // Files: images, runtime dirs, the journal.
+    // Files: images, runtime dirs, the journal; fallocate trims a VMM's log (TrimLog).
     v.extend(sys!(
         SYS_openat,
         SYS_openat2,
+        SYS_fallocate,
         SYS_fstat,
         SYS_newfstatat,
         SYS_statx,
@@ -367,6 +375,15 @@ pub fn compile(list: &[Allow], mode: Mode) -> Result<BpfProgram, seccompiler::Ba
                 .iter()
                 .map(|v| {
                     SeccompRule::new(vec![SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *v)?])
+                })
+                .collect::<Result<_, _>>()?,
+            When::ArgEqAndIn { first, value, arg, values } => values
+                .iter()
+                .map(|v| {
+                    SeccompRule::new(vec![
+                        SeccompCondition::new(first, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)?,
+                        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *v)?,
+                    ])
                 })
                 .collect::<Result<_, _>>()?,
             When::ArgMasked { arg, mask, value } => {

@@ -60,6 +60,19 @@ pub const SERIAL_SOCKET: &str = "serial.sock";
 pub const VSOCK_SOCKET: &str = "vsock.sock";
 pub const EVENT_FILE: &str = "events.json";
 pub const LOG_FILE: &str = "vmm.log";
+/// The newest bytes of `vmm.log` a trim (broker `TrimLog`) keeps.
+pub const LOG_KEEP: u64 = 1 << 20;
+/// The bytes `vmm.log` may hold on its tmpfs (allocated, not its apparent size) before the
+/// frontend asks for a trim; it asks at most once a second.
+pub const LOG_TRIM_AT: u64 = 8 << 20;
+
+/// How much of a `vmm.log` of `size` bytes a trim frees, from offset 0: every whole 4 KiB
+/// page before the newest [`LOG_KEEP`] bytes (already freed pages cost nothing to punch
+/// again). None when there is nothing to free.
+pub fn log_punch_len(size: u64) -> Option<u64> {
+    let len = size.saturating_sub(LOG_KEEP) & !4095;
+    (len > 0).then_some(len)
+}
 /// The VMM's effective sandbox, as stored by the broker at spawn.
 pub const SANDBOX_REPORT: &str = "sandbox.txt";
 
@@ -278,6 +291,16 @@ impl VmmPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_trims_keep_the_newest_mib_in_whole_pages() {
+        assert_eq!(log_punch_len(0), None);
+        assert_eq!(log_punch_len(LOG_KEEP), None);
+        assert_eq!(log_punch_len(LOG_KEEP + 4095), None);
+        assert_eq!(log_punch_len(LOG_KEEP + 4096), Some(4096));
+        assert_eq!(log_punch_len(LOG_KEEP + 10_000), Some(8192));
+        assert_eq!(log_punch_len(80 << 20), Some((80 << 20) - LOG_KEEP));
+    }
 
     fn plan() -> VmmPlan {
         VmmPlan {

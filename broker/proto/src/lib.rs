@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 pub use wire::{WireError, decode, encode, recv, recv_keeping_fds, send};
 
 /// Bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The largest datagram either side sends or accepts.
 pub const MAX_MESSAGE: usize = 128 * 1024;
 /// The most fds one message may carry.
@@ -51,6 +51,9 @@ pub enum Request {
     Release { vm: String },
     /// Every VM the broker holds, and whether its VMM is alive.
     Inventory,
+    /// Free all but the newest bytes of the VMM's log (a hole punched over the rest; the
+    /// file keeps its size, so offsets stay valid).
+    TrimLog { vm: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +132,7 @@ pub enum Reply {
     Outputs,
     Signalled,
     Released,
+    Trimmed,
     Inventory {
         vms: Vec<HeldVm>,
     },

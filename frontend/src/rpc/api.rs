@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use super::console::{ConsoleEndpoint, Logs};
 use super::errors::{self, ApiError, parse_params};
 use super::handlers::*;
 use super::schema::schema_for;
@@ -172,7 +173,11 @@ pub const API: &[MethodDef] = &[
         "Path of the Unix socket that carries the VM's serial console.",
         &[NO_SUCH_VM, NOT_RUNNING, NOT_READY],
     ),
-    MethodDef::call::<Logs>("compute.vm.logs", "The end of the VM's console or VMM log.", &[NO_SUCH_VM, NOT_READY]),
+    MethodDef::call::<Logs>(
+        "compute.vm.logs",
+        "The end of the VM's serial log or of its VMM's own output, base64-encoded.",
+        &[NO_SUCH_VM, NOT_RUNNING, NOT_READY],
+    ),
     MethodDef::call::<Exec>(
         "compute.vm.exec",
         "Run a command in the guest through the vsock agent and wait for it.",

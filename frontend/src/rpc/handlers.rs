@@ -9,15 +9,10 @@ use jsonrpsee::core::SubscriptionResult;
 use jsonrpsee::types::ErrorObjectOwned;
 
 use super::api::{Answer, EVENT_NOTIFICATION, Handler, Subscription, invalid_field};
-use super::errors::ApiError;
 use super::params::*;
 use super::results::*;
 use super::schema::{OpenRpcDocument, openrpc_document};
 use crate::vm::{Manager, VmSpec};
-
-fn not_ready<T>(method: &'static str) -> Answer<T> {
-    Err(ApiError::NotReady { method }.into())
-}
 
 pub struct Create;
 
@@ -138,29 +133,6 @@ impl Subscription for EventsFollow {
             };
             sink.send(serde_json::value::to_raw_value(&EventResult::from(event))?).await?;
         }
-    }
-}
-
-pub struct ConsoleEndpoint;
-
-impl Handler for ConsoleEndpoint {
-    type Params = VmIdParams;
-    type Result = ConsoleResult;
-    async fn call(method: &'static str, _: Arc<Manager>, _: VmIdParams) -> Answer<ConsoleResult> {
-        not_ready(method)
-    }
-}
-
-pub struct Logs;
-
-impl Handler for Logs {
-    type Params = LogsParams;
-    type Result = LogsResult;
-    async fn call(method: &'static str, _: Arc<Manager>, p: LogsParams) -> Answer<LogsResult> {
-        if p.max_bytes == Some(0) {
-            return Err(invalid_field(method, "max_bytes", "must be at least 1"));
-        }
-        not_ready(method)
     }
 }
 

@@ -1,10 +1,11 @@
-//! The JSON-RPC API: the method table ([`api`]) and what each method does ([`handlers`]),
+//! The JSON-RPC API: the method table ([`api`]) and what each method does ([`handlers`], [`console`]),
 //! the params and result types ([`params`], [`results`]) and the OpenRPC document derived
 //! from them ([`schema`]), error codes ([`errors`]), transport limits ([`limits`]) and the
 //! line-delimited transport itself ([`transport`]).
 
 pub mod api;
 pub mod bytes;
+pub mod console;
 pub mod errors;
 pub mod exec;
 pub mod handlers;

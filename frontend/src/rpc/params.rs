@@ -141,8 +141,8 @@ pub struct LogsParams {
     pub vm_id: VmId,
     #[serde(default)]
     pub stream: LogStream,
-    /// Most bytes returned, from the end.
-    #[schemars(range(min = 1))]
+    /// Most bytes returned, from the end (before base64).
+    #[schemars(range(min = 1, max = 524288), extend("default" = 65536))]
     pub max_bytes: Option<u64>,
 }
 

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::Serialize;
 
-use super::params::{LogStream, VmId};
+use super::params::VmId;
 use crate::vm::{Event, Tail, VmSpec, VmState, VmStatus, VmSummary};
 
 /// A VM and the state it is in.
@@ -119,26 +119,6 @@ impl From<Event> for EventResult {
         let Event { seq, vm_id, at, from, to, reason } = e;
         EventResult { seq, vm_id, at, from, to, reason }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
-#[schemars(deny_unknown_fields)]
-pub struct ConsoleResult {
-    #[schemars(with = "VmId")]
-    pub vm_id: String,
-    /// Path of the Unix socket that carries the serial console.
-    pub path: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
-#[schemars(deny_unknown_fields)]
-pub struct LogsResult {
-    #[schemars(with = "VmId")]
-    pub vm_id: String,
-    pub stream: LogStream,
-    pub data: String,
-    /// Whether older output was left out.
-    pub truncated: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]

@@ -14,6 +14,8 @@ use my_hypervisor_broker_proto::{
 };
 use tokio::sync::{broadcast, mpsc, watch};
 
+use my_hypervisor_policy::vmm::LOG_TRIM_AT;
+
 use crate::broker::{BrokerClient, BrokerError};
 use crate::vm::driver::{
     Boot, DriverError, DriverFuture, Reattached, Spawned, StopOptions, VmDriver, VmmEvent, VmmReport,
@@ -28,8 +30,12 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 const FORCE_WAIT: Duration = Duration::from_secs(5);
 /// How often a VMM's event file is read, and vm.info asked during a boot.
 const POLL: Duration = Duration::from_millis(100);
-/// The most a VMM may write to its log or its event file (they live on the host, in its
-/// runtime dir); past it, the VMM is killed and its VM fails. The event file is read up to
+/// How often at most a chatty VMM's log is trimmed (broker `TrimLog`, past
+/// [`LOG_TRIM_AT`] bytes held).
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+/// The most a VMM's log may hold (what trims have not freed) or its event file may be (they
+/// live on the host, in its runtime dir); past it, the VMM is killed and its VM fails: a
+/// flood faster than the trims keep up with. The event file is read up to
 /// the same bound ([`monitor::MAX_EVENT_FILE`]).
 pub const MAX_VMM_OUTPUT: u64 = monitor::MAX_EVENT_FILE;
 /// The most of a VMM's event file read in one go; a flood is read in steps of this size, and
@@ -47,7 +53,8 @@ struct Runtime {
     /// The event file showed `vm`/`booted`.
     booted: AtomicBool,
     events: std::fs::File,
-    log: std::fs::File,
+    /// Shared with the VM's console, which serves its tail (`compute.vm.logs`).
+    log: Arc<std::fs::File>,
     offset: AtomicU64,
     exit: watch::Sender<Option<ExitStatus>>,
     /// BOOTING, RUNNING or STOPPING: only exits and guest events of a RUNNING VM are
@@ -153,10 +160,14 @@ impl BrokerDriver {
         let mut exit = rt.exit.subscribe();
         let driver = self.clone();
         tokio::spawn(async move {
+            let mut last_trim: Option<Instant> = None;
             loop {
                 let done = exit.borrow().is_some();
-                let size = |f: &std::fs::File| f.metadata().map_or(0, |m| m.len());
-                let output = size(&rt.events).max(size(&rt.log));
+                // The log counts by what it holds on its tmpfs: trims punch holes in it and
+                // keep its size. The event file is never trimmed (its offsets are stored).
+                let events = rt.events.metadata().map_or(0, |m| m.len());
+                let log = rt.log.metadata().map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512);
+                let output = events.max(log);
                 if !done && output > MAX_VMM_OUTPUT {
                     let why = format!("it wrote {output} bytes of log or events, more than {MAX_VMM_OUTPUT}");
                     tracing::warn!(vm = %vm_id, %why, "killing the VMM");
@@ -168,6 +179,12 @@ impl BrokerDriver {
                             report.send((vm_id.clone(), VmmReport { generation: rt.generation, offset: None, event }));
                     }
                     return;
+                }
+                if !done && log > LOG_TRIM_AT && last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
+                    last_trim = Some(Instant::now());
+                    if let Err(e) = driver.inner.broker.call(Request::TrimLog { vm: vm_id.clone() }).await {
+                        tracing::warn!(vm = %vm_id, error = %e, "cannot trim the VMM's log");
+                    }
                 }
                 let from = rt.offset.load(Ordering::SeqCst);
                 let mut more = false;
@@ -207,13 +224,16 @@ impl BrokerDriver {
             generation: self.inner.next_generation.fetch_add(1, Ordering::SeqCst),
             booted: AtomicBool::new(false),
             events: events.into(),
-            log: log.into(),
+            log: Arc::new(log.into()),
             offset: AtomicU64::new(offset),
             exit: watch::channel(None).0,
             phase: AtomicU8::new(phase),
         });
         self.inner.vms.lock().expect("vms").insert(vm_id.to_string(), Arc::clone(&rt));
         self.watch_events(vm_id.to_string(), Arc::clone(&rt));
+        if let Some(consoles) = crate::console::installed() {
+            consoles.attach(vm_id, rt.exit.subscribe(), Arc::clone(&rt.log));
+        }
         if let Some(status) = self.inner.early_exits.lock().expect("exits").remove(vm_id) {
             self.exited(vm_id, status);
         }
@@ -364,6 +384,9 @@ impl BrokerDriver {
     }
 
     async fn release_vm(&self, vm_id: &str) -> Result<(), DriverError> {
+        if let Some(consoles) = crate::console::installed() {
+            consoles.detach(vm_id);
+        }
         self.inner.broker.call(Request::Release { vm: vm_id.into() }).await.map_err(step("release"))?;
         self.inner.vms.lock().expect("vms").remove(vm_id);
         self.inner.early_exits.lock().expect("exits").remove(vm_id);
@@ -371,6 +394,9 @@ impl BrokerDriver {
     }
 
     fn forget_vm(&self, vm_id: &str) {
+        if let Some(consoles) = crate::console::installed() {
+            consoles.forget(vm_id);
+        }
         self.inner.vms.lock().expect("vms").remove(vm_id);
         self.inner.early_exits.lock().expect("exits").remove(vm_id);
     }

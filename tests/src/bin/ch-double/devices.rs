@@ -38,8 +38,10 @@ fn poll_in(fds: &[i32], timeout_ms: i32) -> Vec<bool> {
 /// Output the serial port produced, and the client it goes to.
 #[derive(Default)]
 pub struct SerialOut {
-    client: Option<UnixStream>,
-    buffer: VecDeque<u8>,
+    pub client: Option<UnixStream>,
+    pub buffer: VecDeque<u8>,
+    /// The guest echoes its serial input (fault `serial-echo`).
+    pub echo: bool,
 }
 
 impl SerialOut {
@@ -104,7 +106,8 @@ fn serial_loop(listener: UnixListener, stop: Arc<AtomicBool>, out: Arc<Mutex<Ser
         }
         if ready.get(1) == Some(&true) {
             let mut o = lock(&out);
-            // Input goes to a guest that does not read it; EOF detaches the client.
+            // Input goes to a guest that does not read it, or echoes it; EOF detaches the
+            // client.
             let gone = match o.client.as_mut().map(|c| {
                 let _ = c.set_nonblocking(true);
                 let r = c.read(&mut input);
@@ -112,6 +115,10 @@ fn serial_loop(listener: UnixListener, stop: Arc<AtomicBool>, out: Arc<Mutex<Ser
                 r
             }) {
                 Some(Ok(0)) => true,
+                Some(Ok(n)) if o.echo => {
+                    o.write(&input[..n]);
+                    false
+                }
                 Some(Err(e)) => e.kind() != std::io::ErrorKind::WouldBlock,
                 _ => false,
             };

@@ -37,6 +37,12 @@ pub struct Faults {
     pub quiet_exit: bool,
     pub flood_log: Option<u64>,
     pub flood_reboots: Option<u64>,
+    /// The guest echoes what it reads on its serial port.
+    pub serial_echo: bool,
+    /// The guest prints this many KiB on its serial port at boot.
+    pub serial_flood: Option<u64>,
+    /// The VMM writes this many MiB to its log, 1 MiB every 60 ms, then `chatty-done`.
+    pub chatty_log: Option<u64>,
 }
 
 impl Faults {
@@ -70,6 +76,15 @@ impl Faults {
                     "quiet-exit" => f.quiet_exit = true,
                     "flood-log" => f.flood_log = Some(ms()?),
                     "flood-reboots" => f.flood_reboots = Some(ms()?),
+                    "serial-echo" => f.serial_echo = true,
+                    "chatty-log" => {
+                        let mib = arg.and_then(|a| a.parse().ok());
+                        f.chatty_log = Some(mib.ok_or_else(|| format!("fault {name} needs =MIB"))?);
+                    }
+                    "serial-flood" => {
+                        let kib = arg.and_then(|a| a.parse().ok());
+                        f.serial_flood = Some(kib.ok_or_else(|| format!("fault {name} needs =KIB"))?);
+                    }
                     _ => return Err(format!("unknown ch_double fault {item:?}")),
                 }
             }
@@ -89,7 +104,15 @@ mod tests {
         let f = Faults::parse("ch_double.fault=hang=7 ch_double.fault=ignore-power-button").unwrap();
         assert_eq!((f.hang, f.hang_after, f.power_button), (false, Some(7), Some(false)));
         assert_eq!(Faults::parse("").unwrap().crash, None);
-        for bad in ["ch_double.fault=nope", "ch_double.fault=crash", "ch_double.fault=crash=soon", "ch_double.fault="] {
+        let f = Faults::parse("ch_double.fault=serial-echo,serial-flood=64").unwrap();
+        assert_eq!((f.serial_echo, f.serial_flood), (true, Some(64)));
+        for bad in [
+            "ch_double.fault=serial-flood",
+            "ch_double.fault=nope",
+            "ch_double.fault=crash",
+            "ch_double.fault=crash=soon",
+            "ch_double.fault=",
+        ] {
             assert!(Faults::parse(bad).is_err(), "{bad}");
         }
     }

@@ -88,6 +88,7 @@ impl Vmm {
     /// The VMM as CH starts it: with a payload on the command line, the VM's config exists.
     pub fn new(cfg: Config, faults: Faults, tx: Sender<Msg>) -> Vmm {
         let created = cfg.kernel.is_some() || cfg.firmware.is_some();
+        let echo = faults.serial_echo;
         Vmm {
             cfg,
             faults,
@@ -96,7 +97,7 @@ impl Vmm {
             vm: None,
             guest: Guest::Other,
             generation: 0,
-            serial_out: Arc::new(Mutex::new(SerialOut::default())),
+            serial_out: Arc::new(Mutex::new(SerialOut { client: None, buffer: Default::default(), echo })),
             ids: Vec::new(),
         }
     }
@@ -214,6 +215,27 @@ impl Vmm {
             (f.crash_exit, GuestEvent::CrashExit),
             (f.hang_after, GuestEvent::Hang),
         ];
+        if let Some(kib) = f.serial_flood {
+            // Numbered 8-byte lines, so a reader can tell what it missed.
+            let out = self.serial_out.clone();
+            let _ = std::thread::Builder::new().name("ch-double-serial".into()).spawn(move || {
+                let text: Vec<u8> = (0..kib * 128).flat_map(|i| format!("{i:07}\n").into_bytes()).collect();
+                for chunk in text.chunks(4096) {
+                    devices_write(&out, chunk);
+                }
+            });
+        }
+        if let Some(mib) = f.chatty_log {
+            // A chatty VMM, slower than a flood: its log is trimmed, and it lives.
+            let _ = std::thread::Builder::new().name("ch-double-chatty".into()).spawn(move || {
+                let chunk = vec![b'y'; 1 << 20];
+                for _ in 0..mib {
+                    let _ = std::io::Write::write_all(&mut std::io::stderr(), &chunk);
+                    std::thread::sleep(Duration::from_millis(60));
+                }
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), b"chatty-done\n");
+            });
+        }
         if let Some(ms) = f.flood_log {
             // A VMM gone wrong: it writes to its log without end.
             let _ = std::thread::Builder::new().name("ch-double-flood".into()).spawn(move || {
