@@ -6,8 +6,10 @@
 //! limits in [`Limits`].
 //!
 //! Each connection is two halves joined by a bounded queue: the reader parses lines and runs
-//! them one after another, sending responses into the queue; the writer drains the queue onto
-//! the socket. Subscriptions push their notifications into the same queue, so a subscriber that
+//! each one in a task of its own, up to `max_in_flight` at once (past that it stops reading
+//! until one finishes), and each task sends its response into the queue when it is done, so
+//! responses come back in the order they finish and are matched by id; the writer drains the
+//! queue onto the socket. Subscriptions push their notifications into the same queue, so a subscriber that
 //! does not read stalls its producers instead of growing memory, and is disconnected once one
 //! message has waited `write_timeout` to be written.
 
@@ -39,8 +41,6 @@ use super::Limits;
 /// Read buffer per connection. Lines longer than this are assembled in a separate buffer that
 /// never grows past `max_line_bytes`.
 const READ_BUF: usize = 8 * 1024;
-/// A line buffer that grew past this is released after its line is handled.
-const KEEP_LINE_BUF: usize = 64 * 1024;
 const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -161,12 +161,13 @@ impl Connection {
         let (tx, rx) = mpsc::channel(self.limits.max_queued_messages.max(1));
         let (stop_tx, stop_rx) = oneshot::channel();
         let writer = write_loop(wr, rx, stop_rx, self.limits.write_timeout);
-        let reader = Reader {
+        let reader = Arc::new(Reader {
             sink: MethodSink::new_with_limit(tx, self.limits.max_response_bytes),
             subscriptions: BoundedSubscriptions::new(self.limits.max_subscriptions),
             subscription_slots: OnceLock::new(),
+            in_flight: Arc::new(Semaphore::new(max_in_flight(&self.limits))),
             conn: self,
-        }
+        })
         .read_loop(rd);
         tokio::pin!(reader, writer);
         let closed = tokio::select! {
@@ -191,17 +192,28 @@ struct Reader {
     subscriptions: BoundedSubscriptions,
     /// The semaphore behind `subscriptions`, known after the first subscription.
     subscription_slots: OnceLock<Arc<Semaphore>>,
+    /// One permit per line being handled; `max_in_flight` in all.
+    in_flight: Arc<Semaphore>,
+}
+
+/// The bound on lines handled at once on one connection (at least one).
+fn max_in_flight(limits: &Limits) -> usize {
+    limits.max_in_flight.clamp(1, Semaphore::MAX_PERMITS)
 }
 
 impl Reader {
-    async fn read_loop(self, rd: OwnedReadHalf) -> Closed {
+    async fn read_loop(self: Arc<Self>, rd: OwnedReadHalf) -> Closed {
         let mut rd = BufReader::with_capacity(READ_BUF, rd);
         let mut line = Vec::new();
         loop {
             let limits = &self.conn.limits;
-            match read_line(&mut rd, &mut line, limits, || self.has_subscriptions()).await {
+            match read_line(&mut rd, &mut line, limits, || self.has_subscriptions() || self.is_busy()).await {
                 Ok(true) => {}
-                Ok(false) => return Closed::Eof,
+                Ok(false) => {
+                    // The client has sent all it will; answer what it did send, then close.
+                    let _ = self.in_flight.acquire_many(max_in_flight(limits) as u32).await;
+                    return Closed::Eof;
+                }
                 Err(Closed::LineTooLong) => {
                     let err = MethodResponse::error(Id::Null, reject_too_big_request(limits.max_line_bytes as u32));
                     let _ = self.sink.send(err.into_json()).await;
@@ -209,23 +221,37 @@ impl Reader {
                 }
                 Err(closed) => return closed,
             }
-            if let Some(response) = self.handle_line(&line).await {
-                let is_success = response.is_success();
-                let (json, notify, _) = response.into_parts();
-                let sent = self.sink.send(json).await.is_ok();
-                notify_sent(notify, sent && is_success);
-                if !sent {
-                    return Closed::WriterGone;
+            // At the bound, stop reading until a line in flight is done.
+            let Ok(permit) = Arc::clone(&self.in_flight).acquire_owned().await else {
+                return Closed::WriterGone;
+            };
+            if self.sink.is_closed() {
+                return Closed::WriterGone;
+            }
+            let this = Arc::clone(&self);
+            let text = std::mem::take(&mut line);
+            tokio::spawn(
+                async move {
+                    if let Some(response) = this.handle_line(&text).await {
+                        let is_success = response.is_success();
+                        let (json, notify, _) = response.into_parts();
+                        let sent = this.sink.send(json).await.is_ok();
+                        notify_sent(notify, sent && is_success);
+                    }
+                    drop(permit);
                 }
-            }
-            if line.capacity() > KEEP_LINE_BUF {
-                line = Vec::new();
-            }
+                .in_current_span(),
+            );
         }
     }
 
     fn has_subscriptions(&self) -> bool {
         self.subscription_slots.get().is_some_and(|s| s.available_permits() < self.subscriptions.max() as usize)
+    }
+
+    /// Whether a line is being handled: the connection is not idle then.
+    fn is_busy(&self) -> bool {
+        self.in_flight.available_permits() < max_in_flight(&self.conn.limits)
     }
 
     /// Handles one line: a single request, a notification or a batch. Returns what to send
