@@ -266,12 +266,13 @@ fn full_params(name: &str) -> Value {
             "nets": [{"bridge": "br0", "mac": "52:54:00:12:34:56", "mtu": 1500}], "vsock": true, "agent": false,
             "labels": {"a": "b"}
         }),
-        "compute.vm.stop" => json!({"vm_id": vm, "timeout_secs": 5}),
+        "compute.vm.stop" => json!({"vm_id": vm, "timeout_secs": 5, "force": false}),
         "compute.vm.events.tail" => json!({"vm_id": vm, "since_seq": 0, "limit": 10}),
         "compute.vm.events.follow" => json!({"vm_id": vm, "since_seq": 0}),
         "compute.vm.logs" => json!({"vm_id": vm, "stream": "vmm", "max_bytes": 10}),
         "compute.vm.exec" => json!({"vm_id": vm, "argv": ["true"], "env": {"A": "b"}, "cwd": "/", "timeout_secs": 5}),
-        "compute.vm.list" | "rpc.discover" => json!({}),
+        "compute.vm.list" => json!({"state": "running", "labels": "a=b", "limit": 10, "cursor": vm}),
+        "rpc.discover" => json!({}),
         _ => json!({"vm_id": vm}),
     }
 }

@@ -121,3 +121,117 @@ async fn requests_in_flight_are_bounded_per_connection() {
     assert_eq!(c.recv().await["id"], 5);
     assert!(c.recv_line().await.is_none(), "closed after the last answer");
 }
+
+#[tokio::test]
+async fn list_filters_by_state_and_labels_and_pages() {
+    let driver = Arc::new(TestDriver::default());
+    let (_dir, m) = manager(Arc::clone(&driver));
+    let server = start(rpc::methods(m).unwrap(), Limits::default());
+    let mut c = Client::connect(&server).await;
+    for i in 0..7 {
+        let tier = if i % 2 == 0 { "web" } else { "db" };
+        let r = call(&mut c, "compute.vm.create", spec(&format!("vm-{i}"), json!({"tenant": "a", "tier": tier}))).await;
+        assert!(r["result"].is_object(), "{r}");
+    }
+    for id in ["vm-0", "vm-3"] {
+        let r = call(&mut c, "compute.vm.start", json!({"vm_id": id})).await;
+        assert_eq!(r["result"]["state"], "running", "{r}");
+    }
+    let ids = |r: &Value| -> Vec<String> {
+        r["result"]["vms"].as_array().unwrap().iter().map(|v| v["vm_id"].as_str().unwrap().to_string()).collect()
+    };
+
+    let r = call(&mut c, "compute.vm.list", json!({"state": "running"})).await;
+    assert_eq!(ids(&r), ["vm-0", "vm-3"], "{r}");
+    let r = call(&mut c, "compute.vm.list", json!({"labels": "tier=web"})).await;
+    assert_eq!(ids(&r), ["vm-0", "vm-2", "vm-4", "vm-6"], "{r}");
+    let r = call(&mut c, "compute.vm.list", json!({"labels": "tier=web,tenant=a", "state": "pending"})).await;
+    assert_eq!(ids(&r), ["vm-2", "vm-4", "vm-6"], "{r}");
+    let r = call(&mut c, "compute.vm.list", json!({"labels": "tier=web,tenant=b"})).await;
+    assert_eq!(ids(&r), Vec::<String>::new(), "every term must match: {r}");
+
+    // Pages of three, in id order, each with the cursor of the next.
+    let mut seen = Vec::new();
+    let mut cursor = Value::Null;
+    let mut pages = 0;
+    loop {
+        let r = call(&mut c, "compute.vm.list", json!({"limit": 3, "cursor": cursor})).await;
+        assert!(r["result"]["seq"].as_u64().unwrap() >= 8, "seq covers every transition so far: {r}");
+        seen.extend(ids(&r));
+        pages += 1;
+        cursor = r["result"]["next_cursor"].clone();
+        if cursor.is_null() {
+            break;
+        }
+        assert!(pages < 10, "paging ends");
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, (0..7).map(|i| format!("vm-{i}")).collect::<Vec<_>>());
+
+    for (params, field) in [
+        (json!({"labels": "tier"}), "labels"),
+        (json!({"labels": "=web"}), "labels"),
+        (json!({"limit": 0}), "limit"),
+        (json!({"limit": 1001}), "limit"),
+        (json!({"state": "nope"}), "state"),
+        (json!({"cursor": "../x"}), "cursor"),
+    ] {
+        let r = call(&mut c, "compute.vm.list", params.clone()).await;
+        assert_eq!(r["error"]["code"], -32602, "{params}: {r}");
+        assert_eq!(r["error"]["data"], json!({"field": field}), "{params}: {r}");
+    }
+}
+
+#[tokio::test]
+async fn each_error_carries_its_data() {
+    let driver = Arc::new(TestDriver::default());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ManagerConfig::new(dir.path(), vec![PathBuf::from("/var/lib/vm")]);
+    cfg.max_vms = 2;
+    let m = Manager::open(cfg, Some(driver as Arc<dyn VmDriver>)).unwrap();
+    let server = start(rpc::methods(m).unwrap(), Limits::default());
+    let mut c = Client::connect(&server).await;
+    let err = |r: &Value| (r["error"]["code"].as_i64().unwrap_or(0), r["error"]["data"].clone());
+
+    let r = call(&mut c, "compute.vm.status", json!({"vm_id": "ghost"})).await;
+    assert_eq!(err(&r), (-32020, json!({"vm_id": "ghost"})), "{r}");
+    let mut bad = spec("a", json!({}));
+    bad["vcpus"] = json!(0);
+    let r = call(&mut c, "compute.vm.create", bad).await;
+    assert_eq!(err(&r), (-32024, json!({"field": "vcpus"})), "{r}");
+    let r = call(&mut c, "compute.vm.create", json!({"id": "a"})).await;
+    assert_eq!(err(&r), (-32602, json!({"field": "vcpus"})), "a missing field is named: {r}");
+    call(&mut c, "compute.vm.create", spec("a", json!({}))).await;
+    let r = call(&mut c, "compute.vm.create", spec("a", json!({"x": "y"}))).await;
+    assert_eq!(err(&r), (-32027, json!({"vm_id": "a"})), "{r}");
+    let r = call(&mut c, "compute.vm.stop", json!({"vm_id": "a"})).await;
+    assert_eq!(err(&r), (-32025, json!({"vm_id": "a"})), "{r}");
+    call(&mut c, "compute.vm.start", json!({"vm_id": "a"})).await;
+    let r = call(&mut c, "compute.vm.remove", json!({"vm_id": "a"})).await;
+    assert_eq!(err(&r), (-32021, json!({"vm_id": "a", "state": "running", "to": "removed"})), "{r}");
+    let r = call(&mut c, "compute.vm.stop", json!({"vm_id": "a", "timeout_secs": 4000})).await;
+    assert_eq!(err(&r), (-32602, json!({"field": "timeout_secs"})), "{r}");
+    call(&mut c, "compute.vm.create", spec("b", json!({}))).await;
+    let r = call(&mut c, "compute.vm.create", spec("c", json!({}))).await;
+    assert_eq!(err(&r), (-32029, json!({"max": 2})), "the VM cap has its own code: {r}");
+}
+
+#[tokio::test]
+async fn a_forced_stop_skips_the_power_button() {
+    let driver = Arc::new(TestDriver::default());
+    let (_dir, m) = manager(Arc::clone(&driver));
+    let server = start(rpc::methods(m).unwrap(), Limits::default());
+    let mut c = Client::connect(&server).await;
+    call(&mut c, "compute.vm.create", spec("f", json!({}))).await;
+    call(&mut c, "compute.vm.start", json!({"vm_id": "f"})).await;
+    let r = call(&mut c, "compute.vm.stop", json!({"vm_id": "f", "force": true})).await;
+    assert_eq!(r["result"]["state"], "stopped", "{r}");
+    let tail = call(&mut c, "compute.vm.events.tail", json!({"vm_id": "f"})).await;
+    let last = tail["result"]["events"].as_array().unwrap().last().cloned().unwrap();
+    assert!(last["reason"].as_str().unwrap().starts_with("forced"), "the driver was told to force: {last}");
+    call(&mut c, "compute.vm.start", json!({"vm_id": "f"})).await;
+    call(&mut c, "compute.vm.stop", json!({"vm_id": "f"})).await;
+    let tail = call(&mut c, "compute.vm.events.tail", json!({"vm_id": "f"})).await;
+    let last = tail["result"]["events"].as_array().unwrap().last().cloned().unwrap();
+    assert!(last["reason"].as_str().unwrap().contains("power button"), "a plain stop is not forced: {last}");
+}

@@ -448,7 +448,8 @@ async fn the_number_of_vms_is_bounded() {
         m.create(spec(id)).await.unwrap();
     }
     let e = m.create(spec("d")).await.unwrap_err();
-    assert_eq!(e.code(), errors::INVALID_SPEC, "{e:?}");
+    assert_eq!(e.code(), errors::TOO_MANY_VMS, "{e:?}");
+    assert_eq!(ApiError::from(e.clone()).data(), Some(json!({"max": 3})), "{e:?}");
     assert_eq!(m.create(spec("a")).await, Ok(VmState::Pending), "an existing VM is still found");
     m.remove("c").await.unwrap();
     assert_eq!(m.create(spec("d")).await, Ok(VmState::Pending), "room again after a remove");

@@ -22,7 +22,9 @@ use super::schema::schema_for;
 use crate::vm::Manager;
 pub use crate::vm::spec::{DiskSpec, NetSpec, VmSpec};
 
-use errors::{ALREADY_EXISTS, BUSY, ILLEGAL_TRANSITION, INVALID_SPEC, NO_SUCH_VM, NOT_READY, NOT_RUNNING, VMM_ERROR};
+use errors::{
+    ALREADY_EXISTS, BUSY, ILLEGAL_TRANSITION, INVALID_SPEC, NO_SUCH_VM, NOT_READY, NOT_RUNNING, TOO_MANY_VMS, VMM_ERROR,
+};
 
 /// The name of the notifications `compute.vm.events.follow` sends.
 pub const EVENT_NOTIFICATION: &str = "compute.vm.event";
@@ -134,7 +136,7 @@ pub const API: &[MethodDef] = &[
     MethodDef::call::<Create>(
         "compute.vm.create",
         "Define a new VM from a spec. It starts in state `pending`.",
-        &[INVALID_SPEC, ALREADY_EXISTS, BUSY],
+        &[INVALID_SPEC, ALREADY_EXISTS, BUSY, TOO_MANY_VMS],
     ),
     MethodDef::call::<Start>(
         "compute.vm.start",
@@ -236,11 +238,7 @@ fn by_name<T: DeserializeOwned>(method: &str, params: &Params<'_>) -> Answer<T> 
 
 /// An invalid-params error naming `field`.
 pub fn invalid_field(method: &str, field: &str, what: &str) -> ErrorObjectOwned {
-    ErrorObjectOwned::owned(
-        errors::INVALID_PARAMS_CODE,
-        format!("invalid params for {method}: field `{field}` {what}"),
-        None::<()>,
-    )
+    errors::invalid_params_for(field, format!("invalid params for {method}: field `{field}` {what}"))
 }
 
 #[cfg(test)]

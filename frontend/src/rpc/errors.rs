@@ -31,6 +31,8 @@ pub const NOT_RUNNING: i32 = -32025;
 pub const NOT_READY: i32 = -32026;
 /// A VM with this id exists with a different spec.
 pub const ALREADY_EXISTS: i32 = -32027;
+/// The host already records the most VMs it keeps.
+pub const TOO_MANY_VMS: i32 = -32029;
 
 /// An application error: maps one-to-one onto the codes above.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,6 +53,8 @@ pub enum ApiError {
     NotReady { method: &'static str },
     #[error("VM {vm_id:?} already exists with a different spec")]
     AlreadyExists { vm_id: String },
+    #[error("this host already records {max} VMs, the most it keeps")]
+    TooManyVms { max: usize },
     /// A failure of the frontend itself (its state dir, say); answered as -32603.
     #[error("internal error: {detail}")]
     Internal { detail: String },
@@ -67,6 +71,7 @@ impl ApiError {
             ApiError::NotRunning { .. } => NOT_RUNNING,
             ApiError::NotReady { .. } => NOT_READY,
             ApiError::AlreadyExists { .. } => ALREADY_EXISTS,
+            ApiError::TooManyVms { .. } => TOO_MANY_VMS,
             ApiError::Internal { .. } => INTERNAL_ERROR_CODE,
         }
     }
@@ -76,10 +81,35 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The structured `data` of the error object: what a client can act on without parsing
+    /// the message.
+    pub fn data(&self) -> Option<serde_json::Value> {
+        use serde_json::json;
+        match self {
+            ApiError::NoSuchVm { vm_id }
+            | ApiError::Busy { vm_id, .. }
+            | ApiError::Vmm { vm_id, .. }
+            | ApiError::NotRunning { vm_id }
+            | ApiError::AlreadyExists { vm_id } => Some(json!({ "vm_id": vm_id })),
+            ApiError::IllegalTransition { vm_id, from, to } => Some(json!({ "vm_id": vm_id, "state": from, "to": to })),
+            ApiError::InvalidSpec { field, .. } => Some(json!({ "field": field })),
+            ApiError::NotReady { method } => Some(json!({ "method": method })),
+            ApiError::TooManyVms { max } => Some(json!({ "max": max })),
+            ApiError::Internal { .. } => None,
+        }
+    }
+}
+
 impl From<ApiError> for ErrorObjectOwned {
     fn from(e: ApiError) -> Self {
-        ErrorObjectOwned::owned(e.code(), e.to_string(), None::<()>)
+        ErrorObjectOwned::owned(e.code(), e.to_string(), e.data())
     }
+}
+
+/// An invalid-params error whose `data` names the offending `field`.
+pub fn invalid_params_for(field: &str, message: String) -> ErrorObjectOwned {
+    ErrorObjectOwned::owned(INVALID_PARAMS_CODE, message, Some(serde_json::json!({ "field": field })))
 }
 
 /// The VM layer's errors, each on its code. Failures of the frontend itself (the state dir, a
@@ -95,6 +125,7 @@ impl From<VmError> for ApiError {
             VmError::NotRunning { vm_id } => ApiError::NotRunning { vm_id },
             VmError::NotReady { method } => ApiError::NotReady { method },
             VmError::AlreadyExists { vm_id } => ApiError::AlreadyExists { vm_id },
+            VmError::TooManyVms { max } => ApiError::TooManyVms { max },
             e @ (VmError::Store { .. } | VmError::Task { .. } | VmError::Ended { .. }) => {
                 let mut detail = e.to_string();
                 let mut cause = std::error::Error::source(&e);
@@ -124,6 +155,7 @@ pub const APPLICATION_CODES: &[(i32, &str)] = &[
     (NOT_RUNNING, "not running"),
     (NOT_READY, "not ready"),
     (ALREADY_EXISTS, "already exists"),
+    (TOO_MANY_VMS, "too many VMs"),
 ];
 
 /// Parses by-name params into `T`. Absent params count as `{}`. The error message names the
@@ -142,12 +174,17 @@ pub fn parse_params<T: DeserializeOwned>(
             Some((what, pos)) if pos.contains(" column ") => what,
             _ => &inner,
         };
-        let message = if path == "." {
-            format!("invalid params for {method}: {what}")
+        if path == "." {
+            // A missing field is named only in serde's message: "missing field `x`".
+            let missing = what.strip_prefix("missing field `").and_then(|r| r.strip_suffix('`'));
+            let message = format!("invalid params for {method}: {what}");
+            match missing {
+                Some(field) => invalid_params_for(field, message),
+                None => ErrorObjectOwned::owned(INVALID_PARAMS_CODE, message, None::<()>),
+            }
         } else {
-            format!("invalid params for {method}: field `{path}`: {what}")
-        };
-        ErrorObjectOwned::owned(INVALID_PARAMS_CODE, message, None::<()>)
+            invalid_params_for(&path, format!("invalid params for {method}: field `{path}`: {what}"))
+        }
     })
 }
 
@@ -205,6 +242,7 @@ mod tests {
             (VmError::NotRunning { vm_id: "a".into() }, NOT_RUNNING),
             (VmError::NotReady { method: "compute.vm.start" }, NOT_READY),
             (VmError::AlreadyExists { vm_id: "a".into() }, ALREADY_EXISTS),
+            (VmError::TooManyVms { max: 3 }, TOO_MANY_VMS),
             (VmError::store("writing state.json", io), INTERNAL_ERROR_CODE),
         ];
         for (e, code) in cases {

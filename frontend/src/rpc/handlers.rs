@@ -13,7 +13,9 @@ use super::errors::ApiError;
 use super::params::*;
 use super::results::*;
 use super::schema::{OpenRpcDocument, openrpc_document};
-use crate::vm::{Manager, VmSpec};
+use crate::vm::driver::DEFAULT_STOP_GRACE;
+use crate::vm::query::parse_selector;
+use crate::vm::{ListFilter, Manager, StopOptions, VmSpec};
 
 fn not_ready<T>(method: &'static str) -> Answer<T> {
     Err(ApiError::NotReady { method }.into())
@@ -53,7 +55,8 @@ impl Handler for Stop {
             }
             t => t.map(Duration::from_secs),
         };
-        let state = vms.stop(p.vm_id.as_str(), grace).await?;
+        let opts = StopOptions { grace: grace.unwrap_or(DEFAULT_STOP_GRACE), force: p.force.unwrap_or(false) };
+        let state = vms.stop_with(p.vm_id.as_str(), opts).await?;
         Ok(VmStateResult { vm_id: p.vm_id.into_string(), state })
     }
 }
@@ -82,10 +85,19 @@ impl Handler for Status {
 pub struct List;
 
 impl Handler for List {
-    type Params = Empty;
+    type Params = ListParams;
     type Result = ListResult;
-    async fn call(_: &'static str, vms: Arc<Manager>, _: Empty) -> Answer<ListResult> {
-        Ok(vms.list().into())
+    async fn call(method: &'static str, vms: Arc<Manager>, p: ListParams) -> Answer<ListResult> {
+        let limit = p.limit.unwrap_or(DEFAULT_LIST_LIMIT as u32) as usize;
+        if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+            return Err(invalid_field(method, "limit", &format!("must be between 1 and {MAX_LIST_LIMIT}")));
+        }
+        let labels = match p.labels.as_deref().map(parse_selector).transpose() {
+            Ok(l) => l.unwrap_or_default(),
+            Err(why) => return Err(invalid_field(method, "labels", &format!("is not a selector: {why}"))),
+        };
+        let filter = ListFilter { state: p.state, labels };
+        Ok(vms.list_page(&filter, p.cursor.as_ref().map(VmId::as_str), limit)?.into())
     }
 }
 

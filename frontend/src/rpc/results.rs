@@ -11,7 +11,7 @@ use schemars::JsonSchema;
 use serde::Serialize;
 
 use super::params::{LogStream, VmId};
-use crate::vm::{Event, Tail, VmSpec, VmState, VmStatus, VmSummary};
+use crate::vm::{Event, ListPage, Tail, VmSpec, VmState, VmStatus, VmSummary};
 
 /// A VM and the state it is in.
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
@@ -57,7 +57,15 @@ impl From<VmStatus> for StatusResult {
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 #[schemars(deny_unknown_fields)]
 pub struct ListResult {
+    /// In VM id order.
     pub vms: Vec<SummaryResult>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<VmId>")]
+    pub next_cursor: Option<String>,
+    /// The last event seq when the page was taken: `compute.vm.events.follow` with this as
+    /// `since_seq` (that of the first page) misses no transition after the list.
+    pub seq: u64,
 }
 
 /// A VM with its state and labels.
@@ -70,16 +78,17 @@ pub struct SummaryResult {
     pub labels: BTreeMap<String, String>,
 }
 
-impl From<Vec<VmSummary>> for ListResult {
-    fn from(list: Vec<VmSummary>) -> ListResult {
-        let vms = list
+impl From<ListPage> for ListResult {
+    fn from(page: ListPage) -> ListResult {
+        let ListPage { vms, next_cursor, seq } = page;
+        let vms = vms
             .into_iter()
             .map(|s| {
                 let VmSummary { vm_id, state, labels } = s;
                 SummaryResult { vm_id, state, labels }
             })
             .collect();
-        ListResult { vms }
+        ListResult { vms, next_cursor, seq }
     }
 }
 

@@ -228,20 +228,43 @@ impl Reader {
             if self.sink.is_closed() {
                 return Closed::WriterGone;
             }
-            let this = Arc::clone(&self);
             let text = std::mem::take(&mut line);
+            if self.subscribes(&text) {
+                // jsonrpsee writes a subscribe call's answer just before it registers the
+                // subscription, so the next line (an unsubscribe, say) waits for it.
+                self.answer(&text).await;
+                drop(permit);
+                continue;
+            }
+            let this = Arc::clone(&self);
             tokio::spawn(
                 async move {
-                    if let Some(response) = this.handle_line(&text).await {
-                        let is_success = response.is_success();
-                        let (json, notify, _) = response.into_parts();
-                        let sent = this.sink.send(json).await.is_ok();
-                        notify_sent(notify, sent && is_success);
-                    }
+                    this.answer(&text).await;
                     drop(permit);
                 }
                 .in_current_span(),
             );
+        }
+    }
+
+    /// Handles one line and queues its response, if it has one.
+    async fn answer(&self, text: &[u8]) {
+        if let Some(response) = self.handle_line(text).await {
+            let is_success = response.is_success();
+            let (json, notify, _) = response.into_parts();
+            let sent = self.sink.send(json).await.is_ok();
+            notify_sent(notify, sent && is_success);
+        }
+    }
+
+    /// Whether the line calls a subscription method (alone or in a batch).
+    fn subscribes(&self, text: &[u8]) -> bool {
+        let is_sub = |m: &MethodProbe<'_>| {
+            matches!(self.conn.methods.method(m.method.as_ref()), Some(MethodCallback::Subscription(_)))
+        };
+        match text.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'[') => serde_json::from_slice::<Vec<MethodProbe<'_>>>(text).is_ok_and(|v| v.iter().any(is_sub)),
+            _ => serde_json::from_slice::<MethodProbe<'_>>(text).is_ok_and(|m| is_sub(&m)),
         }
     }
 
@@ -362,6 +385,13 @@ impl Reader {
     fn note_slots(&self, permit: &SubscriptionPermit) {
         let _ = self.subscription_slots.set(Arc::clone(permit.semaphore()));
     }
+}
+
+/// The method a request object names (anything else in it is ignored).
+#[derive(Deserialize)]
+struct MethodProbe<'a> {
+    #[serde(borrow)]
+    method: std::borrow::Cow<'a, str>,
 }
 
 /// Tells whether a request object carries an id (a notification has none).

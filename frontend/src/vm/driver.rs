@@ -29,6 +29,15 @@ pub type DriverFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, DriverError
 pub struct StopOptions {
     /// How long to wait after the power button before forcing the VMM down.
     pub grace: Duration,
+    /// Skip the power button and the grace period: straight to vm.shutdown, then the kill.
+    pub force: bool,
+}
+
+impl StopOptions {
+    /// The staged stop with this grace period.
+    pub fn graceful(grace: Duration) -> StopOptions {
+        StopOptions { grace, force: false }
+    }
 }
 
 /// Default grace period of a stop.

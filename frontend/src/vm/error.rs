@@ -26,6 +26,9 @@ pub enum VmError {
     NotReady { method: &'static str },
     #[error("VM {vm_id:?} already exists with a different spec")]
     AlreadyExists { vm_id: String },
+    /// The manager already records `max` VMs.
+    #[error("this host already records {max} VMs, the most it keeps")]
+    TooManyVms { max: usize },
     /// The state dir could not be written.
     #[error("{what}")]
     Store {

@@ -47,10 +47,7 @@ impl Manager {
                 return Err(VmError::AlreadyExists { vm_id: id });
             }
             if full {
-                return Err(VmError::invalid_spec(
-                    "id",
-                    format!("this host already records {max} VMs, the most it keeps"),
-                ));
+                return Err(VmError::TooManyVms { max });
             }
             let rec = Record {
                 state: VmState::Pending,
@@ -272,9 +269,14 @@ impl Manager {
     /// Stops a VM (Running, Starting, or Failed with a VMM that may still run) and releases
     /// its resources. On Stopped it is a no-op; concurrent stops of one VM join one operation.
     pub async fn stop(&self, vm_id: &str, grace: Option<Duration>) -> Result<VmState, VmError> {
+        self.stop_with(vm_id, StopOptions::graceful(grace.unwrap_or(DEFAULT_STOP_GRACE))).await
+    }
+
+    /// [`Manager::stop`] with all its options: `force` skips the power button and the grace
+    /// period. A stop that joins one in progress gets that one's answer.
+    pub async fn stop_with(&self, vm_id: &str, opts: StopOptions) -> Result<VmState, VmError> {
         let driver = self.driver("compute.vm.stop")?;
         let slot = self.slot(vm_id)?;
-        let opts = StopOptions { grace: grace.unwrap_or(DEFAULT_STOP_GRACE) };
         let rx = {
             let mut join = lock(&slot.stop_join);
             if let Some(rx) = join.as_ref() {

@@ -115,6 +115,17 @@ impl Records {
         Some(e)
     }
 
+    /// Visible VMs whose id is within `start..`, in id order.
+    pub(super) fn range<'a>(
+        &'a self,
+        start: std::ops::Bound<&'a str>,
+    ) -> impl Iterator<Item = (&'a str, &'a Entry)> + 'a {
+        self.vms
+            .range::<str, _>((start, std::ops::Bound::Unbounded))
+            .filter(|(_, e)| !e.creating)
+            .map(|(id, e)| (id.as_str(), e))
+    }
+
     pub(super) fn ids_in(&self, states: &[VmState]) -> Vec<String> {
         self.vms
             .iter()

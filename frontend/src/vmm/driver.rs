@@ -311,20 +311,26 @@ impl BrokerDriver {
         }
     }
 
-    /// The staged stop: power button, grace, vm.shutdown and vmm.shutdown, SIGKILL.
+    /// The staged stop: power button, grace, vm.shutdown and vmm.shutdown, SIGKILL. A forced
+    /// stop starts at vm.shutdown.
     async fn stop_vm(&self, vm_id: &str, opts: StopOptions) -> Result<String, DriverError> {
         let Some(rt) = self.runtime(vm_id) else { return Ok("no VMM was running".into()) };
         rt.phase.store(STOPPING, Ordering::SeqCst);
         if let Some(status) = *rt.exit.borrow() {
             return Ok(format!("the VMM had already exited ({})", describe(status)));
         }
-        let started = Instant::now();
-        let mut steps = vec![self.action(vm_id, "vm.power-button").await];
-        if let Some(status) = Self::wait_exit(&rt, opts.grace).await {
-            steps.push(format!("the guest shut down after {:.1?} ({})", started.elapsed(), describe(status)));
-            return Ok(steps.join(", "));
+        let mut steps = Vec::new();
+        if opts.force {
+            steps.push("forced: no power button".to_string());
+        } else {
+            let started = Instant::now();
+            steps.push(self.action(vm_id, "vm.power-button").await);
+            if let Some(status) = Self::wait_exit(&rt, opts.grace).await {
+                steps.push(format!("the guest shut down after {:.1?} ({})", started.elapsed(), describe(status)));
+                return Ok(steps.join(", "));
+            }
+            steps.push(format!("no shutdown within {:?}", opts.grace));
         }
-        steps.push(format!("no shutdown within {:?}", opts.grace));
         steps.push(self.action(vm_id, "vm.shutdown").await);
         steps.push(self.action(vm_id, "vmm.shutdown").await);
         if let Some(status) = Self::wait_exit(&rt, FORCE_WAIT).await {

@@ -112,6 +112,9 @@ impl VmDriver for TestDriver {
     fn stop<'a>(&'a self, vm: &'a str, opts: StopOptions) -> DriverFuture<'a, String> {
         Box::pin(async move {
             self.step(vm, Step::Stop).await?;
+            if opts.force {
+                return Ok("forced: vm.shutdown, no power button".to_string());
+            }
             Ok(format!("stopped by the power button (grace {}s)", opts.grace.as_secs()))
         })
     }
