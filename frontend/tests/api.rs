@@ -188,7 +188,7 @@ async fn vm_methods_over_the_socket() {
     assert_eq!(tail["result"]["next_seq"], 5);
 
     let mut streamed = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..7 {
         let n = follower.recv().await;
         assert_eq!(n["method"], "compute.vm.event", "{n}");
         assert_eq!(n["params"]["subscription"], sub, "{n}");
@@ -196,10 +196,11 @@ async fn vm_methods_over_the_socket() {
         streamed.push(n["params"]["result"].clone());
     }
     let states: Vec<(&str, &str)> =
-        streamed.iter().map(|e| (e["from"].as_str().unwrap(), e["to"].as_str().unwrap())).collect();
+        streamed.iter().map(|e| (e["from"].as_str().unwrap_or("null"), e["to"].as_str().unwrap())).collect();
     assert_eq!(
         states,
         vec![
+            ("null", "pending"),
             ("pending", "provisioning"),
             ("provisioning", "configured"),
             ("configured", "starting"),

@@ -235,3 +235,140 @@ async fn a_forced_stop_skips_the_power_button() {
     let last = tail["result"]["events"].as_array().unwrap().last().cloned().unwrap();
     assert!(last["reason"].as_str().unwrap().contains("power button"), "a plain stop is not forced: {last}");
 }
+
+/// The next event notification on `c` (answers to calls are skipped).
+async fn next_event(c: &mut Client) -> Value {
+    loop {
+        let m = c.recv().await;
+        if m["method"] == "compute.vm.event" {
+            return m["params"]["result"].clone();
+        }
+    }
+}
+
+#[tokio::test]
+async fn create_and_remove_reach_a_follower() {
+    let driver = Arc::new(TestDriver::default());
+    let (_dir, m) = manager(Arc::clone(&driver));
+    let server = start(rpc::methods(m).unwrap(), Limits::default());
+    let mut c = Client::connect(&server).await;
+    let mut f = Client::connect(&server).await;
+    let r = call(&mut f, "compute.vm.events.follow", json!({})).await;
+    assert!(r["result"].is_number() || r["result"].is_string(), "{r}");
+
+    call(&mut c, "compute.vm.create", spec("new-1", json!({}))).await;
+    let e = next_event(&mut f).await;
+    assert_eq!((&e["vm_id"], &e["from"], &e["to"]), (&json!("new-1"), &Value::Null, &json!("pending")), "{e}");
+    let created_seq = e["seq"].as_u64().unwrap();
+    let r = call(&mut c, "compute.vm.remove", json!({"vm_id": "new-1"})).await;
+    assert_eq!(r["result"]["removed"], true, "{r}");
+    let e = next_event(&mut f).await;
+    assert_eq!((&e["vm_id"], &e["from"], &e["to"]), (&json!("new-1"), &json!("pending"), &json!("removed")), "{e}");
+    let removed_seq = e["seq"].as_u64().unwrap();
+    assert!(removed_seq > created_seq);
+
+    // The VM's history went with it; its removal stays in the global stream.
+    let t = call(&mut c, "compute.vm.events.tail", json!({})).await;
+    let events = t["result"]["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{t}");
+    assert_eq!((events[0]["seq"].as_u64(), &events[0]["to"]), (Some(removed_seq), &json!("removed")), "{t}");
+    assert_eq!(t["result"]["truncated"], false, "{t}");
+    let r = call(&mut c, "compute.vm.events.tail", json!({"vm_id": "new-1"})).await;
+    assert_eq!(r["error"]["code"], -32020, "{r}");
+    // A follower from before the removal replays it.
+    let mut late = Client::connect(&server).await;
+    call(&mut late, "compute.vm.events.follow", json!({"since_seq": created_seq})).await;
+    let e = next_event(&mut late).await;
+    assert_eq!((e["seq"].as_u64(), &e["to"]), (Some(removed_seq), &json!("removed")), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn list_then_follow_sees_every_transition_once() {
+    let driver = Arc::new(TestDriver::default());
+    driver.set_delay(Step::WaitRunning, Duration::from_millis(20));
+    let (_dir, m) = manager(Arc::clone(&driver));
+    let server = start(rpc::methods(m).unwrap(), Limits::default());
+    let mut c = Client::connect(&server).await;
+    // 50 VMs, half of them created before the list, all changing state around it.
+    for i in 0..25 {
+        call(&mut c, "compute.vm.create", spec(&format!("m-{i}"), json!({}))).await;
+    }
+    let mut busy = Vec::new();
+    for i in 0..50 {
+        let mut c = Client::connect(&server).await;
+        busy.push(tokio::spawn(async move {
+            let id = format!("m-{i}");
+            if i >= 25 {
+                call(&mut c, "compute.vm.create", spec(&id, json!({}))).await;
+            }
+            for _ in 0..2 {
+                let r = call(&mut c, "compute.vm.start", json!({"vm_id": id})).await;
+                assert_eq!(r["result"]["state"], "running", "{r}");
+                let r = call(&mut c, "compute.vm.stop", json!({"vm_id": id, "force": i % 2 == 0})).await;
+                assert_eq!(r["result"]["state"], "stopped", "{r}");
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    // List a page at a time, following from the first page's seq.
+    let mut f = Client::connect(&server).await;
+    let first = call(&mut c, "compute.vm.list", json!({"limit": 20})).await;
+    let since = first["result"]["seq"].as_u64().unwrap();
+    let r = call(&mut f, "compute.vm.events.follow", json!({"since_seq": since})).await;
+    assert!(r.get("result").is_some(), "{r}");
+    let mut cursor = first["result"]["next_cursor"].clone();
+    while !cursor.is_null() {
+        let page = call(&mut c, "compute.vm.list", json!({"limit": 20, "cursor": cursor})).await;
+        cursor = page["result"]["next_cursor"].clone();
+    }
+    for t in busy {
+        t.await.unwrap();
+    }
+    let last = call(&mut c, "compute.vm.list", json!({"limit": 1})).await;
+    let end = call(&mut c, "compute.vm.events.tail", json!({"since_seq": 0, "limit": 1000})).await;
+    let expected: Vec<u64> = end["result"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .filter(|&s| s > since)
+        .collect();
+    let final_seq = last["result"]["seq"].as_u64().unwrap();
+    assert_eq!(expected.last().copied(), Some(final_seq), "the tail holds every event");
+    assert!(expected.len() > 100, "the VMs changed state after the list: {}", expected.len());
+    let mut seen = Vec::new();
+    while seen.last() != Some(&final_seq) {
+        seen.push(next_event(&mut f).await["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seen, expected, "every transition after the list, once, in order");
+}
+
+#[tokio::test]
+async fn a_cursor_older_than_the_history_is_truncated() {
+    let driver = Arc::new(TestDriver::default());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ManagerConfig::new(dir.path(), vec![PathBuf::from("/var/lib/vm")]);
+    cfg.ring_capacity = 4;
+    let m = Manager::open(cfg, Some(driver as Arc<dyn VmDriver>)).unwrap();
+    let server = start(rpc::methods(m).unwrap(), Limits::default());
+    let mut c = Client::connect(&server).await;
+    call(&mut c, "compute.vm.create", spec("t", json!({}))).await; // 1
+    let t = call(&mut c, "compute.vm.events.tail", json!({"since_seq": 0})).await;
+    assert_eq!(t["result"]["truncated"], false, "{t}");
+    call(&mut c, "compute.vm.start", json!({"vm_id": "t"})).await; // 2-5: 1 leaves the ring
+    let t = call(&mut c, "compute.vm.events.tail", json!({"since_seq": 0})).await;
+    assert_eq!((&t["result"]["truncated"], &t["result"]["oldest_seq"]), (&json!(true), &json!(1)), "{t}");
+    let seqs: Vec<u64> = t["result"]["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [2, 3, 4, 5], "what is left still comes: {t}");
+    let t = call(&mut c, "compute.vm.events.tail", json!({"vm_id": "t", "since_seq": 0})).await;
+    assert_eq!((&t["result"]["truncated"], &t["result"]["oldest_seq"]), (&json!(true), &json!(1)), "{t}");
+    let t = call(&mut c, "compute.vm.events.tail", json!({"since_seq": 1})).await;
+    assert_eq!(t["result"]["truncated"], false, "nothing after seq 1 is lost: {t}");
+    assert!(t["result"].get("oldest_seq").is_none(), "{t}");
+    // A follow from the lost cursor is refused, saying where the history is whole.
+    let r = call(&mut c, "compute.vm.events.follow", json!({"since_seq": 0})).await;
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+    assert_eq!(r["error"]["data"], json!({"field": "since_seq", "truncated": true, "oldest_seq": 1}), "{r}");
+    let r = call(&mut c, "compute.vm.events.follow", json!({"since_seq": 1})).await;
+    assert!(r.get("result").is_some(), "{r}");
+}

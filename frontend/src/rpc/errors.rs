@@ -55,6 +55,11 @@ pub enum ApiError {
     AlreadyExists { vm_id: String },
     #[error("this host already records {max} VMs, the most it keeps")]
     TooManyVms { max: usize },
+    /// A follow cursor whose events have left the history; answered as -32602 on `since_seq`.
+    #[error(
+        "invalid params: field `since_seq`: events after seq {since} have left the history; list again and follow from its seq (the oldest whole cursor is {oldest_seq})"
+    )]
+    CursorTruncated { since: u64, oldest_seq: u64 },
     /// A failure of the frontend itself (its state dir, say); answered as -32603.
     #[error("internal error: {detail}")]
     Internal { detail: String },
@@ -72,6 +77,7 @@ impl ApiError {
             ApiError::NotReady { .. } => NOT_READY,
             ApiError::AlreadyExists { .. } => ALREADY_EXISTS,
             ApiError::TooManyVms { .. } => TOO_MANY_VMS,
+            ApiError::CursorTruncated { .. } => INVALID_PARAMS_CODE,
             ApiError::Internal { .. } => INTERNAL_ERROR_CODE,
         }
     }
@@ -96,6 +102,9 @@ impl ApiError {
             ApiError::InvalidSpec { field, .. } => Some(json!({ "field": field })),
             ApiError::NotReady { method } => Some(json!({ "method": method })),
             ApiError::TooManyVms { max } => Some(json!({ "max": max })),
+            ApiError::CursorTruncated { oldest_seq, .. } => {
+                Some(json!({ "field": "since_seq", "truncated": true, "oldest_seq": oldest_seq }))
+            }
             ApiError::Internal { .. } => None,
         }
     }
@@ -126,6 +135,7 @@ impl From<VmError> for ApiError {
             VmError::NotReady { method } => ApiError::NotReady { method },
             VmError::AlreadyExists { vm_id } => ApiError::AlreadyExists { vm_id },
             VmError::TooManyVms { max } => ApiError::TooManyVms { max },
+            VmError::CursorTruncated { since, oldest_seq } => ApiError::CursorTruncated { since, oldest_seq },
             e @ (VmError::Store { .. } | VmError::Task { .. } | VmError::Ended { .. }) => {
                 let mut detail = e.to_string();
                 let mut cause = std::error::Error::source(&e);
@@ -243,6 +253,7 @@ mod tests {
             (VmError::NotReady { method: "compute.vm.start" }, NOT_READY),
             (VmError::AlreadyExists { vm_id: "a".into() }, ALREADY_EXISTS),
             (VmError::TooManyVms { max: 3 }, TOO_MANY_VMS),
+            (VmError::CursorTruncated { since: 1, oldest_seq: 9 }, INVALID_PARAMS_CODE),
             (VmError::store("writing state.json", io), INTERNAL_ERROR_CODE),
         ];
         for (e, code) in cases {

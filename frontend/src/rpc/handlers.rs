@@ -146,7 +146,15 @@ impl Subscription for EventsFollow {
                 () = sink.closed() => None,
             };
             let Some(event) = event else {
-                return Ok(());
+                // Ended with an error notification when the follower fell off the history.
+                return match follower.truncated() {
+                    Some(oldest) => Err(format!(
+                        "events after seq {} have left the history (oldest_seq {oldest}); list again and follow from its seq",
+                        follower.cursor()
+                    )
+                    .into()),
+                    None => Ok(()),
+                };
             };
             sink.send(serde_json::value::to_raw_value(&EventResult::from(event))?).await?;
         }

@@ -7,11 +7,11 @@
 
 use std::collections::BTreeMap;
 
-use schemars::JsonSchema;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::Serialize;
 
 use super::params::{LogStream, VmId};
-use crate::vm::{Event, ListPage, Tail, VmSpec, VmState, VmStatus, VmSummary};
+use crate::vm::{Event, EventTo, ListPage, Tail, VmSpec, VmState, VmStatus, VmSummary};
 
 /// A VM and the state it is in.
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
@@ -99,12 +99,18 @@ pub struct TailResult {
     pub events: Vec<EventResult>,
     /// The cursor to pass as `since_seq` next time (to tail or to follow).
     pub next_seq: u64,
+    /// Whether events after `since_seq` have already left the history: the answer has gaps.
+    /// List again, then follow from the list's `seq`.
+    pub truncated: bool,
+    /// With `truncated`: the oldest cursor from which the history is still whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_seq: Option<u64>,
 }
 
 impl From<Tail> for TailResult {
     fn from(t: Tail) -> TailResult {
-        let Tail { events, next_seq } = t;
-        TailResult { events: events.into_iter().map(EventResult::from).collect(), next_seq }
+        let Tail { events, next_seq, truncated, oldest_seq } = t;
+        TailResult { events: events.into_iter().map(EventResult::from).collect(), next_seq, truncated, oldest_seq }
     }
 }
 
@@ -118,9 +124,29 @@ pub struct EventResult {
     pub vm_id: String,
     /// RFC 3339 time.
     pub at: String,
-    pub from: VmState,
-    pub to: VmState,
+    /// The state before; null for the transition create records.
+    #[schemars(schema_with = "from_schema")]
+    pub from: Option<VmState>,
+    /// The state after, or `removed` for the event remove records.
+    #[schemars(schema_with = "to_schema")]
+    pub to: EventTo,
     pub reason: String,
+}
+
+fn state_names() -> Vec<serde_json::Value> {
+    VmState::ALL.iter().map(|s| serde_json::Value::from(s.as_str())).collect()
+}
+
+fn from_schema(_: &mut SchemaGenerator) -> Schema {
+    let mut names = state_names();
+    names.push(serde_json::Value::Null);
+    json_schema!({"type": ["string", "null"], "enum": names})
+}
+
+fn to_schema(_: &mut SchemaGenerator) -> Schema {
+    let mut names = state_names();
+    names.push(EventTo::REMOVED.into());
+    json_schema!({"type": "string", "enum": names})
 }
 
 impl From<Event> for EventResult {

@@ -26,6 +26,9 @@ pub enum VmError {
     NotReady { method: &'static str },
     #[error("VM {vm_id:?} already exists with a different spec")]
     AlreadyExists { vm_id: String },
+    /// Events after the cursor have left the history.
+    #[error("events after seq {since} have left the history; the oldest whole cursor is {oldest_seq}")]
+    CursorTruncated { since: u64, oldest_seq: u64 },
     /// The manager already records `max` VMs.
     #[error("this host already records {max} VMs, the most it keeps")]
     TooManyVms { max: usize },

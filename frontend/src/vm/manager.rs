@@ -198,6 +198,9 @@ impl Manager {
         let last_seq = resume_seq(reader.read_sequence(), max_seen, any_file);
         records.last_seq = last_seq;
         records.reserved = last_seq;
+        // Removal events are kept in memory only, so after a restart any cursor from before
+        // it may have missed one.
+        records.floor = last_seq;
         tracing::info!(vms = records.len(), last_seq, "loaded VM records");
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let writer = Writer::start(store)?;

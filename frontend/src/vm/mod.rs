@@ -19,7 +19,7 @@ pub mod writer;
 
 pub use driver::{Boot, DriverError, DriverFuture, Reattached, Spawned, StopOptions, VmDriver, VmmEvent, VmmReport};
 pub use error::VmError;
-pub use events::{Event, Follower};
+pub use events::{Event, EventTo, Follower};
 pub use fsm::VmState;
 pub use manager::{Manager, ManagerConfig, VmStatus, VmSummary};
 pub use query::{ListFilter, ListPage};

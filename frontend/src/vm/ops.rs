@@ -65,10 +65,9 @@ impl Manager {
         };
         let why = match written.await {
             Ok(Ok(())) => {
-                if let Some(e) = self.records().any(&id) {
-                    e.creating = false;
+                if let Some(ticket) = self.record_created(&id) {
+                    self.persisted(ticket).await;
                 }
-                tracing::info!(vm = %id, "VM created");
                 return Ok(VmState::Pending);
             }
             Ok(Err(why)) => why,
@@ -120,14 +119,13 @@ impl Manager {
         }
         let ticket = {
             let mut r = self.records();
-            r.remove(vm_id);
+            self.record_removed(&mut r, vm_id);
             self.inner.writer.remove_vm(vm_id)
         };
         self.forget_reports(vm_id);
         if let Some(d) = &self.inner.driver {
             d.forget(vm_id);
         }
-        tracing::info!(vm = vm_id, "VM removed");
         self.persisted(ticket).await;
         Ok(())
     }
