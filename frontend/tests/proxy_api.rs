@@ -55,6 +55,14 @@ async fn a_status_after_a_slow_start_is_answered_first() {
     let second = c.recv().await;
     assert_eq!(second["id"], 10, "{second}");
     assert_eq!(second["result"]["state"], "running", "{second}");
+
+    // The status names when the VM was created and its last transition.
+    let s = call(&mut c, "compute.vm.status", json!({"vm_id": "slow-1"})).await;
+    let tail = call(&mut c, "compute.vm.events.tail", json!({"vm_id": "slow-1"})).await;
+    let events = tail["result"]["events"].as_array().unwrap();
+    assert_eq!(s["result"]["last_seq"], events.last().unwrap()["seq"], "{s}");
+    assert_eq!(s["result"]["created_at"], events[0]["at"], "create's transition is the first: {s}");
+    assert!(s["result"]["created_at"].as_str().unwrap().ends_with('Z'), "{s}");
 }
 
 /// A method that holds its caller until the test releases it, counting how many run at once.

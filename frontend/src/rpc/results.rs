@@ -45,12 +45,17 @@ pub struct StatusResult {
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// When the VM was created (RFC 3339, UTC).
+    pub created_at: String,
+    /// The seq of the VM's last recorded transition: tail or follow the VM from it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<u64>,
 }
 
 impl From<VmStatus> for StatusResult {
     fn from(s: VmStatus) -> StatusResult {
-        let VmStatus { vm_id, state, spec, pid, last_error } = s;
-        StatusResult { vm_id, state, spec, pid, last_error }
+        let VmStatus { vm_id, state, spec, pid, last_error, created_at, last_seq } = s;
+        StatusResult { vm_id, state, spec, pid, last_error, created_at, last_seq }
     }
 }
 

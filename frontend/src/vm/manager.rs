@@ -77,6 +77,10 @@ pub struct VmStatus {
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// When create recorded it (RFC 3339, UTC).
+    pub created_at: String,
+    /// The seq of its last recorded transition (none for a VM whose history is empty).
+    pub last_seq: Option<u64>,
 }
 
 /// A VM as `compute.vm.list` shows it.

@@ -261,9 +261,10 @@ impl Manager {
     /// Returns the writer's ticket for the file with that history.
     pub(super) fn record_created(&self, vm_id: &str) -> Option<u64> {
         let mut r = self.records();
-        r.any(vm_id)?;
+        // Its time is the VM's `created_at`.
+        let at = r.any(vm_id)?.rec.created_at.clone();
         let seq = self.next_seq(&mut r);
-        let t = Transition { seq, at: now(), from: None, to: VmState::Pending, reason: "created".into() };
+        let t = Transition { seq, at, from: None, to: VmState::Pending, reason: "created".into() };
         r.index.insert(seq, Arc::from(vm_id));
         let entry = r.any(vm_id)?;
         entry.creating = false;
@@ -342,6 +343,8 @@ impl Manager {
             spec: e.rec.spec.clone(),
             pid: e.rec.pid,
             last_error: e.rec.last_error.clone(),
+            created_at: e.rec.created_at.clone(),
+            last_seq: e.rec.history.back().map(|t| t.seq),
         })
     }
 
