@@ -179,6 +179,7 @@ async fn list_filters_by_state_and_labels_and_pages() {
     for (params, field) in [
         (json!({"labels": "tier"}), "labels"),
         (json!({"labels": "=web"}), "labels"),
+        (json!({"labels": format!("k={}", "v".repeat(16384))}), "labels"),
         (json!({"limit": 0}), "limit"),
         (json!({"limit": 1001}), "limit"),
         (json!({"state": "nope"}), "state"),

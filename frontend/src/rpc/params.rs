@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 /// Default and largest `limit` of `compute.vm.events.tail`.
 pub const DEFAULT_TAIL_LIMIT: u32 = 100;
 pub const MAX_TAIL_LIMIT: u32 = 1000;
-pub use crate::vm::query::{DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT};
+pub use crate::vm::query::{DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT, MAX_SELECTOR_BYTES};
 /// Largest `timeout_secs` of `compute.vm.stop`.
 pub const MAX_STOP_TIMEOUT_SECS: u64 = 3600;
 
@@ -101,7 +101,7 @@ pub struct ListParams {
     /// Only VMs in this state.
     pub state: Option<crate::vm::VmState>,
     /// Label selector `k=v,k2=v2`: only VMs carrying every one of these labels.
-    #[schemars(length(max = 16384))]
+    #[schemars(length(max = MAX_SELECTOR_BYTES))]
     pub labels: Option<String>,
     /// Most VMs on the page (a page is also cut to stay under 512 KiB).
     #[schemars(range(min = 1, max = MAX_LIST_LIMIT), extend("default" = DEFAULT_LIST_LIMIT))]

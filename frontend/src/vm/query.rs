@@ -15,6 +15,8 @@ pub const MAX_LIST_LIMIT: usize = 1000;
 /// A page is cut before its VMs' JSON would pass this many bytes, so a page stays well under
 /// the default response limit (1 MiB) whatever the labels hold.
 pub const LIST_PAGE_BYTES: usize = 512 * 1024;
+/// Longest label selector, in bytes: room for its most terms at their longest.
+pub const MAX_SELECTOR_BYTES: usize = 16384;
 /// Most terms in a label selector (a VM has at most this many labels anyway).
 pub const MAX_SELECTOR_TERMS: usize = super::spec::MAX_LABELS;
 
@@ -36,6 +38,9 @@ impl ListFilter {
 /// Parses a label selector: `k=v` terms separated by commas, each key at most once.
 pub fn parse_selector(text: &str) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
+    if text.len() > MAX_SELECTOR_BYTES {
+        return Err(format!("longer than {MAX_SELECTOR_BYTES} bytes"));
+    }
     if text.is_empty() {
         return Ok(out);
     }
@@ -115,6 +120,7 @@ mod tests {
         }
         let many: Vec<String> = (0..=MAX_SELECTOR_TERMS).map(|i| format!("k{i}=v")).collect();
         assert!(parse_selector(&many.join(",")).is_err());
+        assert!(parse_selector(&format!("k={}", "v".repeat(MAX_SELECTOR_BYTES))).is_err());
     }
 
     #[test]
