@@ -1,7 +1,7 @@
 //! The JSON-RPC API: the method table ([`api`]) and what each method does ([`handlers`]),
 //! the params and result types ([`params`], [`results`]) and the OpenRPC document derived
 //! from them ([`schema`]), error codes ([`errors`]), transport limits ([`limits`]) and the
-//! line-delimited transport itself ([`transport`], over [`framing`]).
+//! line-delimited transport itself ([`transport`], over `framing`).
 
 pub mod api;
 pub mod errors;
