@@ -381,3 +381,38 @@ async fn a_cursor_older_than_the_history_is_truncated() {
     let r = call(&mut c, "compute.vm.events.follow", json!({"since_seq": 1})).await;
     assert!(r.get("result").is_some(), "{r}");
 }
+
+#[tokio::test]
+async fn a_list_page_stays_under_the_response_limit() {
+    let driver = Arc::new(TestDriver::default());
+    let (_dir, m) = manager(Arc::clone(&driver));
+    let server = start(rpc::methods(m).unwrap(), Limits::default());
+    let mut c = Client::connect(&server).await;
+    // The largest labels a VM may carry, with values that JSON escapes to twice their size.
+    let labels: serde_json::Map<String, Value> =
+        (0..32).map(|i| (format!("{i:02}{}", "k".repeat(61)), json!("\\".repeat(256)))).collect();
+    let vms = 150;
+    for i in 0..vms {
+        let r = call(&mut c, "compute.vm.create", spec(&format!("big-{i:03}"), Value::Object(labels.clone()))).await;
+        assert!(r["result"].is_object(), "{r}");
+    }
+    let mut cursor = Value::Null;
+    let (mut seen, mut pages) = (0, 0);
+    loop {
+        let req = json!({"jsonrpc": "2.0", "id": 1, "method": "compute.vm.list", "params": {"limit": 1000, "cursor": cursor}});
+        c.send(req.to_string().as_bytes()).await;
+        let line = c.recv_line().await.expect("a page");
+        assert!(line.len() < 600 * 1024, "a page is cut near 512 KiB: {} bytes", line.len());
+        let r: Value = serde_json::from_str(&line).unwrap();
+        let n = r["result"]["vms"].as_array().unwrap().len();
+        assert!(n > 0, "every page makes progress");
+        seen += n;
+        pages += 1;
+        cursor = r["result"]["next_cursor"].clone();
+        if cursor.is_null() {
+            break;
+        }
+    }
+    assert_eq!(seen, vms, "every VM once");
+    assert!(pages >= 3, "the byte budget, not the limit, cut the pages: {pages}");
+}
