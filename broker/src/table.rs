@@ -19,6 +19,7 @@
 //! | Signal      | TERM, KILL or CONT only (the type allows no other)                                      |
 //! | Release     | a VM the broker does not hold is already released                                       |
 //! | Inventory   | —                                                                                       |
+//! | Sandbox     | sandbox.txt is a regular root-owned file with one link; applied is read from /proc       |
 //!
 //! Every request, allowed or refused, is one audit line (see `supervise::serve_one`).
 
@@ -236,6 +237,7 @@ fn dispatch(b: &mut Broker, req: &Request) -> Handled {
                 .collect();
             Ok((Reply::Inventory { vms }, vec![]))
         }
+        Request::Sandbox { vm } => vmm::sandbox(b.vm(vm)?),
     }
 }
 

@@ -289,6 +289,7 @@ fn full_params(name: &str) -> Value {
         "compute.vm.logs" => json!({"vm_id": vm, "stream": "vmm", "max_bytes": 10}),
         "compute.vm.exec" => json!({"vm_id": vm, "argv": ["true"], "env": {"A": "b"}, "cwd": "/", "timeout_secs": 5}),
         "compute.vm.list" => json!({"state": "running", "labels": "a=b", "limit": 10, "cursor": vm}),
+        "compute.vm.status" => json!({"vm_id": vm, "verbose": true}),
         "rpc.discover" => json!({}),
         _ => json!({"vm_id": vm}),
     }

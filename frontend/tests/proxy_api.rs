@@ -63,6 +63,19 @@ async fn a_status_after_a_slow_start_is_answered_first() {
     assert_eq!(s["result"]["last_seq"], events.last().unwrap()["seq"], "{s}");
     assert_eq!(s["result"]["created_at"], events[0]["at"], "create's transition is the first: {s}");
     assert!(s["result"]["created_at"].as_str().unwrap().ends_with('Z'), "{s}");
+
+    // A running VM's sandbox: the planned summary and what was applied; the report on request.
+    let sb = &s["result"]["sandbox"];
+    assert_eq!(sb["planned"][0], "uid 63299 gid 63299, no supplementary groups", "{s}");
+    assert!(sb["planned"].as_array().unwrap().iter().any(|l| l == "landlock: ABI 6 (hard requirement)"), "{s}");
+    assert!(sb["planned"].as_array().unwrap().iter().all(|l| l != "allow read"), "only the summary: {s}");
+    assert_eq!(sb["applied"][0], "uid (real, effective, saved, fs): 63299 63299 63299 63299", "{s}");
+    assert!(sb.get("report").is_none(), "{s}");
+    let v = call(&mut c, "compute.vm.status", json!({"vm_id": "slow-1", "verbose": true})).await;
+    assert!(v["result"]["sandbox"]["report"].as_str().unwrap().starts_with("sandbox of VM slow-1\n"), "{v}");
+    call(&mut c, "compute.vm.stop", json!({"vm_id": "slow-1", "force": true})).await;
+    let s = call(&mut c, "compute.vm.status", json!({"vm_id": "slow-1", "verbose": true})).await;
+    assert!(s["result"].get("sandbox").is_none(), "no VMM, no sandbox: {s}");
 }
 
 /// A method that holds its caller until the test releases it, counting how many run at once.

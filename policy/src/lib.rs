@@ -7,6 +7,7 @@ pub mod elf;
 pub mod frontend;
 pub mod layout;
 pub mod names;
+pub mod observed;
 pub mod request;
 pub mod sandbox;
 pub mod seccomp;

@@ -71,6 +71,7 @@ pub const TABLE: &[Row] = &[
     row("Signal", Requires::Alive, false, 0, true),
     row("Release", Requires::Nothing, true, 0, true),
     row("Inventory", Requires::Nothing, false, 0, true),
+    row("Sandbox", Requires::Alive, false, 0, true),
 ];
 
 /// The request's row, and the VM it names. Every variant has its row by construction
@@ -86,6 +87,7 @@ pub fn row_of(req: &Request) -> (&'static Row, Option<&str>) {
         Request::Signal { vm, .. } => (6, Some(vm)),
         Request::Release { vm } => (7, Some(vm)),
         Request::Inventory => (8, None),
+        Request::Sandbox { vm } => (9, Some(vm)),
     };
     (&TABLE[i], vm.map(String::as_str))
 }
@@ -175,7 +177,8 @@ pub fn check(req: &Request) -> Result<(), FieldError> {
         Request::Connect { vm, .. }
         | Request::OpenOutputs { vm }
         | Request::Signal { vm, .. }
-        | Request::Release { vm } => Ok(check_vm_id(vm)?),
+        | Request::Release { vm }
+        | Request::Sandbox { vm } => Ok(check_vm_id(vm)?),
     }
 }
 
@@ -220,6 +223,7 @@ mod tests {
             Request::Signal { vm: "a".into(), signal: my_hypervisor_broker_proto::VmmSignal::Term },
             Request::Release { vm: "a".into() },
             Request::Inventory,
+            Request::Sandbox { vm: "a".into() },
         ]
     }
 
@@ -239,11 +243,12 @@ mod tests {
                 Request::Signal { .. } => "Signal",
                 Request::Release { .. } => "Release",
                 Request::Inventory => "Inventory",
+                Request::Sandbox { .. } => "Sandbox",
             };
             assert_eq!(row_of(&r).0.request, name, "{r:?} has another variant's row");
             seen.insert(name);
         }
-        assert_eq!(seen.len(), 9, "samples() holds one request of each variant");
+        assert_eq!(seen.len(), 10, "samples() holds one request of each variant");
         assert_eq!(TABLE.len(), seen.len(), "one row per variant, no other");
     }
 

@@ -112,6 +112,7 @@ fn a_forced_stop_skips_the_power_button() {
     // have shut down by itself. Real CH's test guest has no ACPI and ignores it anyway.
     env.create("f", Some("honour-power-button"));
     env.ok("compute.vm.start", json!({"vm_id": "f"}));
+    check_sandbox(&env, "f");
     let t = Instant::now();
     let r = env.ok("compute.vm.stop", json!({"vm_id": "f", "force": true, "timeout_secs": 600}));
     assert_eq!(r["state"], "stopped", "{r}");
@@ -126,6 +127,33 @@ fn a_forced_stop_skips_the_power_button() {
         let reason = env.last_reason("f");
         assert!(reason.contains("vm.power-button") && reason.contains("guest shut down"), "{reason}");
     }
+}
+
+/// The status of a running VM shows its sandbox: planned from the broker's stored report,
+/// applied from the kernel's view of the VMM; `verbose` adds the whole report.
+fn check_sandbox(env: &Env, id: &str) {
+    let s = env.ok("compute.vm.status", json!({"vm_id": id}));
+    let sb = &s["sandbox"];
+    assert!(sb.get("error").is_none() && sb.get("report").is_none(), "{s}\n{}", env.d.log());
+    let lines = |k: &str| -> Vec<String> {
+        sb[k].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect()
+    };
+    let (planned, applied) = (lines("planned"), lines("applied"));
+    let uid = planned[0].strip_prefix("uid ").and_then(|r| r.split(' ').next()).expect("planned uid").to_string();
+    let n: u32 = uid.parse().expect("a uid");
+    assert!((63240..=63269).contains(&n), "{planned:?}");
+    assert!(planned.iter().any(|l| l.starts_with("landlock: ABI")), "{planned:?}");
+    assert!(planned.iter().any(|l| l.starts_with("seccomp: default action")), "{planned:?}");
+    assert_eq!(applied[0], format!("uid (real, effective, saved, fs): {uid} {uid} {uid} {uid}"), "{applied:?}");
+    let zero = "0000000000000000";
+    let caps = format!("capabilities: CapInh {zero}, CapPrm {zero}, CapEff {zero}, CapBnd {zero}, CapAmb {zero}");
+    assert!(applied.contains(&caps), "{applied:?}");
+    assert!(applied.contains(&"no_new_privs: 1".to_string()), "{applied:?}");
+    assert!(applied.iter().any(|l| l.starts_with("seccomp: mode 2 (filter)")), "{applied:?}");
+    assert!(applied.iter().any(|l| l.starts_with("pid namespace: own PID namespace")), "{applied:?}");
+    let v = env.ok("compute.vm.status", json!({"vm_id": id, "verbose": true}));
+    let report = v["sandbox"]["report"].as_str().unwrap_or_default();
+    assert!(report.starts_with(&format!("sandbox of VM {id}\n")) && report.contains("[seccomp]"), "{v}");
 }
 
 #[test]

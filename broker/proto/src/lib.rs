@@ -51,6 +51,8 @@ pub enum Request {
     Release { vm: String },
     /// Every VM the broker holds, and whether its VMM is alive.
     Inventory,
+    /// The live VMM's sandbox: the report stored at spawn, and what the kernel shows applied.
+    Sandbox { vm: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +133,12 @@ pub enum Reply {
     Released,
     Inventory {
         vms: Vec<HeldVm>,
+    },
+    /// `planned`: the report written at spawn (bounded); `applied`: the summary of the live
+    /// VMM's `/proc/<pid>/status`, one line each.
+    Sandbox {
+        planned: String,
+        applied: Vec<String>,
     },
     /// The request was refused; nothing changed. The reason names the check that failed.
     Refused {

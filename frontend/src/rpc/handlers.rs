@@ -75,10 +75,17 @@ impl Handler for Remove {
 pub struct Status;
 
 impl Handler for Status {
-    type Params = VmIdParams;
+    type Params = StatusParams;
     type Result = StatusResult;
-    async fn call(_: &'static str, vms: Arc<Manager>, p: VmIdParams) -> Answer<StatusResult> {
-        Ok(vms.status(p.vm_id.as_str())?.into())
+    async fn call(_: &'static str, vms: Arc<Manager>, p: StatusParams) -> Answer<StatusResult> {
+        let id = p.vm_id.as_str();
+        let mut status = StatusResult::from(vms.status(id)?);
+        status.sandbox = match vms.sandbox(id).await {
+            Ok(view) => view.map(|v| SandboxResult::new(Ok(v), p.verbose.unwrap_or(false))),
+            Err(e @ crate::vm::VmError::NoSuchVm { .. }) => return Err(e.into()),
+            Err(e) => Some(SandboxResult::new(Err(e.to_string()), false)),
+        };
+        Ok(status)
     }
 }
 

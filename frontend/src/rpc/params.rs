@@ -97,6 +97,15 @@ pub struct StopParams {
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+pub struct StatusParams {
+    pub vm_id: VmId,
+    /// Add the whole sandbox report stored at spawn.
+    #[serde(default)]
+    pub verbose: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ListParams {
     /// Only VMs in this state.
     pub state: Option<crate::vm::VmState>,

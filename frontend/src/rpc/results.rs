@@ -11,7 +11,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::Serialize;
 
 use super::params::{LogStream, VmId};
-use crate::vm::{Event, EventTo, ListPage, Tail, VmSpec, VmState, VmStatus, VmSummary};
+use crate::vm::{Event, EventTo, ListPage, SandboxView, Tail, VmSpec, VmState, VmStatus, VmSummary};
 
 /// A VM and the state it is in.
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
@@ -50,12 +50,47 @@ pub struct StatusResult {
     /// The seq of the VM's last recorded transition: tail or follow the VM from it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_seq: Option<u64>,
+    /// The VMM's sandbox, while a VMM may be alive.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxResult>,
+}
+
+/// A live VMM's sandbox: what was planned and what the kernel shows applied.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct SandboxResult {
+    /// From the report the broker stored at spawn: uid, capabilities, no_new_privs,
+    /// namespaces, the Landlock ABI and mode, the seccomp default action.
+    pub planned: Vec<String>,
+    /// What the broker read from the kernel about the live process (`/proc/<pid>/status`):
+    /// uids, capability sets, no_new_privs, seccomp mode and filters, PID namespace.
+    pub applied: Vec<String>,
+    /// With `verbose`: the whole stored report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<String>,
+    /// Why the sandbox could not be read (the VMM exited meanwhile, say).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl SandboxResult {
+    pub fn new(view: Result<SandboxView, String>, verbose: bool) -> SandboxResult {
+        match view {
+            Ok(SandboxView { planned, applied }) => SandboxResult {
+                planned: my_hypervisor_policy::observed::planned(&planned),
+                applied,
+                report: verbose.then_some(planned),
+                error: None,
+            },
+            Err(e) => SandboxResult { planned: vec![], applied: vec![], report: None, error: Some(e) },
+        }
+    }
 }
 
 impl From<VmStatus> for StatusResult {
     fn from(s: VmStatus) -> StatusResult {
         let VmStatus { vm_id, state, spec, pid, last_error, created_at, last_seq } = s;
-        StatusResult { vm_id, state, spec, pid, last_error, created_at, last_seq }
+        StatusResult { vm_id, state, spec, pid, last_error, created_at, last_seq, sandbox: None }
     }
 }
 

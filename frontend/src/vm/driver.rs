@@ -75,6 +75,20 @@ pub trait VmDriver: Send + Sync + 'static {
     fn reattach<'a>(&'a self, _vm_id: &'a str, _pid: Option<u32>, _event_offset: u64) -> DriverFuture<'a, Reattached> {
         Box::pin(async { Ok(Reattached::Gone("this driver cannot take up a running VMM".into())) })
     }
+
+    /// The live VMM's sandbox: the report stored at spawn, and what the kernel shows applied.
+    fn sandbox<'a>(&'a self, _vm_id: &'a str) -> DriverFuture<'a, SandboxView> {
+        Box::pin(async { Err(DriverError::new("this driver cannot show a sandbox")) })
+    }
+}
+
+/// A live VMM's sandbox, as the broker reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxView {
+    /// The whole report the broker stored at spawn.
+    pub planned: String,
+    /// What the kernel shows of the live process, one line each.
+    pub applied: Vec<String>,
 }
 
 /// A spawned VMM.

@@ -17,7 +17,9 @@ pub mod store;
 mod vmm_events;
 pub mod writer;
 
-pub use driver::{Boot, DriverError, DriverFuture, Reattached, Spawned, StopOptions, VmDriver, VmmEvent, VmmReport};
+pub use driver::{
+    Boot, DriverError, DriverFuture, Reattached, SandboxView, Spawned, StopOptions, VmDriver, VmmEvent, VmmReport,
+};
 pub use error::VmError;
 pub use events::{Event, EventTo, Follower};
 pub use fsm::VmState;

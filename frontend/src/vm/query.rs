@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
+use super::driver::SandboxView;
 use super::error::VmError;
 use super::fsm::VmState;
 use super::manager::{Manager, VmSummary};
@@ -73,6 +74,27 @@ pub struct ListPage {
 }
 
 impl Manager {
+    /// The sandbox of the VM's VMM while one may be alive (starting, running, stopping, or
+    /// failed with a pid); `None` otherwise.
+    pub async fn sandbox(&self, vm_id: &str) -> Result<Option<SandboxView>, VmError> {
+        let (state, pid) = {
+            let r = self.records();
+            let e = r.get(vm_id).ok_or_else(|| VmError::no_such_vm(vm_id))?;
+            (e.rec.state, e.rec.pid)
+        };
+        let live = matches!(state, VmState::Starting | VmState::Running | VmState::Stopping)
+            || (state == VmState::Failed && pid.is_some());
+        if !live {
+            return Ok(None);
+        }
+        let driver = self.driver("compute.vm.status")?;
+        driver
+            .sandbox(vm_id)
+            .await
+            .map(Some)
+            .map_err(|e| VmError::Vmm { vm_id: vm_id.to_string(), detail: e.to_string() })
+    }
+
     /// At most `limit` VMs matching `filter` whose id sorts after `cursor`, in id order, cut
     /// early so their JSON stays under [`LIST_PAGE_BYTES`]. Read under the records lock that
     /// orders transitions, so `seq` and the states agree.

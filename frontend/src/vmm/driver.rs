@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::broker::{BrokerClient, BrokerError};
 use crate::vm::driver::{
-    Boot, DriverError, DriverFuture, Reattached, Spawned, StopOptions, VmDriver, VmmEvent, VmmReport,
+    Boot, DriverError, DriverFuture, Reattached, SandboxView, Spawned, StopOptions, VmDriver, VmmEvent, VmmReport,
 };
 use crate::vm::spec::VmSpec;
 use crate::vmm::{api, monitor};
@@ -405,6 +405,17 @@ impl VmDriver for BrokerDriver {
 
     fn reattach<'a>(&'a self, vm_id: &'a str, pid: Option<u32>, offset: u64) -> DriverFuture<'a, Reattached> {
         Box::pin(self.reattach_vm(vm_id, pid, offset))
+    }
+
+    fn sandbox<'a>(&'a self, vm_id: &'a str) -> DriverFuture<'a, SandboxView> {
+        Box::pin(async move {
+            let (reply, _) =
+                self.inner.broker.call(Request::Sandbox { vm: vm_id.into() }).await.map_err(step("sandbox"))?;
+            match reply {
+                Reply::Sandbox { planned, applied } => Ok(SandboxView { planned, applied }),
+                _ => Err(DriverError::new("sandbox: unexpected reply")),
+            }
+        })
     }
 }
 
