@@ -3,8 +3,9 @@
 //! kernel shows applied to the live process (its `/proc/<pid>/status`, read by the broker).
 //! Pure text in, text out.
 
-/// Most bytes of a stored report the broker hands out.
-pub const MAX_REPORT: usize = 256 * 1024;
+/// Most bytes of a stored report the broker hands out: a reply must fit one datagram
+/// (`my_hypervisor_broker_proto::MAX_MESSAGE`).
+pub const MAX_REPORT: usize = 64 * 1024;
 /// Most bytes of a `/proc/<pid>/status` the broker reads.
 pub const MAX_STATUS: usize = 16 * 1024;
 
@@ -77,6 +78,12 @@ pub fn applied(status: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_fits_one_datagram() {
+        // The applied lines are shorter than the status they come from, give or take labels.
+        assert!(MAX_REPORT + 2 * MAX_STATUS < my_hypervisor_broker_proto::MAX_MESSAGE);
+    }
 
     #[test]
     fn applied_reads_the_kernel_fields() {
