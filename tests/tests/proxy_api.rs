@@ -158,7 +158,7 @@ fn check_sandbox(env: &Env, id: &str) {
 
 #[test]
 fn create_and_remove_reach_a_follower() {
-    let Some(env) = Env::start("create_and_remove_reach_a_follower", "63270-63299") else { return };
+    let Some(env) = Env::start("create_and_remove_reach_a_follower", "63290-63299") else { return };
     let mut f = env.client();
     f.send_line(&request(1, "compute.vm.events.follow", json!({})));
     let sub = reply(&mut f);
@@ -176,4 +176,27 @@ fn create_and_remove_reach_a_follower() {
         got,
         [(json!("seen"), Value::Null, json!("pending")), (json!("seen"), json!("pending"), json!("removed"))]
     );
+}
+
+#[test]
+fn a_second_stop_with_a_shorter_timeout_shortens_the_wait() {
+    let Some(env) = Env::start("a_second_stop_with_a_shorter_timeout_shortens_the_wait", "63270-63289") else {
+        return;
+    };
+    // The guest ignores the power button (real CH's test guest has no ACPI either).
+    env.create("s", Some("ignore-power-button"));
+    env.ok("compute.vm.start", json!({"vm_id": "s"}));
+    let t = Instant::now();
+    let socket = env.d.rpc_socket();
+    let first = std::thread::spawn(move || {
+        let mut c = RpcClient::connect(&socket);
+        c.call(&json!({"jsonrpc": "2.0", "id": 1, "method": "compute.vm.stop", "params": {"vm_id": "s", "timeout_secs": 600}}))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let second = env.ok("compute.vm.stop", json!({"vm_id": "s", "timeout_secs": 1}));
+    let first = first.join().expect("the first stop");
+    assert_eq!((&first["result"]["state"], &second["state"]), (&json!("stopped"), &json!("stopped")), "{first}");
+    assert!(t.elapsed() < Duration::from_secs(30), "the 600 s wait was cut to the second stop's: {:?}", t.elapsed());
+    let reason = env.last_reason("s");
+    assert!(reason.contains("a later stop shortened the wait"), "{reason}");
 }

@@ -76,6 +76,10 @@ pub trait VmDriver: Send + Sync + 'static {
         Box::pin(async { Ok(Reattached::Gone("this driver cannot take up a running VMM".into())) })
     }
 
+    /// A stop that joins the one in progress asks for less (`force`, or a shorter grace):
+    /// bring that one's grace period forward to it. Never lengthens it.
+    fn shorten_stop(&self, _vm_id: &str, _opts: StopOptions) {}
+
     /// The live VMM's sandbox: the report stored at spawn, and what the kernel shows applied.
     fn sandbox<'a>(&'a self, _vm_id: &'a str) -> DriverFuture<'a, SandboxView> {
         Box::pin(async { Err(DriverError::new("this driver cannot show a sandbox")) })

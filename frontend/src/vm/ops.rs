@@ -278,6 +278,7 @@ impl Manager {
         let rx = {
             let mut join = lock(&slot.stop_join);
             if let Some(rx) = join.as_ref() {
+                driver.shorten_stop(vm_id, opts);
                 rx.clone()
             } else {
                 let (tx, rx) = watch::channel(None);

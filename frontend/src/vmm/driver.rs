@@ -49,6 +49,8 @@ struct Runtime {
     log: std::fs::File,
     offset: AtomicU64,
     exit: watch::Sender<Option<ExitStatus>>,
+    /// When the grace period of the stop in progress ends; a later stop may bring it forward.
+    grace_end: watch::Sender<Option<Instant>>,
     /// BOOTING, RUNNING or STOPPING: only exits and guest events of a RUNNING VM are
     /// reported; a start or a stop in progress watches the exit itself.
     phase: AtomicU8,
@@ -209,6 +211,7 @@ impl BrokerDriver {
             log: log.into(),
             offset: AtomicU64::new(offset),
             exit: watch::channel(None).0,
+            grace_end: watch::channel(None).0,
             phase: AtomicU8::new(phase),
         });
         self.inner.vms.lock().expect("vms").insert(vm_id.to_string(), Arc::clone(&rt));
@@ -233,6 +236,38 @@ impl BrokerDriver {
             },
             Err(e) => format!("{what} (no api connection: {e})"),
         }
+    }
+
+    /// Waits for the exit until the grace period ends, following it when a later stop brings
+    /// it forward. Returns the exit, and whether the wait was shortened.
+    async fn wait_grace(rt: &Runtime, grace: Duration) -> (Option<ExitStatus>, bool) {
+        let end = Instant::now() + grace;
+        // A later stop may already have asked for less, before this one got here.
+        rt.grace_end.send_modify(|e| *e = Some(e.map_or(end, |cur| cur.min(end))));
+        let (mut exit, mut cut) = (rt.exit.subscribe(), rt.grace_end.subscribe());
+        let r = loop {
+            let until = cut.borrow_and_update().unwrap_or(end);
+            tokio::select! {
+                s = exit.wait_for(Option::is_some) => break (s.ok().and_then(|s| *s), until < end),
+                () = tokio::time::sleep_until(until.into()) => break (None, until < end),
+                _ = cut.changed() => {}
+            }
+        };
+        rt.grace_end.send_replace(None);
+        r
+    }
+
+    /// A later stop asks for less: bring the grace period of the one in progress forward.
+    fn shorten(&self, vm_id: &str, opts: StopOptions) {
+        let Some(rt) = self.runtime(vm_id) else { return };
+        let new = if opts.force { Instant::now() } else { Instant::now() + opts.grace };
+        rt.grace_end.send_if_modified(|end| match end {
+            Some(cur) if new >= *cur => false,
+            _ => {
+                *end = Some(new);
+                true
+            }
+        });
     }
 
     async fn wait_exit(rt: &Runtime, limit: Duration) -> Option<ExitStatus> {
@@ -325,11 +360,16 @@ impl BrokerDriver {
         } else {
             let started = Instant::now();
             steps.push(self.action(vm_id, "vm.power-button").await);
-            if let Some(status) = Self::wait_exit(&rt, opts.grace).await {
+            let (exited, shortened) = Self::wait_grace(&rt, opts.grace).await;
+            if let Some(status) = exited {
                 steps.push(format!("the guest shut down after {:.1?} ({})", started.elapsed(), describe(status)));
                 return Ok(steps.join(", "));
             }
-            steps.push(format!("no shutdown within {:?}", opts.grace));
+            if shortened {
+                steps.push(format!("no shutdown within {:.1?}: a later stop shortened the wait", started.elapsed()));
+            } else {
+                steps.push(format!("no shutdown within {:?}", opts.grace));
+            }
         }
         steps.push(self.action(vm_id, "vm.shutdown").await);
         steps.push(self.action(vm_id, "vmm.shutdown").await);
@@ -405,6 +445,10 @@ impl VmDriver for BrokerDriver {
 
     fn reattach<'a>(&'a self, vm_id: &'a str, pid: Option<u32>, offset: u64) -> DriverFuture<'a, Reattached> {
         Box::pin(self.reattach_vm(vm_id, pid, offset))
+    }
+
+    fn shorten_stop(&self, vm_id: &str, opts: StopOptions) {
+        self.shorten(vm_id, opts);
     }
 
     fn sandbox<'a>(&'a self, vm_id: &'a str) -> DriverFuture<'a, SandboxView> {
