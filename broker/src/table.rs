@@ -20,6 +20,7 @@
 //! | Release     | a VM the broker does not hold is already released                                       |
 //! | Inventory   | —                                                                                       |
 //! | TrimLog     | the broker's own fd of the log, reopened for writing; the range from policy             |
+//! | Sandbox     | sandbox.txt is a regular root-owned file with one link; applied is read from /proc       |
 //!
 //! Every request, allowed or refused, is one audit line (see `supervise::serve_one`).
 
@@ -192,6 +193,7 @@ fn dispatch(b: &mut Broker, req: &Request) -> Handled {
             Vmm::Alive { outputs, .. } => Ok((Reply::Trimmed, outputs.trim_log().map(|()| vec![])?)),
             _ => Err(StateError::Exited(vm.clone()).into()),
         },
+        Request::Sandbox { vm } => vmm::sandbox(b.vm(vm)?),
     }
 }
 

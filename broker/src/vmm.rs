@@ -15,7 +15,7 @@ use my_hypervisor_policy::vmm::{
 use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
-use nix::sys::stat::{Mode, fstat};
+use nix::sys::stat::{Mode, SFlag, fstat};
 use nix::sys::wait::waitpid;
 use nix::unistd::{Gid, Pid, Uid, UnlinkatFlags, fchownat, unlinkat};
 
@@ -231,4 +231,22 @@ pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
     }
     b.vms.remove(id);
     Ok(())
+}
+/// The live VMM's sandbox: the report stored at spawn, trusted only as a regular root-owned
+/// file with one link (the VM uid cannot make one), and the kernel's view of the process.
+pub fn sandbox(vm: &Vm) -> Handled {
+    use my_hypervisor_policy::observed::{MAX_REPORT, MAX_STATUS, applied};
+    use std::io::Read;
+    let Vmm::Alive { pid, .. } = &vm.vmm else { return Err(Refusal::Vmm("no live VMM".into())) };
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let file = std::fs::File::from(openat(vm.dir.as_fd(), SANDBOX_REPORT, flags, Mode::empty())?);
+    let st = fstat(file.as_fd())?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG || st.st_uid != 0 || st.st_nlink != 1 {
+        return Err(Refusal::Vmm(format!("{SANDBOX_REPORT} is not the broker's own file")));
+    }
+    let mut planned = String::new();
+    file.take(MAX_REPORT as u64).read_to_string(&mut planned)?;
+    let mut status = String::new();
+    std::fs::File::open(format!("/proc/{pid}/status"))?.take(MAX_STATUS as u64).read_to_string(&mut status)?;
+    Ok((Reply::Sandbox { planned, applied: applied(&status) }, vec![]))
 }

@@ -14,7 +14,7 @@ use common::driver::{Step, TestDriver};
 use my_hypervisor_frontend::rpc::errors::{self, ApiError};
 use my_hypervisor_frontend::vm::fsm::TRANSITIONS;
 use my_hypervisor_frontend::vm::store::SEQUENCE_FILE;
-use my_hypervisor_frontend::vm::{Manager, ManagerConfig, VmError, VmSpec, VmState, VmmEvent, VmmReport};
+use my_hypervisor_frontend::vm::{EventTo, Manager, ManagerConfig, VmError, VmSpec, VmState, VmmEvent, VmmReport};
 use serde_json::{Value, json};
 
 /// The JSON-RPC code a VM error is answered with.
@@ -54,7 +54,8 @@ fn setup() -> (tempfile::TempDir, Arc<TestDriver>, Manager) {
 }
 
 fn pairs(m: &Manager) -> BTreeSet<(VmState, VmState)> {
-    m.tail(None, 0, usize::MAX).unwrap().events.iter().map(|e| (e.from, e.to)).collect()
+    // The transitions between states: create's (from null) and removals left out.
+    m.tail(None, 0, usize::MAX).unwrap().events.iter().filter_map(|e| Some((e.from?, e.to.state()?))).collect()
 }
 
 async fn wait_state(m: &Manager, id: &str, want: VmState) {
@@ -275,25 +276,27 @@ async fn the_ring_is_bounded() {
 #[tokio::test]
 async fn tail_with_a_cursor() {
     let (_dir, _d, m) = setup();
-    m.create(spec("a")).await.unwrap();
-    m.create(spec("b")).await.unwrap();
-    m.start("a").await.unwrap(); // 1-4
-    m.start("b").await.unwrap(); // 5-8
-    m.stop("a", None).await.unwrap(); // 9-10
+    m.create(spec("a")).await.unwrap(); // 1
+    m.create(spec("b")).await.unwrap(); // 2
+    m.start("a").await.unwrap(); // 3-6
+    m.start("b").await.unwrap(); // 7-10
+    m.stop("a", None).await.unwrap(); // 11-12
     let all = m.tail(None, 0, 100).unwrap();
-    assert_eq!(all.events.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
-    assert_eq!(all.next_seq, 10);
+    assert_eq!(all.events.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>());
+    assert_eq!((all.events[0].from, all.events[0].to), (None, EventTo::State(VmState::Pending)));
+    assert_eq!(all.next_seq, 12);
+    assert!(!all.truncated);
     let page = m.tail(None, 3, 4).unwrap();
     assert_eq!(page.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5, 6, 7]);
     assert_eq!(page.next_seq, 7);
     let rest = m.tail(None, page.next_seq, 100).unwrap();
-    assert_eq!(rest.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![8, 9, 10]);
+    assert_eq!(rest.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![8, 9, 10, 11, 12]);
     let a = m.tail(Some("a"), 2, 100).unwrap();
-    assert_eq!(a.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 9, 10]);
+    assert_eq!(a.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 5, 6, 11, 12]);
     assert!(a.events.iter().all(|e| e.vm_id == "a"));
-    let none = m.tail(None, 10, 100).unwrap();
+    let none = m.tail(None, 12, 100).unwrap();
     assert!(none.events.is_empty());
-    assert_eq!(none.next_seq, 10);
+    assert_eq!(none.next_seq, 12);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -341,7 +344,10 @@ async fn follow_from_a_tail_cursor_has_no_gap_or_duplicate() {
     }
     m.start("vm-1").await.unwrap();
     let live = one.next().await.unwrap();
-    assert_eq!((live.vm_id.as_str(), live.from, live.to), ("vm-1", VmState::Stopped, VmState::Provisioning));
+    assert_eq!(
+        (live.vm_id.as_str(), live.from, live.to),
+        ("vm-1", Some(VmState::Stopped), EventTo::State(VmState::Provisioning))
+    );
     assert!(m.follow(Some("nope".into()), None).is_err());
 }
 
@@ -361,7 +367,10 @@ async fn a_v1_state_file_is_migrated_to_v2() {
     assert_eq!(spec.labels["tenant"], "old");
     let events = m.tail(Some("legacy-1"), 0, 10).unwrap().events;
     assert_eq!(events.len(), 1);
-    assert_eq!((events[0].seq, events[0].from, events[0].to), (41, VmState::Stopping, VmState::Stopped));
+    assert_eq!(
+        (events[0].seq, events[0].from, events[0].to),
+        (41, Some(VmState::Stopping), EventTo::State(VmState::Stopped))
+    );
     assert_eq!(events[0].at, "2024-11-02T09:20:00.000Z");
 
     // Written back as v2.
@@ -448,7 +457,8 @@ async fn the_number_of_vms_is_bounded() {
         m.create(spec(id)).await.unwrap();
     }
     let e = m.create(spec("d")).await.unwrap_err();
-    assert_eq!(e.code(), errors::INVALID_SPEC, "{e:?}");
+    assert_eq!(e.code(), errors::TOO_MANY_VMS, "{e:?}");
+    assert_eq!(ApiError::from(e.clone()).data(), Some(json!({"max": 3})), "{e:?}");
     assert_eq!(m.create(spec("a")).await, Ok(VmState::Pending), "an existing VM is still found");
     m.remove("c").await.unwrap();
     assert_eq!(m.create(spec("d")).await, Ok(VmState::Pending), "room again after a remove");

@@ -10,6 +10,7 @@ pub mod journal;
 pub mod layout;
 pub mod names;
 pub mod net;
+pub mod observed;
 pub mod privileges;
 pub mod refusal;
 pub mod request;

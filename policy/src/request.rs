@@ -72,6 +72,7 @@ pub const TABLE: &[Row] = &[
     row("Release", Requires::Nothing, true, 0, true),
     row("Inventory", Requires::Nothing, false, 0, true),
     row("TrimLog", Requires::Alive, false, 0, true),
+    row("Sandbox", Requires::Alive, false, 0, true),
 ];
 
 /// The request's row, and the VM it names. Every variant has its row by construction
@@ -88,6 +89,7 @@ pub fn row_of(req: &Request) -> (&'static Row, Option<&str>) {
         Request::Release { vm } => (7, Some(vm)),
         Request::Inventory => (8, None),
         Request::TrimLog { vm } => (9, Some(vm)),
+        Request::Sandbox { vm } => (10, Some(vm)),
     };
     (&TABLE[i], vm.map(String::as_str))
 }
@@ -178,7 +180,8 @@ pub fn check(req: &Request) -> Result<(), FieldError> {
         | Request::OpenOutputs { vm }
         | Request::Signal { vm, .. }
         | Request::Release { vm }
-        | Request::TrimLog { vm } => Ok(check_vm_id(vm)?),
+        | Request::TrimLog { vm }
+        | Request::Sandbox { vm } => Ok(check_vm_id(vm)?),
     }
 }
 
@@ -224,6 +227,7 @@ mod tests {
             Request::Release { vm: "a".into() },
             Request::Inventory,
             Request::TrimLog { vm: "a".into() },
+            Request::Sandbox { vm: "a".into() },
         ]
     }
 
@@ -244,11 +248,12 @@ mod tests {
                 Request::Release { .. } => "Release",
                 Request::Inventory => "Inventory",
                 Request::TrimLog { .. } => "TrimLog",
+                Request::Sandbox { .. } => "Sandbox",
             };
             assert_eq!(row_of(&r).0.request, name, "{r:?} has another variant's row");
             seen.insert(name);
         }
-        assert_eq!(seen.len(), 10, "samples() holds one request of each variant");
+        assert_eq!(seen.len(), 11, "samples() holds one request of each variant");
         assert_eq!(TABLE.len(), seen.len(), "one row per variant, no other");
     }
 

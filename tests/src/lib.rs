@@ -212,9 +212,10 @@ impl RpcClient {
         RpcClient { reader: BufReader::new(s.try_clone().expect("clone")), writer: s }
     }
 
+    /// Writes the line and its newline in one write, so a server that answers a too-long line
+    /// and closes cannot make the newline's write fail.
     pub fn send_line(&mut self, line: &str) {
-        self.writer.write_all(line.as_bytes()).expect("write");
-        self.writer.write_all(b"\n").expect("write");
+        self.writer.write_all(format!("{line}\n").as_bytes()).expect("write");
     }
 
     pub fn read_line(&mut self) -> Option<String> {

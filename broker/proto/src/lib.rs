@@ -54,6 +54,8 @@ pub enum Request {
     /// Free all but the newest bytes of the VMM's log (a hole punched over the rest; the
     /// file keeps its size, so offsets stay valid).
     TrimLog { vm: String },
+    /// The live VMM's sandbox: the report stored at spawn, and what the kernel shows applied.
+    Sandbox { vm: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +137,12 @@ pub enum Reply {
     Trimmed,
     Inventory {
         vms: Vec<HeldVm>,
+    },
+    /// `planned`: the report written at spawn (bounded); `applied`: the summary of the live
+    /// VMM's `/proc/<pid>/status`, one line each.
+    Sandbox {
+        planned: String,
+        applied: Vec<String>,
     },
     /// The request was refused; nothing changed. The reason names the check that failed.
     Refused {

@@ -25,7 +25,7 @@ pub use crate::vm::spec::{DiskSpec, NetSpec, VmSpec};
 
 use errors::{
     AGENT_UNREACHABLE, ALREADY_EXISTS, BUSY, EXEC_REFUSED, EXEC_TIMEOUT, ILLEGAL_TRANSITION, INVALID_SPEC, NO_AGENT,
-    NO_SUCH_VM, NOT_READY, NOT_RUNNING, VMM_ERROR,
+    NO_SUCH_VM, NOT_READY, NOT_RUNNING, TOO_MANY_VMS, VMM_ERROR,
 };
 
 /// The name of the notifications `compute.vm.events.follow` sends.
@@ -138,7 +138,7 @@ pub const API: &[MethodDef] = &[
     MethodDef::call::<Create>(
         "compute.vm.create",
         "Define a new VM from a spec. It starts in state `pending`.",
-        &[INVALID_SPEC, ALREADY_EXISTS, BUSY],
+        &[INVALID_SPEC, ALREADY_EXISTS, BUSY, TOO_MANY_VMS],
     ),
     MethodDef::call::<Start>(
         "compute.vm.start",
@@ -244,11 +244,7 @@ fn by_name<T: DeserializeOwned>(method: &str, params: &Params<'_>) -> Answer<T> 
 
 /// An invalid-params error naming `field`.
 pub fn invalid_field(method: &str, field: &str, what: &str) -> ErrorObjectOwned {
-    ErrorObjectOwned::owned(
-        errors::INVALID_PARAMS_CODE,
-        format!("invalid params for {method}: field `{field}` {what}"),
-        None::<()>,
-    )
+    errors::invalid_params_for(field, format!("invalid params for {method}: field `{field}` {what}"))
 }
 
 #[cfg(test)]

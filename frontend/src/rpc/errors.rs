@@ -31,6 +31,8 @@ pub const NOT_RUNNING: i32 = -32025;
 pub const NOT_READY: i32 = -32026;
 /// A VM with this id exists with a different spec.
 pub const ALREADY_EXISTS: i32 = -32027;
+/// The host already records the most VMs it keeps.
+pub const TOO_MANY_VMS: i32 = -32029;
 
 /// The VM was created without a guest agent, so exec has nothing to talk to.
 pub const NO_AGENT: i32 = -32040;
@@ -68,6 +70,13 @@ pub enum ApiError {
     ExecTimeout { vm_id: String, detail: String },
     #[error("the guest agent of VM {vm_id:?} refused the command: {detail}")]
     ExecRefused { vm_id: String, detail: String },
+    #[error("this host already records {max} VMs, the most it keeps")]
+    TooManyVms { max: usize },
+    /// A follow cursor whose events have left the history; answered as -32602 on `since_seq`.
+    #[error(
+        "invalid params: field `since_seq`: events after seq {since} have left the history; list again and follow from its seq (the oldest whole cursor is {oldest_seq})"
+    )]
+    CursorTruncated { since: u64, oldest_seq: u64 },
     /// A failure of the frontend itself (its state dir, say); answered as -32603.
     #[error("internal error: {detail}")]
     Internal { detail: String },
@@ -88,6 +97,8 @@ impl ApiError {
             ApiError::AgentUnreachable { .. } => AGENT_UNREACHABLE,
             ApiError::ExecTimeout { .. } => EXEC_TIMEOUT,
             ApiError::ExecRefused { .. } => EXEC_REFUSED,
+            ApiError::TooManyVms { .. } => TOO_MANY_VMS,
+            ApiError::CursorTruncated { .. } => INVALID_PARAMS_CODE,
             ApiError::Internal { .. } => INTERNAL_ERROR_CODE,
         }
     }
@@ -97,10 +108,42 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The structured `data` of the error object: what a client can act on without parsing
+    /// the message.
+    pub fn data(&self) -> Option<serde_json::Value> {
+        use serde_json::json;
+        match self {
+            ApiError::NoSuchVm { vm_id }
+            | ApiError::Busy { vm_id, .. }
+            | ApiError::Vmm { vm_id, .. }
+            | ApiError::NotRunning { vm_id }
+            | ApiError::AlreadyExists { vm_id }
+            | ApiError::NoAgent { vm_id }
+            | ApiError::AgentUnreachable { vm_id, .. }
+            | ApiError::ExecTimeout { vm_id, .. }
+            | ApiError::ExecRefused { vm_id, .. } => Some(json!({ "vm_id": vm_id })),
+            ApiError::IllegalTransition { vm_id, from, to } => Some(json!({ "vm_id": vm_id, "state": from, "to": to })),
+            ApiError::InvalidSpec { field, .. } => Some(json!({ "field": field })),
+            ApiError::NotReady { method } => Some(json!({ "method": method })),
+            ApiError::TooManyVms { max } => Some(json!({ "max": max })),
+            ApiError::CursorTruncated { oldest_seq, .. } => {
+                Some(json!({ "field": "since_seq", "truncated": true, "oldest_seq": oldest_seq }))
+            }
+            ApiError::Internal { .. } => None,
+        }
+    }
+}
+
 impl From<ApiError> for ErrorObjectOwned {
     fn from(e: ApiError) -> Self {
-        ErrorObjectOwned::owned(e.code(), e.to_string(), None::<()>)
+        ErrorObjectOwned::owned(e.code(), e.to_string(), e.data())
     }
+}
+
+/// An invalid-params error whose `data` names the offending `field`.
+pub fn invalid_params_for(field: &str, message: String) -> ErrorObjectOwned {
+    ErrorObjectOwned::owned(INVALID_PARAMS_CODE, message, Some(serde_json::json!({ "field": field })))
 }
 
 /// The VM layer's errors, each on its code. Failures of the frontend itself (the state dir, a
@@ -120,6 +163,8 @@ impl From<VmError> for ApiError {
             VmError::AgentUnreachable { vm_id, detail } => ApiError::AgentUnreachable { vm_id, detail },
             VmError::ExecTimeout { vm_id, detail } => ApiError::ExecTimeout { vm_id, detail },
             VmError::ExecRefused { vm_id, detail } => ApiError::ExecRefused { vm_id, detail },
+            VmError::TooManyVms { max } => ApiError::TooManyVms { max },
+            VmError::CursorTruncated { since, oldest_seq } => ApiError::CursorTruncated { since, oldest_seq },
             e @ (VmError::Store { .. } | VmError::Task { .. } | VmError::Ended { .. }) => {
                 let mut detail = e.to_string();
                 let mut cause = std::error::Error::source(&e);
@@ -153,6 +198,7 @@ pub const APPLICATION_CODES: &[(i32, &str)] = &[
     (AGENT_UNREACHABLE, "guest agent unreachable"),
     (EXEC_TIMEOUT, "exec timed out"),
     (EXEC_REFUSED, "exec refused"),
+    (TOO_MANY_VMS, "too many VMs"),
 ];
 
 /// Parses by-name params into `T`. Absent params count as `{}`. The error message names the
@@ -171,12 +217,17 @@ pub fn parse_params<T: DeserializeOwned>(
             Some((what, pos)) if pos.contains(" column ") => what,
             _ => &inner,
         };
-        let message = if path == "." {
-            format!("invalid params for {method}: {what}")
+        if path == "." {
+            // A missing field is named only in serde's message: "missing field `x`".
+            let missing = what.strip_prefix("missing field `").and_then(|r| r.strip_suffix('`'));
+            let message = format!("invalid params for {method}: {what}");
+            match missing {
+                Some(field) => invalid_params_for(field, message),
+                None => ErrorObjectOwned::owned(INVALID_PARAMS_CODE, message, None::<()>),
+            }
         } else {
-            format!("invalid params for {method}: field `{path}`: {what}")
-        };
-        ErrorObjectOwned::owned(INVALID_PARAMS_CODE, message, None::<()>)
+            invalid_params_for(&path, format!("invalid params for {method}: field `{path}`: {what}"))
+        }
     })
 }
 
@@ -238,6 +289,8 @@ mod tests {
             (VmError::AgentUnreachable { vm_id: "a".into(), detail: "x".into() }, AGENT_UNREACHABLE),
             (VmError::ExecTimeout { vm_id: "a".into(), detail: "x".into() }, EXEC_TIMEOUT),
             (VmError::ExecRefused { vm_id: "a".into(), detail: "x".into() }, EXEC_REFUSED),
+            (VmError::TooManyVms { max: 3 }, TOO_MANY_VMS),
+            (VmError::CursorTruncated { since: 1, oldest_seq: 9 }, INVALID_PARAMS_CODE),
             (VmError::store("writing state.json", io), INTERNAL_ERROR_CODE),
         ];
         for (e, code) in cases {

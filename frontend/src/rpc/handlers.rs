@@ -12,7 +12,9 @@ use super::api::{Answer, EVENT_NOTIFICATION, Handler, Subscription, invalid_fiel
 use super::params::*;
 use super::results::*;
 use super::schema::{OpenRpcDocument, openrpc_document};
-use crate::vm::{Manager, VmSpec};
+use crate::vm::driver::DEFAULT_STOP_GRACE;
+use crate::vm::query::parse_selector;
+use crate::vm::{ListFilter, Manager, StopOptions, VmSpec};
 
 pub struct Create;
 
@@ -48,7 +50,8 @@ impl Handler for Stop {
             }
             t => t.map(Duration::from_secs),
         };
-        let state = vms.stop(p.vm_id.as_str(), grace).await?;
+        let opts = StopOptions { grace: grace.unwrap_or(DEFAULT_STOP_GRACE), force: p.force.unwrap_or(false) };
+        let state = vms.stop_with(p.vm_id.as_str(), opts).await?;
         Ok(VmStateResult { vm_id: p.vm_id.into_string(), state })
     }
 }
@@ -67,20 +70,36 @@ impl Handler for Remove {
 pub struct Status;
 
 impl Handler for Status {
-    type Params = VmIdParams;
+    type Params = StatusParams;
     type Result = StatusResult;
-    async fn call(_: &'static str, vms: Arc<Manager>, p: VmIdParams) -> Answer<StatusResult> {
-        Ok(vms.status(p.vm_id.as_str())?.into())
+    async fn call(_: &'static str, vms: Arc<Manager>, p: StatusParams) -> Answer<StatusResult> {
+        let id = p.vm_id.as_str();
+        let mut status = StatusResult::from(vms.status(id)?);
+        status.sandbox = match vms.sandbox(id).await {
+            Ok(view) => view.map(|v| SandboxResult::new(Ok(v), p.verbose.unwrap_or(false))),
+            Err(e @ crate::vm::VmError::NoSuchVm { .. }) => return Err(e.into()),
+            Err(e) => Some(SandboxResult::new(Err(e.to_string()), false)),
+        };
+        Ok(status)
     }
 }
 
 pub struct List;
 
 impl Handler for List {
-    type Params = Empty;
+    type Params = ListParams;
     type Result = ListResult;
-    async fn call(_: &'static str, vms: Arc<Manager>, _: Empty) -> Answer<ListResult> {
-        Ok(vms.list().into())
+    async fn call(method: &'static str, vms: Arc<Manager>, p: ListParams) -> Answer<ListResult> {
+        let limit = p.limit.unwrap_or(DEFAULT_LIST_LIMIT as u32) as usize;
+        if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+            return Err(invalid_field(method, "limit", &format!("must be between 1 and {MAX_LIST_LIMIT}")));
+        }
+        let labels = match p.labels.as_deref().map(parse_selector).transpose() {
+            Ok(l) => l.unwrap_or_default(),
+            Err(why) => return Err(invalid_field(method, "labels", &format!("is not a selector: {why}"))),
+        };
+        let filter = ListFilter { state: p.state, labels };
+        Ok(vms.list_page(&filter, p.cursor.as_ref().map(VmId::as_str), limit)?.into())
     }
 }
 
@@ -129,7 +148,15 @@ impl Subscription for EventsFollow {
                 () = sink.closed() => None,
             };
             let Some(event) = event else {
-                return Ok(());
+                // Ended with an error notification when the follower fell off the history.
+                return match follower.truncated() {
+                    Some(oldest) => Err(format!(
+                        "events after seq {} have left the history (oldest_seq {oldest}); list again and follow from its seq",
+                        follower.cursor()
+                    )
+                    .into()),
+                    None => Ok(()),
+                };
             };
             sink.send(serde_json::value::to_raw_value(&EventResult::from(event))?).await?;
         }

@@ -34,6 +34,10 @@ pub struct Limits {
     /// Most requests in one batch.
     #[arg(long = "rpc-max-batch-len", default_value_t = 100)]
     pub max_batch_len: usize,
+    /// Most requests (lines) handled at once on one connection. At the bound the server stops
+    /// reading that connection until one of them is answered.
+    #[arg(long = "rpc-max-in-flight", default_value_t = 32)]
+    pub max_in_flight: usize,
     /// Most active subscriptions per connection.
     #[arg(long = "rpc-max-subscriptions", default_value_t = 16)]
     pub max_subscriptions: u32,
@@ -111,6 +115,7 @@ mod tests {
         assert_eq!(l.idle_timeout, Duration::from_secs(300));
         assert_eq!(l.write_timeout, Duration::from_secs(10));
         assert_eq!(l.max_queued_messages, 64);
+        assert_eq!(l.max_in_flight, 32);
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! The JSON-RPC API: the method table ([`api`]) and what each method does ([`handlers`], [`console`]),
 //! the params and result types ([`params`], [`results`]) and the OpenRPC document derived
 //! from them ([`schema`]), error codes ([`errors`]), transport limits ([`limits`]) and the
-//! line-delimited transport itself ([`transport`]).
+//! line-delimited transport itself ([`transport`], over `framing`).
 
 pub mod api;
 pub mod bytes;
 pub mod console;
 pub mod errors;
 pub mod exec;
+mod framing;
 pub mod handlers;
 pub mod limits;
 pub mod params;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 /// Default and largest `limit` of `compute.vm.events.tail`.
 pub const DEFAULT_TAIL_LIMIT: u32 = 100;
 pub const MAX_TAIL_LIMIT: u32 = 1000;
+pub use crate::vm::query::{DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT, MAX_SELECTOR_BYTES};
 /// Largest `timeout_secs` of `compute.vm.stop`.
 pub const MAX_STOP_TIMEOUT_SECS: u64 = 3600;
 
@@ -88,6 +89,34 @@ pub struct StopParams {
     /// Grace period in seconds before the VM is killed.
     #[schemars(range(max = MAX_STOP_TIMEOUT_SECS))]
     pub timeout_secs: Option<u64>,
+    /// Skip the power button and the grace period: `vm.shutdown`, then kill (libvirt's
+    /// destroy).
+    #[serde(default)]
+    pub force: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatusParams {
+    pub vm_id: VmId,
+    /// Add the whole sandbox report stored at spawn.
+    #[serde(default)]
+    pub verbose: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Only VMs in this state.
+    pub state: Option<crate::vm::VmState>,
+    /// Label selector `k=v,k2=v2`: only VMs carrying every one of these labels.
+    #[schemars(length(max = MAX_SELECTOR_BYTES))]
+    pub labels: Option<String>,
+    /// Most VMs on the page (a page is also cut to stay under 512 KiB).
+    #[schemars(range(min = 1, max = MAX_LIST_LIMIT), extend("default" = DEFAULT_LIST_LIMIT))]
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<VmId>,
 }
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]

@@ -6,8 +6,10 @@
 //! limits in [`Limits`].
 //!
 //! Each connection is two halves joined by a bounded queue: the reader parses lines and runs
-//! them one after another, sending responses into the queue; the writer drains the queue onto
-//! the socket. Subscriptions push their notifications into the same queue, so a subscriber that
+//! each one in a task of its own, up to `max_in_flight` at once (past that it stops reading
+//! until one finishes), and each task sends its response into the queue when it is done, so
+//! responses come back in the order they finish and are matched by id; the writer drains the
+//! queue onto the socket. Subscriptions push their notifications into the same queue, so a subscriber that
 //! does not read stalls its producers instead of growing memory, and is disconnected once one
 //! message has waited `write_timeout` to be written.
 
@@ -27,20 +29,19 @@ use jsonrpsee::types::{ErrorObject, Id, InvalidRequest, Notification, Request};
 use jsonrpsee::{Extensions, MethodResponseNotifyTx};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::BufReader;
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
-use tokio::time::{Instant, timeout, timeout_at};
+use tokio::time::timeout;
 use tracing::Instrument;
 
 use super::Limits;
+use super::framing::{Closed, read_line, write_loop};
 
 /// Read buffer per connection. Lines longer than this are assembled in a separate buffer that
 /// never grows past `max_line_bytes`.
 const READ_BUF: usize = 8 * 1024;
-/// A line buffer that grew past this is released after its line is handled.
-const KEEP_LINE_BUF: usize = 64 * 1024;
 const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -51,25 +52,6 @@ pub struct Peer {
     pub pid: Option<i32>,
     pub uid: u32,
     pub gid: u32,
-}
-
-/// Why a connection was closed.
-#[derive(Debug, thiserror::Error)]
-enum Closed {
-    #[error("client closed the connection")]
-    Eof,
-    #[error("idle timeout")]
-    Idle,
-    #[error("a request line did not arrive in time")]
-    LineTimeout,
-    #[error("request line too long")]
-    LineTooLong,
-    #[error("client does not read its responses (write timeout)")]
-    WriteTimeout,
-    #[error("the outgoing side of the connection stopped")]
-    WriterGone,
-    #[error("i/o error: {0}")]
-    Io(#[from] io::Error),
 }
 
 /// Accepts connections on `listener` and serves `methods` on each until accepting fails for
@@ -161,12 +143,13 @@ impl Connection {
         let (tx, rx) = mpsc::channel(self.limits.max_queued_messages.max(1));
         let (stop_tx, stop_rx) = oneshot::channel();
         let writer = write_loop(wr, rx, stop_rx, self.limits.write_timeout);
-        let reader = Reader {
+        let reader = Arc::new(Reader {
             sink: MethodSink::new_with_limit(tx, self.limits.max_response_bytes),
             subscriptions: BoundedSubscriptions::new(self.limits.max_subscriptions),
             subscription_slots: OnceLock::new(),
+            in_flight: Arc::new(Semaphore::new(max_in_flight(&self.limits))),
             conn: self,
-        }
+        })
         .read_loop(rd);
         tokio::pin!(reader, writer);
         let closed = tokio::select! {
@@ -191,17 +174,28 @@ struct Reader {
     subscriptions: BoundedSubscriptions,
     /// The semaphore behind `subscriptions`, known after the first subscription.
     subscription_slots: OnceLock<Arc<Semaphore>>,
+    /// One permit per line being handled; `max_in_flight` in all.
+    in_flight: Arc<Semaphore>,
+}
+
+/// The bound on lines handled at once on one connection (at least one).
+fn max_in_flight(limits: &Limits) -> usize {
+    limits.max_in_flight.clamp(1, Semaphore::MAX_PERMITS)
 }
 
 impl Reader {
-    async fn read_loop(self, rd: OwnedReadHalf) -> Closed {
+    async fn read_loop(self: Arc<Self>, rd: OwnedReadHalf) -> Closed {
         let mut rd = BufReader::with_capacity(READ_BUF, rd);
         let mut line = Vec::new();
         loop {
             let limits = &self.conn.limits;
-            match read_line(&mut rd, &mut line, limits, || self.has_subscriptions()).await {
+            match read_line(&mut rd, &mut line, limits, || self.has_subscriptions() || self.is_busy()).await {
                 Ok(true) => {}
-                Ok(false) => return Closed::Eof,
+                Ok(false) => {
+                    // The client has sent all it will; answer what it did send, then close.
+                    let _ = self.in_flight.acquire_many(max_in_flight(limits) as u32).await;
+                    return Closed::Eof;
+                }
                 Err(Closed::LineTooLong) => {
                     let err = MethodResponse::error(Id::Null, reject_too_big_request(limits.max_line_bytes as u32));
                     let _ = self.sink.send(err.into_json()).await;
@@ -209,23 +203,60 @@ impl Reader {
                 }
                 Err(closed) => return closed,
             }
-            if let Some(response) = self.handle_line(&line).await {
-                let is_success = response.is_success();
-                let (json, notify, _) = response.into_parts();
-                let sent = self.sink.send(json).await.is_ok();
-                notify_sent(notify, sent && is_success);
-                if !sent {
-                    return Closed::WriterGone;
+            // At the bound, stop reading until a line in flight is done.
+            let Ok(permit) = Arc::clone(&self.in_flight).acquire_owned().await else {
+                return Closed::WriterGone;
+            };
+            if self.sink.is_closed() {
+                return Closed::WriterGone;
+            }
+            let text = std::mem::take(&mut line);
+            if self.subscribes(&text) {
+                // jsonrpsee writes a subscribe call's answer just before it registers the
+                // subscription, so the next line (an unsubscribe, say) waits for it.
+                self.answer(&text).await;
+                drop(permit);
+                continue;
+            }
+            let this = Arc::clone(&self);
+            tokio::spawn(
+                async move {
+                    this.answer(&text).await;
+                    drop(permit);
                 }
-            }
-            if line.capacity() > KEEP_LINE_BUF {
-                line = Vec::new();
-            }
+                .in_current_span(),
+            );
+        }
+    }
+
+    /// Handles one line and queues its response, if it has one.
+    async fn answer(&self, text: &[u8]) {
+        if let Some(response) = self.handle_line(text).await {
+            let is_success = response.is_success();
+            let (json, notify, _) = response.into_parts();
+            let sent = self.sink.send(json).await.is_ok();
+            notify_sent(notify, sent && is_success);
+        }
+    }
+
+    /// Whether the line calls a subscription method (alone or in a batch).
+    fn subscribes(&self, text: &[u8]) -> bool {
+        let is_sub = |m: &MethodProbe<'_>| {
+            matches!(self.conn.methods.method(m.method.as_ref()), Some(MethodCallback::Subscription(_)))
+        };
+        match text.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'[') => serde_json::from_slice::<Vec<MethodProbe<'_>>>(text).is_ok_and(|v| v.iter().any(is_sub)),
+            _ => serde_json::from_slice::<MethodProbe<'_>>(text).is_ok_and(|m| is_sub(&m)),
         }
     }
 
     fn has_subscriptions(&self) -> bool {
         self.subscription_slots.get().is_some_and(|s| s.available_permits() < self.subscriptions.max() as usize)
+    }
+
+    /// Whether a line is being handled: the connection is not idle then.
+    fn is_busy(&self) -> bool {
+        self.in_flight.available_permits() < max_in_flight(&self.conn.limits)
     }
 
     /// Handles one line: a single request, a notification or a batch. Returns what to send
@@ -338,6 +369,13 @@ impl Reader {
     }
 }
 
+/// The method a request object names (anything else in it is ignored).
+#[derive(Deserialize)]
+struct MethodProbe<'a> {
+    #[serde(borrow)]
+    method: std::borrow::Cow<'a, str>,
+}
+
 /// Tells whether a request object carries an id (a notification has none).
 #[derive(Deserialize)]
 struct IdProbe<'a> {
@@ -352,110 +390,5 @@ fn parse_error() -> MethodResponse {
 fn notify_sent(notify: Option<MethodResponseNotifyTx>, ok: bool) {
     if let Some(n) = notify {
         n.notify(ok);
-    }
-}
-
-/// Reads one line into `line` (without the newline). Returns `Ok(false)` at end of input.
-/// Enforces the line length, the per-line deadline and the idle timeout; `has_subscriptions`
-/// exempts a connection from the idle timeout.
-async fn read_line<R: AsyncBufRead + Unpin>(
-    rd: &mut R,
-    line: &mut Vec<u8>,
-    limits: &Limits,
-    has_subscriptions: impl Fn() -> bool,
-) -> Result<bool, Closed> {
-    line.clear();
-    let mut line_deadline: Option<Instant> = None;
-    let mut idle_deadline = Instant::now() + limits.idle_timeout;
-    loop {
-        let deadline = line_deadline.unwrap_or(idle_deadline);
-        let avail = match timeout_at(deadline, rd.fill_buf()).await {
-            Ok(read) => read?,
-            Err(_) if line_deadline.is_some() => return Err(Closed::LineTimeout),
-            Err(_) if has_subscriptions() => {
-                idle_deadline = Instant::now() + limits.idle_timeout;
-                continue;
-            }
-            Err(_) => return Err(Closed::Idle),
-        };
-        if avail.is_empty() {
-            // End of input; a last line without a newline still counts.
-            return Ok(!line.is_empty());
-        }
-        line_deadline.get_or_insert_with(|| Instant::now() + limits.line_timeout);
-        let (piece, used, done) = match avail.iter().position(|&b| b == b'\n') {
-            Some(i) => (&avail[..i], i + 1, true),
-            None => (avail, avail.len(), false),
-        };
-        if line.len() + piece.len() > limits.max_line_bytes {
-            return Err(Closed::LineTooLong);
-        }
-        line.extend_from_slice(piece);
-        rd.consume(used);
-        if done {
-            return Ok(true);
-        }
-    }
-}
-
-/// Writes queued messages, one per line. Each message must be written within `write_timeout`,
-/// so a client that stops reading is disconnected instead of holding the queue full. On `stop`
-/// it writes what is already queued and returns.
-async fn write_loop(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Box<RawValue>>,
-    mut stop: oneshot::Receiver<()>,
-    write_timeout: Duration,
-) -> Closed {
-    let mut stopping = false;
-    loop {
-        let msg = tokio::select! {
-            msg = rx.recv() => msg,
-            _ = &mut stop, if !stopping => {
-                stopping = true;
-                rx.close();
-                continue;
-            }
-        };
-        let Some(msg) = msg else {
-            let _ = timeout(write_timeout, wr.shutdown()).await;
-            return Closed::Eof;
-        };
-        let mut out = String::from(Box::<str>::from(msg));
-        out.push('\n');
-        match timeout(write_timeout, wr.write_all(out.as_bytes())).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Closed::Io(e),
-            Err(_) => return Closed::WriteTimeout,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn limits(max_line_bytes: usize) -> Limits {
-        Limits { max_line_bytes, line_timeout: Duration::from_millis(200), ..Limits::default() }
-    }
-
-    #[tokio::test]
-    async fn lines_are_split_and_bounded() {
-        let data: &[u8] = b"abc\n\ndef";
-        let mut rd = BufReader::with_capacity(2, data);
-        let mut line = Vec::new();
-        let l = limits(3);
-        assert!(read_line(&mut rd, &mut line, &l, || false).await.unwrap());
-        assert_eq!(line, b"abc");
-        assert!(read_line(&mut rd, &mut line, &l, || false).await.unwrap());
-        assert_eq!(line, b"");
-        assert!(read_line(&mut rd, &mut line, &l, || false).await.unwrap());
-        assert_eq!(line, b"def");
-        assert!(!read_line(&mut rd, &mut line, &l, || false).await.unwrap());
-
-        let mut rd = BufReader::with_capacity(2, &b"abcd\n"[..]);
-        let r = read_line(&mut rd, &mut line, &l, || false).await;
-        assert!(matches!(r, Err(Closed::LineTooLong)));
-        assert!(line.len() <= 3);
     }
 }

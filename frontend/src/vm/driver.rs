@@ -30,6 +30,15 @@ pub type DriverFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, DriverError
 pub struct StopOptions {
     /// How long to wait after the power button before forcing the VMM down.
     pub grace: Duration,
+    /// Skip the power button and the grace period: straight to vm.shutdown, then the kill.
+    pub force: bool,
+}
+
+impl StopOptions {
+    /// The staged stop with this grace period.
+    pub fn graceful(grace: Duration) -> StopOptions {
+        StopOptions { grace, force: false }
+    }
 }
 
 /// Default grace period of a stop.
@@ -72,6 +81,24 @@ pub trait VmDriver: Send + Sync + 'static {
     fn vsock<'a>(&'a self, _vm_id: &'a str) -> DriverFuture<'a, OwnedFd> {
         Box::pin(async { Err(DriverError::new("this driver has no vsock")) })
     }
+
+    /// A stop that joins the one in progress asks for less (`force`, or a shorter grace):
+    /// bring that one's grace period forward to it. Never lengthens it.
+    fn shorten_stop(&self, _vm_id: &str, _opts: StopOptions) {}
+
+    /// The live VMM's sandbox: the report stored at spawn, and what the kernel shows applied.
+    fn sandbox<'a>(&'a self, _vm_id: &'a str) -> DriverFuture<'a, SandboxView> {
+        Box::pin(async { Err(DriverError::new("this driver cannot show a sandbox")) })
+    }
+}
+
+/// A live VMM's sandbox, as the broker reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxView {
+    /// The whole report the broker stored at spawn.
+    pub planned: String,
+    /// What the kernel shows of the live process, one line each.
+    pub applied: Vec<String>,
 }
 
 /// A spawned VMM.

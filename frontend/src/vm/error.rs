@@ -38,6 +38,12 @@ pub enum VmError {
     /// The command ran past its timeout and was killed.
     #[error("exec in VM {vm_id:?} timed out: {detail}")]
     ExecTimeout { vm_id: String, detail: String },
+    /// Events after the cursor have left the history.
+    #[error("events after seq {since} have left the history; the oldest whole cursor is {oldest_seq}")]
+    CursorTruncated { since: u64, oldest_seq: u64 },
+    /// The manager already records `max` VMs.
+    #[error("this host already records {max} VMs, the most it keeps")]
+    TooManyVms { max: usize },
     /// The state dir could not be written.
     #[error("{what}")]
     Store {

@@ -77,6 +77,10 @@ pub struct VmStatus {
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// When create recorded it (RFC 3339, UTC).
+    pub created_at: String,
+    /// The seq of its last recorded transition (none for a VM whose history is empty).
+    pub last_seq: Option<u64>,
 }
 
 /// A VM as `compute.vm.list` shows it.
@@ -198,6 +202,9 @@ impl Manager {
         let last_seq = resume_seq(reader.read_sequence(), max_seen, any_file);
         records.last_seq = last_seq;
         records.reserved = last_seq;
+        // Removal events are kept in memory only, so after a restart any cursor from before
+        // it may have missed one.
+        records.floor = last_seq;
         tracing::info!(vms = records.len(), last_seq, "loaded VM records");
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let writer = Writer::start(store)?;

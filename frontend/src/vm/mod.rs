@@ -10,6 +10,7 @@ mod exec;
 pub mod fsm;
 pub mod manager;
 mod ops;
+pub mod query;
 pub mod records;
 mod recovery;
 pub mod spec;
@@ -17,12 +18,15 @@ pub mod store;
 mod vmm_events;
 pub mod writer;
 
-pub use driver::{Boot, DriverError, DriverFuture, Reattached, Spawned, StopOptions, VmDriver, VmmEvent, VmmReport};
+pub use driver::{
+    Boot, DriverError, DriverFuture, Reattached, SandboxView, Spawned, StopOptions, VmDriver, VmmEvent, VmmReport,
+};
 pub use error::VmError;
-pub use events::{Event, Follower};
+pub use events::{Event, EventTo, Follower};
 pub use exec::MAX_EXECS;
 pub use fsm::VmState;
 pub use manager::{Manager, ManagerConfig, VmStatus, VmSummary};
+pub use query::{ListFilter, ListPage};
 pub use records::Tail;
 pub use spec::{DiskSpec, NetSpec, VmSpec};
 pub use writer::StateStore;

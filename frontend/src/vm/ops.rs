@@ -47,10 +47,7 @@ impl Manager {
                 return Err(VmError::AlreadyExists { vm_id: id });
             }
             if full {
-                return Err(VmError::invalid_spec(
-                    "id",
-                    format!("this host already records {max} VMs, the most it keeps"),
-                ));
+                return Err(VmError::TooManyVms { max });
             }
             let rec = Record {
                 state: VmState::Pending,
@@ -68,10 +65,9 @@ impl Manager {
         };
         let why = match written.await {
             Ok(Ok(())) => {
-                if let Some(e) = self.records().any(&id) {
-                    e.creating = false;
+                if let Some(ticket) = self.record_created(&id) {
+                    self.persisted(ticket).await;
                 }
-                tracing::info!(vm = %id, "VM created");
                 return Ok(VmState::Pending);
             }
             Ok(Err(why)) => why,
@@ -123,14 +119,13 @@ impl Manager {
         }
         let ticket = {
             let mut r = self.records();
-            r.remove(vm_id);
+            self.record_removed(&mut r, vm_id);
             self.inner.writer.remove_vm(vm_id)
         };
         self.forget_reports(vm_id);
         if let Some(d) = &self.inner.driver {
             d.forget(vm_id);
         }
-        tracing::info!(vm = vm_id, "VM removed");
         self.persisted(ticket).await;
         Ok(())
     }
@@ -272,12 +267,18 @@ impl Manager {
     /// Stops a VM (Running, Starting, or Failed with a VMM that may still run) and releases
     /// its resources. On Stopped it is a no-op; concurrent stops of one VM join one operation.
     pub async fn stop(&self, vm_id: &str, grace: Option<Duration>) -> Result<VmState, VmError> {
+        self.stop_with(vm_id, StopOptions::graceful(grace.unwrap_or(DEFAULT_STOP_GRACE))).await
+    }
+
+    /// [`Manager::stop`] with all its options: `force` skips the power button and the grace
+    /// period. A stop that joins one in progress gets that one's answer.
+    pub async fn stop_with(&self, vm_id: &str, opts: StopOptions) -> Result<VmState, VmError> {
         let driver = self.driver("compute.vm.stop")?;
         let slot = self.slot(vm_id)?;
-        let opts = StopOptions { grace: grace.unwrap_or(DEFAULT_STOP_GRACE) };
         let rx = {
             let mut join = lock(&slot.stop_join);
             if let Some(rx) = join.as_ref() {
+                driver.shorten_stop(vm_id, opts);
                 rx.clone()
             } else {
                 let (tx, rx) = watch::channel(None);

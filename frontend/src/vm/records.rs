@@ -24,6 +24,22 @@ pub struct Tail {
     pub events: Vec<Event>,
     /// The cursor to pass as `since_seq` next time (to tail or to follow).
     pub next_seq: u64,
+    /// Events after the cursor have already left the history: the answer has gaps.
+    pub truncated: bool,
+    /// With `truncated`: the oldest cursor from which the history is whole.
+    pub oldest_seq: Option<u64>,
+}
+
+/// Removal events kept for followers and `tail` after their VM (and its history) is gone.
+pub const REMOVED_KEEP: usize = 1024;
+
+/// The highest sequence number a VM's history may have lost: none when it begins with the
+/// transition create records, else everything before its oldest entry.
+fn vm_floor(h: &VecDeque<Transition>) -> u64 {
+    match h.front() {
+        Some(t) if t.from.is_some() => t.seq.saturating_sub(1),
+        _ => 0,
+    }
 }
 
 /// Every VM's record, and the sequence counter.
@@ -34,8 +50,14 @@ pub(super) struct Records {
     /// The mark asked of the writer: numbers up to it may be handed out.
     pub(super) reserved: u64,
     vms: BTreeMap<String, Entry>,
-    /// Every transition still in some VM's history, by sequence number.
+    /// Every transition still in some VM's history, and every removal kept, by sequence number.
     index: BTreeMap<u64, Arc<str>>,
+    /// The last [`REMOVED_KEEP`] removal events, by sequence number.
+    removed: BTreeMap<u64, Event>,
+    /// The highest sequence number of an event no longer held (one that left a VM's ring, or
+    /// a removal that left [`REMOVED_KEEP`], or anything before a restart): a cursor below it
+    /// may miss events.
+    pub(super) floor: u64,
 }
 
 pub(super) struct Entry {
@@ -115,6 +137,37 @@ impl Records {
         Some(e)
     }
 
+    /// Visible VMs whose id is within `start..`, in id order.
+    pub(super) fn range<'a>(
+        &'a self,
+        start: std::ops::Bound<&'a str>,
+    ) -> impl Iterator<Item = (&'a str, &'a Entry)> + 'a {
+        self.vms
+            .range::<str, _>((start, std::ops::Bound::Unbounded))
+            .filter(|(_, e)| !e.creating)
+            .map(|(id, e)| (id.as_str(), e))
+    }
+
+    /// Records the removal of a VM (already taken out with [`Records::remove`]).
+    pub(super) fn record_removal(&mut self, event: Event) {
+        self.index.insert(event.seq, Arc::from(event.vm_id.as_str()));
+        self.removed.insert(event.seq, event);
+        while self.removed.len() > REMOVED_KEEP {
+            if let Some((seq, _)) = self.removed.pop_first() {
+                self.index.remove(&seq);
+                self.floor = self.floor.max(seq);
+            }
+        }
+    }
+
+    /// The highest sequence number that may be missing after a cursor for this VM, or all.
+    pub(super) fn floor_of(&self, vm_id: Option<&str>) -> Result<u64, VmError> {
+        match vm_id {
+            Some(id) => self.get(id).map(|e| vm_floor(&e.rec.history)).ok_or_else(|| VmError::no_such_vm(id)),
+            None => Ok(self.floor),
+        }
+    }
+
     pub(super) fn ids_in(&self, states: &[VmState]) -> Vec<String> {
         self.vms
             .iter()
@@ -137,6 +190,10 @@ impl Records {
             None => {
                 let mut it = self.index.range(since.saturating_add(1)..);
                 for (seq, id) in it.by_ref().take(limit) {
+                    if let Some(removal) = self.removed.get(seq) {
+                        out.push(removal.clone());
+                        continue;
+                    }
                     let found = self.vms.get(&**id).and_then(|e| {
                         let h = &e.rec.history;
                         h.binary_search_by_key(seq, |t| t.seq).ok().map(|i| Event::new(id, &h[i]))
@@ -170,7 +227,7 @@ impl Manager {
         };
         fsm::check(vm_id, from, to)?;
         let seq = self.next_seq(&mut r);
-        let t = Transition { seq, at: now(), from, to, reason };
+        let t = Transition { seq, at: now(), from: Some(from), to, reason };
         let ring = self.inner.ring_capacity;
         let records = &mut *r;
         let Some(entry) = records.vms.get_mut(vm_id) else {
@@ -189,6 +246,7 @@ impl Manager {
         while rec.history.len() > ring {
             if let Some(old) = rec.history.pop_front() {
                 records.index.remove(&old.seq);
+                records.floor = records.floor.max(old.seq);
             }
         }
         // Queued under the records lock, so the writer sees a VM's files in order.
@@ -196,6 +254,43 @@ impl Manager {
         tracing::info!(vm = vm_id, seq, from = %from, to = %to, reason = %t.reason, "transition");
         let _ = self.inner.events.send(Event::new(vm_id, &t));
         Ok(ticket)
+    }
+
+    /// Makes a created VM visible, recording its first transition (`from` null, to
+    /// `pending`) and broadcasting it, all under the records lock like any transition.
+    /// Returns the writer's ticket for the file with that history.
+    pub(super) fn record_created(&self, vm_id: &str) -> Option<u64> {
+        let mut r = self.records();
+        // Its time is the VM's `created_at`.
+        let at = r.any(vm_id)?.rec.created_at.clone();
+        let seq = self.next_seq(&mut r);
+        let t = Transition { seq, at, from: None, to: VmState::Pending, reason: "created".into() };
+        r.index.insert(seq, Arc::from(vm_id));
+        let entry = r.any(vm_id)?;
+        entry.creating = false;
+        entry.rec.history.push_back(t.clone());
+        let ticket = self.inner.writer.write_vm(entry.rec.to_file(vm_id));
+        tracing::info!(vm = vm_id, seq, "VM created");
+        let _ = self.inner.events.send(Event::new(vm_id, &t));
+        Some(ticket)
+    }
+
+    /// Forgets a VM's record and history and records its removal event in their place.
+    /// The caller holds the records lock (`r`).
+    pub(super) fn record_removed(&self, r: &mut Records, vm_id: &str) {
+        let Some(entry) = r.remove(vm_id) else { return };
+        let seq = self.next_seq(r);
+        let event = Event {
+            seq,
+            vm_id: vm_id.to_string(),
+            at: now(),
+            from: Some(entry.rec.state),
+            to: super::events::EventTo::Removed,
+            reason: "removed".into(),
+        };
+        tracing::info!(vm = vm_id, seq, "VM removed");
+        let _ = self.inner.events.send(event.clone());
+        r.record_removal(event);
     }
 
     /// A transition that the operation waits to see written (or tried) before its next
@@ -223,7 +318,7 @@ impl Manager {
     /// normally on disk before it is handed out. When the writer falls behind (or the
     /// sequence file cannot be written), numbers are handed out all the same; docs/state-json.md
     /// says how a restart then avoids repeating them.
-    fn next_seq(&self, r: &mut Records) -> u64 {
+    pub(super) fn next_seq(&self, r: &mut Records) -> u64 {
         r.last_seq += 1;
         self.reserve_ahead(r);
         r.last_seq
@@ -248,6 +343,8 @@ impl Manager {
             spec: e.rec.spec.clone(),
             pid: e.rec.pid,
             last_error: e.rec.last_error.clone(),
+            created_at: e.rec.created_at.clone(),
+            last_seq: e.rec.history.back().map(|t| t.seq),
         })
     }
 
@@ -283,7 +380,9 @@ impl Manager {
         let r = self.records();
         let (events, more) = r.page(vm_id, since, limit)?;
         let next_seq = if more { events.last().map_or(since, |e| e.seq) } else { r.last_seq.max(since) };
-        Ok(Tail { events, next_seq })
+        let floor = r.floor_of(vm_id)?;
+        let truncated = since < floor;
+        Ok(Tail { events, next_seq, truncated, oldest_seq: truncated.then_some(floor) })
     }
 
     /// Starts following transitions after `since` (or after the newest one, when `None`).
@@ -297,12 +396,21 @@ impl Manager {
         }
         let rx = self.inner.events.subscribe();
         let since = since.unwrap_or(r.last_seq);
+        let floor = r.floor_of(vm_id.as_deref())?;
+        if since < floor {
+            return Err(VmError::CursorTruncated { since, oldest_seq: floor });
+        }
         drop(r);
         Ok(Follower::new(self.clone(), rx, vm_id, since))
     }
 
-    /// At most `limit` events after `since`, for a follower catching up.
-    pub(crate) fn history_page(&self, vm_id: Option<&str>, since: u64, limit: usize) -> Vec<Event> {
-        self.records().page(vm_id, since, limit).map(|(events, _)| events).unwrap_or_default()
+    /// At most `limit` events after `since`, for a follower catching up; `Err` with the
+    /// oldest whole cursor when events after `since` have left the history meanwhile.
+    pub(crate) fn history_page(&self, vm_id: Option<&str>, since: u64, limit: usize) -> Result<Vec<Event>, u64> {
+        let r = self.records();
+        match r.floor_of(vm_id) {
+            Ok(floor) if since < floor => Err(floor),
+            _ => Ok(r.page(vm_id, since, limit).map(|(events, _)| events).unwrap_or_default()),
+        }
     }
 }

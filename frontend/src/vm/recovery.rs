@@ -74,7 +74,7 @@ impl Manager {
             (VmState::Stopping, found) => {
                 let how = match found {
                     Ok(Reattached::Alive { .. }) => {
-                        match driver.stop(vm_id, StopOptions { grace: DEFAULT_STOP_GRACE }).await {
+                        match driver.stop(vm_id, StopOptions::graceful(DEFAULT_STOP_GRACE)).await {
                             Ok(how) => how,
                             Err(e) => format!("stop failed: {e}"),
                         }

@@ -31,7 +31,8 @@ pub struct Transition {
     pub seq: u64,
     /// Wall-clock time, RFC 3339 UTC with milliseconds.
     pub at: String,
-    pub from: VmState,
+    /// `None` (null) for the transition create records: the VM did not exist before.
+    pub from: Option<VmState>,
     pub to: VmState,
     pub reason: String,
 }
@@ -161,7 +162,7 @@ impl VmFileV1 {
             .map(|t| Transition {
                 seq: t.seq,
                 at: rfc3339(UNIX_EPOCH + std::time::Duration::from_secs(t.at_unix)),
-                from: t.from.into(),
+                from: Some(t.from.into()),
                 to: t.to.into(),
                 reason: t.reason,
             })

@@ -18,7 +18,7 @@ use my_hypervisor_policy::vmm::LOG_TRIM_AT;
 
 use crate::broker::{BrokerClient, BrokerError};
 use crate::vm::driver::{
-    Boot, DriverError, DriverFuture, Reattached, Spawned, StopOptions, VmDriver, VmmEvent, VmmReport,
+    Boot, DriverError, DriverFuture, Reattached, SandboxView, Spawned, StopOptions, VmDriver, VmmEvent, VmmReport,
 };
 use crate::vm::spec::VmSpec;
 use crate::vmm::agent::{self, AgentWait};
@@ -57,6 +57,8 @@ struct Runtime {
     log: Arc<std::fs::File>,
     offset: AtomicU64,
     exit: watch::Sender<Option<ExitStatus>>,
+    /// When the grace period of the stop in progress ends; a later stop may bring it forward.
+    grace_end: watch::Sender<Option<Instant>>,
     /// BOOTING, RUNNING or STOPPING: only exits and guest events of a RUNNING VM are
     /// reported; a start or a stop in progress watches the exit itself.
     phase: AtomicU8,
@@ -227,6 +229,7 @@ impl BrokerDriver {
             log: Arc::new(log.into()),
             offset: AtomicU64::new(offset),
             exit: watch::channel(None).0,
+            grace_end: watch::channel(None).0,
             phase: AtomicU8::new(phase),
         });
         self.inner.vms.lock().expect("vms").insert(vm_id.to_string(), Arc::clone(&rt));
@@ -254,6 +257,38 @@ impl BrokerDriver {
             },
             Err(e) => format!("{what} (no api connection: {e})"),
         }
+    }
+
+    /// Waits for the exit until the grace period ends, following it when a later stop brings
+    /// it forward. Returns the exit, and whether the wait was shortened.
+    async fn wait_grace(rt: &Runtime, grace: Duration) -> (Option<ExitStatus>, bool) {
+        let end = Instant::now() + grace;
+        // A later stop may already have asked for less, before this one got here.
+        rt.grace_end.send_modify(|e| *e = Some(e.map_or(end, |cur| cur.min(end))));
+        let (mut exit, mut cut) = (rt.exit.subscribe(), rt.grace_end.subscribe());
+        let r = loop {
+            let until = cut.borrow_and_update().unwrap_or(end);
+            tokio::select! {
+                s = exit.wait_for(Option::is_some) => break (s.ok().and_then(|s| *s), until < end),
+                () = tokio::time::sleep_until(until.into()) => break (None, until < end),
+                _ = cut.changed() => {}
+            }
+        };
+        rt.grace_end.send_replace(None);
+        r
+    }
+
+    /// A later stop asks for less: bring the grace period of the one in progress forward.
+    fn shorten(&self, vm_id: &str, opts: StopOptions) {
+        let Some(rt) = self.runtime(vm_id) else { return };
+        let new = if opts.force { Instant::now() } else { Instant::now() + opts.grace };
+        rt.grace_end.send_if_modified(|end| match end {
+            Some(cur) if new >= *cur => false,
+            _ => {
+                *end = Some(new);
+                true
+            }
+        });
     }
 
     async fn wait_exit(rt: &Runtime, limit: Duration) -> Option<ExitStatus> {
@@ -353,20 +388,31 @@ impl BrokerDriver {
         }
     }
 
-    /// The staged stop: power button, grace, vm.shutdown and vmm.shutdown, SIGKILL.
+    /// The staged stop: power button, grace, vm.shutdown and vmm.shutdown, SIGKILL. A forced
+    /// stop starts at vm.shutdown.
     async fn stop_vm(&self, vm_id: &str, opts: StopOptions) -> Result<String, DriverError> {
         let Some(rt) = self.runtime(vm_id) else { return Ok("no VMM was running".into()) };
         rt.phase.store(STOPPING, Ordering::SeqCst);
         if let Some(status) = *rt.exit.borrow() {
             return Ok(format!("the VMM had already exited ({})", describe(status)));
         }
-        let started = Instant::now();
-        let mut steps = vec![self.action(vm_id, "vm.power-button").await];
-        if let Some(status) = Self::wait_exit(&rt, opts.grace).await {
-            steps.push(format!("the guest shut down after {:.1?} ({})", started.elapsed(), describe(status)));
-            return Ok(steps.join(", "));
+        let mut steps = Vec::new();
+        if opts.force {
+            steps.push("forced: no power button".to_string());
+        } else {
+            let started = Instant::now();
+            steps.push(self.action(vm_id, "vm.power-button").await);
+            let (exited, shortened) = Self::wait_grace(&rt, opts.grace).await;
+            if let Some(status) = exited {
+                steps.push(format!("the guest shut down after {:.1?} ({})", started.elapsed(), describe(status)));
+                return Ok(steps.join(", "));
+            }
+            if shortened {
+                steps.push(format!("no shutdown within {:.1?}: a later stop shortened the wait", started.elapsed()));
+            } else {
+                steps.push(format!("no shutdown within {:?}", opts.grace));
+            }
         }
-        steps.push(format!("no shutdown within {:?}", opts.grace));
         steps.push(self.action(vm_id, "vm.shutdown").await);
         steps.push(self.action(vm_id, "vmm.shutdown").await);
         if let Some(status) = Self::wait_exit(&rt, FORCE_WAIT).await {
@@ -451,6 +497,21 @@ impl VmDriver for BrokerDriver {
 
     fn reattach<'a>(&'a self, vm_id: &'a str, pid: Option<u32>, offset: u64) -> DriverFuture<'a, Reattached> {
         Box::pin(self.reattach_vm(vm_id, pid, offset))
+    }
+
+    fn shorten_stop(&self, vm_id: &str, opts: StopOptions) {
+        self.shorten(vm_id, opts);
+    }
+
+    fn sandbox<'a>(&'a self, vm_id: &'a str) -> DriverFuture<'a, SandboxView> {
+        Box::pin(async move {
+            let (reply, _) =
+                self.inner.broker.call(Request::Sandbox { vm: vm_id.into() }).await.map_err(step("sandbox"))?;
+            match reply {
+                Reply::Sandbox { planned, applied } => Ok(SandboxView { planned, applied }),
+                _ => Err(DriverError::new("sandbox: unexpected reply")),
+            }
+        })
     }
 }
 

@@ -7,7 +7,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use my_hypervisor_frontend::vm::{Boot, DriverError, DriverFuture, Reattached, Spawned, StopOptions, VmDriver, VmSpec};
+use my_hypervisor_frontend::vm::{
+    Boot, DriverError, DriverFuture, Reattached, SandboxView, Spawned, StopOptions, VmDriver, VmSpec,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Step {
@@ -112,6 +114,9 @@ impl VmDriver for TestDriver {
     fn stop<'a>(&'a self, vm: &'a str, opts: StopOptions) -> DriverFuture<'a, String> {
         Box::pin(async move {
             self.step(vm, Step::Stop).await?;
+            if opts.force {
+                return Ok("forced: vm.shutdown, no power button".to_string());
+            }
             Ok(format!("stopped by the power button (grace {}s)", opts.grace.as_secs()))
         })
     }
@@ -122,6 +127,21 @@ impl VmDriver for TestDriver {
 
     fn forget(&self, _: &str) {
         *self.calls.lock().unwrap().entry(Step::Forget).or_default() += 1;
+    }
+
+    /// A report in the broker's shape, and what the kernel would show.
+    fn sandbox<'a>(&'a self, vm: &'a str) -> DriverFuture<'a, SandboxView> {
+        Box::pin(async move {
+            let planned = format!(
+                "sandbox of VM {vm}\n\n[identity]\nuid 63299 gid 63299, no supplementary groups\n\
+                 capabilities: all sets empty\n\n[landlock] ABI 6 (hard requirement)\n/x: ReadFile\n\
+                 \n[seccomp] default action: KillProcess\nallow read\n"
+            );
+            Ok(SandboxView {
+                planned,
+                applied: vec!["uid (real, effective, saved, fs): 63299 63299 63299 63299".into()],
+            })
+        })
     }
 
     fn reattach<'a>(&'a self, vm: &'a str, _: Option<u32>, _: u64) -> DriverFuture<'a, Reattached> {
