@@ -3,6 +3,7 @@
 //! launcher all decide through it, so a reviewer can sign the rules in one place.
 
 pub mod acl;
+pub mod ch_binary;
 pub mod daemon;
 pub mod elf;
 pub mod frontend;
