@@ -11,6 +11,7 @@ mod dirs;
 mod images;
 mod journal;
 mod kvm;
+mod notify;
 mod spawner;
 mod strays;
 mod supervise;

@@ -82,6 +82,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("signalfd: {e}"))?;
 
+    let notify = crate::notify::connect_notify()?;
     let (spawner, spawner_pid) = start_spawner(args, &cfg)?;
     keep_only(BROKER_CAPS).map_err(|e| format!("drop capabilities: {e}"))?;
     let mode = if args.seccomp_log { seccomp::Mode::Log } else { seccomp::Mode::Kill };
@@ -94,6 +95,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         image_roots,
         vm_uids: cfg.vm_uids.clone(),
         cloud_hypervisor: ch,
+        notify,
         spawner,
         sandbox: SandboxOptions { seccomp: args.vmm_seccomp, landlock_best_effort: args.landlock_best_effort },
         allowed_bridges: args.allowed_bridges.clone(),

@@ -13,13 +13,14 @@
 //! | KvmCheck    | /dev/kvm opens read-write; KVM_GET_API_VERSION is 12                                    |
 //! | Prepare     | a free uid; runtime dir is new; each image (images.rs): under an image root, opened O_PATH beneath it without symlinks, a regular file with one link, dirs above searchable, a writable disk held by no other VM and owner-rw, then reopened |
 //! | CreateTap   | the bridge is an --allowed-bridge; at most MAX_NETS taps                                 |
-//! | Spawn       | cloud-hypervisor found; the whole plan re-checked                                       |
+//! | Spawn       | cloud-hypervisor passed the start-up check (ch.rs), v52+ with nets; the plan re-checked                                       |
 //! | Connect     | node opened O_PATH\|O_NOFOLLOW is a socket owned by the VM uid                          |
 //! | OpenOutputs | —                                                                                       |
 //! | Signal      | TERM, KILL or CONT only (the type allows no other)                                      |
 //! | Release     | a VM the broker does not hold is already released                                       |
 //! | Inventory   | —                                                                                       |
 //! | TrimLog     | the broker's own fd of the log, reopened for writing; the range from policy             |
+//! | Serving     | — (READY=1 goes out on the first only)                                                  |
 //!
 //! Every request, allowed or refused, is one audit line (see `supervise::serve_one`).
 
@@ -44,6 +45,8 @@ pub struct Broker {
     pub image_roots: Vec<(PathBuf, OwnedFd)>,
     pub vm_uids: RangeInclusive<u32>,
     pub cloud_hypervisor: crate::ch::Checked,
+    /// Connected to `$NOTIFY_SOCKET`, until READY=1 is sent.
+    pub notify: Option<std::os::unix::net::UnixDatagram>,
     pub spawner: OwnedFd,
     pub sandbox: SandboxOptions,
     pub allowed_bridges: Vec<String>,
@@ -188,6 +191,10 @@ fn dispatch(b: &mut Broker, req: &Request) -> Handled {
             });
             Ok((Reply::Inventory { vms: vms.collect() }, vec![]))
         }
+        Request::Serving => {
+            crate::notify::ready(b.notify.take());
+            Ok((Reply::Noted, vec![]))
+        }
         Request::TrimLog { vm } => match &b.vm(vm)?.vmm {
             Vmm::Alive { outputs, .. } => Ok((Reply::Trimmed, outputs.trim_log().map(|()| vec![])?)),
             _ => Err(StateError::Exited(vm.clone()).into()),
@@ -226,6 +233,7 @@ mod tests {
             image_roots: vec![],
             vm_uids: 62060..=62069,
             cloud_hypervisor: Err("none".into()),
+            notify: None,
             spawner,
             sandbox: SandboxOptions { seccomp: my_hypervisor_policy::seccomp::Mode::Kill, landlock_best_effort: false },
             allowed_bridges: vec![],

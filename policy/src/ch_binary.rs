@@ -8,6 +8,10 @@
 //! remove or replace an entry they do not own; since every component below it must be owned
 //! by root, no one but root can change what the path resolves to.
 
+use std::path::{Path, PathBuf};
+
+use crate::refusal::Refusal;
+
 /// The oldest major version the daemon runs.
 pub const MIN_MAJOR: u32 = 50;
 /// The oldest major version that can create a net device in the VMM's empty network
@@ -44,6 +48,23 @@ pub struct Node {
 const S_IFMT: u32 = 0o170000;
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
+
+/// Where cloud-hypervisor is: `configured` (`--cloud-hypervisor`) if it is a file, or the
+/// first `cloud-hypervisor` file on `path_var` ($PATH).
+pub fn locate(
+    configured: Option<&Path>,
+    path_var: &std::ffi::OsStr,
+    is_file: impl Fn(&Path) -> bool,
+) -> Result<PathBuf, Refusal> {
+    match configured {
+        Some(p) if is_file(p) => Ok(p.to_path_buf()),
+        Some(p) => Err(Refusal::NoCloudHypervisorAt(p.display().to_string())),
+        None => std::env::split_paths(path_var)
+            .map(|d| d.join("cloud-hypervisor"))
+            .find(|p| is_file(p))
+            .ok_or(Refusal::NoCloudHypervisor),
+    }
+}
 
 /// The major version in `--version`'s first line, e.g. "cloud-hypervisor v53.0" -> 53.
 pub fn parse_version(path: &str, stdout: &str) -> Result<u32, ChError> {
@@ -111,6 +132,19 @@ mod tests {
             ("/var".into(), node(0, S_IFDIR | 0o755)),
             ("/".into(), node(0, S_IFDIR | 0o755)),
         ]
+    }
+
+    #[test]
+    fn the_configured_binary_or_the_first_on_path_is_used() {
+        let files = ["/opt/ch", "/usr/bin/cloud-hypervisor", "/bin/cloud-hypervisor"];
+        let is_file = |p: &Path| files.iter().any(|f| Path::new(f) == p);
+        let path = std::ffi::OsStr::new("/nowhere:/usr/bin:/bin");
+        assert_eq!(locate(Some(Path::new("/opt/ch")), path, is_file).unwrap(), PathBuf::from("/opt/ch"));
+        assert_eq!(locate(None, path, is_file).unwrap(), PathBuf::from("/usr/bin/cloud-hypervisor"));
+        let e = locate(Some(Path::new("/opt/none")), path, is_file).unwrap_err();
+        assert_eq!(e.to_string(), "cloud-hypervisor not found at /opt/none");
+        let e = locate(None, std::ffi::OsStr::new("/nowhere"), is_file).unwrap_err();
+        assert!(e.to_string().contains("not found on PATH"), "{e}");
     }
 
     #[test]

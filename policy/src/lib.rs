@@ -11,6 +11,7 @@ pub mod journal;
 pub mod layout;
 pub mod names;
 pub mod net;
+pub mod notify;
 pub mod privileges;
 pub mod refusal;
 pub mod request;

@@ -72,6 +72,7 @@ pub const TABLE: &[Row] = &[
     row("Release", Requires::Nothing, true, 0, true),
     row("Inventory", Requires::Nothing, false, 0, true),
     row("TrimLog", Requires::Alive, false, 0, true),
+    row("Serving", Requires::Nothing, false, 0, true),
 ];
 
 /// The request's row, and the VM it names. Every variant has its row by construction
@@ -88,6 +89,7 @@ pub fn row_of(req: &Request) -> (&'static Row, Option<&str>) {
         Request::Release { vm } => (7, Some(vm)),
         Request::Inventory => (8, None),
         Request::TrimLog { vm } => (9, Some(vm)),
+        Request::Serving => (10, None),
     };
     (&TABLE[i], vm.map(String::as_str))
 }
@@ -144,7 +146,7 @@ pub fn render_table() -> String {
 
 pub fn check(req: &Request) -> Result<(), FieldError> {
     match req {
-        Request::KvmCheck | Request::Inventory => Ok(()),
+        Request::KvmCheck | Request::Inventory | Request::Serving => Ok(()),
         Request::Prepare { vm, images } => {
             check_vm_id(vm)?;
             check_range("images", images.len() as u64, 1, MAX_IMAGES as u64)?;
@@ -224,6 +226,7 @@ mod tests {
             Request::Release { vm: "a".into() },
             Request::Inventory,
             Request::TrimLog { vm: "a".into() },
+            Request::Serving,
         ]
     }
 
@@ -244,11 +247,12 @@ mod tests {
                 Request::Release { .. } => "Release",
                 Request::Inventory => "Inventory",
                 Request::TrimLog { .. } => "TrimLog",
+                Request::Serving => "Serving",
             };
             assert_eq!(row_of(&r).0.request, name, "{r:?} has another variant's row");
             seen.insert(name);
         }
-        assert_eq!(seen.len(), 10, "samples() holds one request of each variant");
+        assert_eq!(seen.len(), 11, "samples() holds one request of each variant");
         assert_eq!(TABLE.len(), seen.len(), "one row per variant, no other");
     }
 

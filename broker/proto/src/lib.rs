@@ -54,6 +54,9 @@ pub enum Request {
     /// Free all but the newest bytes of the VMM's log (a hole punched over the rest; the
     /// file keeps its size, so offsets stay valid).
     TrimLog { vm: String },
+    /// The frontend serves the RPC socket: the broker tells the service manager (READY=1),
+    /// once per daemon.
+    Serving,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +136,7 @@ pub enum Reply {
     Signalled,
     Released,
     Trimmed,
+    Noted,
     Inventory {
         vms: Vec<HeldVm>,
     },
