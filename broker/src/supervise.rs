@@ -55,10 +55,9 @@ pub fn run(args: &Args) -> Result<(), String> {
     if let Some(gid) = cfg.rpc_gid {
         crate::dirs::share_console_dir(&args.console_dir, cfg.frontend, gid)?;
     }
-    let ch = crate::ch::check(args.cloud_hypervisor.as_deref(), cfg.frontend);
-    if let Err(e) = &ch {
-        tracing::error!(error = %e, "no VM can start until cloud-hypervisor is fixed and the daemon restarted");
-    }
+    let ch = crate::ch::check(args.cloud_hypervisor.as_deref(), cfg.frontend).inspect_err(
+        |e| tracing::error!(error = %e, "no VM can start until cloud-hypervisor is fixed and the daemon restarted"),
+    );
     let listener = bind_rpc_socket(&args.rpc_socket, cfg.rpc_gid)?;
     let image_roots = args.image_roots.iter().map(|r| open_image_root(r)).collect::<Result<_, String>>()?;
     let run_fd = open_dir(&args.run_dir, "open")?;

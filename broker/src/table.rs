@@ -191,10 +191,7 @@ fn dispatch(b: &mut Broker, req: &Request) -> Handled {
             });
             Ok((Reply::Inventory { vms: vms.collect() }, vec![]))
         }
-        Request::Serving => {
-            crate::notify::ready(b.notify.take());
-            Ok((Reply::Noted, vec![]))
-        }
+        Request::Serving => Ok((Reply::Noted, vec![])).inspect(|_| crate::notify::ready(b.notify.take())),
         Request::TrimLog { vm } => match &b.vm(vm)?.vmm {
             Vmm::Alive { outputs, .. } => Ok((Reply::Trimmed, outputs.trim_log().map(|()| vec![])?)),
             _ => Err(StateError::Exited(vm.clone()).into()),
