@@ -4,12 +4,14 @@
 //! broker channel, start the unprivileged frontend. Any failure there stops the daemon. The
 //! broker then supervises the frontend and serves its requests, in one thread.
 
+mod ch;
 mod cli;
 mod confine;
 mod dirs;
 mod images;
 mod journal;
 mod kvm;
+mod notify;
 mod spawner;
 mod strays;
 mod supervise;

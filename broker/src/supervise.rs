@@ -55,6 +55,9 @@ pub fn run(args: &Args) -> Result<(), String> {
     if let Some(gid) = cfg.rpc_gid {
         crate::dirs::share_console_dir(&args.console_dir, cfg.frontend, gid)?;
     }
+    let ch = crate::ch::check(args.cloud_hypervisor.as_deref(), cfg.frontend).inspect_err(
+        |e| tracing::error!(error = %e, "no VM can start until cloud-hypervisor is fixed and the daemon restarted"),
+    );
     let listener = bind_rpc_socket(&args.rpc_socket, cfg.rpc_gid)?;
     let image_roots = args.image_roots.iter().map(|r| open_image_root(r)).collect::<Result<_, String>>()?;
     let run_fd = open_dir(&args.run_dir, "open")?;
@@ -78,6 +81,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("signalfd: {e}"))?;
 
+    let notify = crate::notify::connect_notify()?;
     let (spawner, spawner_pid) = start_spawner(args, &cfg)?;
     keep_only(BROKER_CAPS).map_err(|e| format!("drop capabilities: {e}"))?;
     let mode = if args.seccomp_log { seccomp::Mode::Log } else { seccomp::Mode::Kill };
@@ -89,7 +93,8 @@ pub fn run(args: &Args) -> Result<(), String> {
         run_fd,
         image_roots,
         vm_uids: cfg.vm_uids.clone(),
-        cloud_hypervisor: args.cloud_hypervisor.clone(),
+        cloud_hypervisor: ch,
+        notify,
         spawner,
         sandbox: SandboxOptions { seccomp: args.vmm_seccomp, landlock_best_effort: args.landlock_best_effort },
         allowed_bridges: args.allowed_bridges.clone(),

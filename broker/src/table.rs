@@ -13,7 +13,7 @@
 //! | KvmCheck    | /dev/kvm opens read-write; KVM_GET_API_VERSION is 12                                    |
 //! | Prepare     | a free uid; runtime dir is new; each image (images.rs): under an image root, opened O_PATH beneath it without symlinks, a regular file with one link, dirs above searchable, a writable disk held by no other VM and owner-rw, then reopened |
 //! | CreateTap   | the bridge is an --allowed-bridge; at most MAX_NETS taps                                 |
-//! | Spawn       | cloud-hypervisor found; the whole plan re-checked                                       |
+//! | Spawn       | cloud-hypervisor passed the start-up check (ch.rs), v52+ with nets; the plan re-checked                                       |
 //! | Connect     | node opened O_PATH\|O_NOFOLLOW is a socket owned by the VM uid                          |
 //! | OpenOutputs | —                                                                                       |
 //! | Signal      | TERM, KILL or CONT only (the type allows no other)                                      |
@@ -21,6 +21,7 @@
 //! | Inventory   | —                                                                                       |
 //! | TrimLog     | the broker's own fd of the log, reopened for writing; the range from policy             |
 //! | Sandbox     | sandbox.txt is a regular root-owned file with one link; applied is read from /proc       |
+//! | Serving     | — (READY=1 goes out on the first only)                                                  |
 //!
 //! Every request, allowed or refused, is one audit line (see `supervise::serve_one`).
 
@@ -44,7 +45,9 @@ pub struct Broker {
     pub run_fd: OwnedFd,
     pub image_roots: Vec<(PathBuf, OwnedFd)>,
     pub vm_uids: RangeInclusive<u32>,
-    pub cloud_hypervisor: Option<PathBuf>,
+    pub cloud_hypervisor: crate::ch::Checked,
+    /// Connected to `$NOTIFY_SOCKET`, until READY=1 is sent.
+    pub notify: Option<std::os::unix::net::UnixDatagram>,
     pub spawner: OwnedFd,
     pub sandbox: SandboxOptions,
     pub allowed_bridges: Vec<String>,
@@ -189,6 +192,7 @@ fn dispatch(b: &mut Broker, req: &Request) -> Handled {
             });
             Ok((Reply::Inventory { vms: vms.collect() }, vec![]))
         }
+        Request::Serving => Ok((Reply::Noted, vec![])).inspect(|_| crate::notify::ready(b.notify.take())),
         Request::TrimLog { vm } => match &b.vm(vm)?.vmm {
             Vmm::Alive { outputs, .. } => Ok((Reply::Trimmed, outputs.trim_log().map(|()| vec![])?)),
             _ => Err(StateError::Exited(vm.clone()).into()),
@@ -227,7 +231,8 @@ mod tests {
             run_fd: open(dir, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).unwrap(),
             image_roots: vec![],
             vm_uids: 62060..=62069,
-            cloud_hypervisor: None,
+            cloud_hypervisor: Err("none".into()),
+            notify: None,
             spawner,
             sandbox: SandboxOptions { seccomp: my_hypervisor_policy::seccomp::Mode::Kill, landlock_best_effort: false },
             allowed_bridges: vec![],

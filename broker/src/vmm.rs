@@ -3,7 +3,6 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
 
 use my_hypervisor_broker_proto::{Event, ExitStatus, ImageRole, Reply, SocketRole, VmmConfig, VmmSignal};
 use my_hypervisor_policy::elf;
@@ -63,16 +62,6 @@ pub fn reopen(fd: &impl AsRawFd, flags: OFlag) -> nix::Result<OwnedFd> {
     nix::fcntl::open(path.as_str(), flags | OFlag::O_CLOEXEC | OFlag::O_NOCTTY, Mode::empty())
 }
 
-fn find_cloud_hypervisor(configured: Option<&Path>) -> Result<PathBuf, Refusal> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut on_path = std::env::split_paths(&path).map(|d| d.join("cloud-hypervisor"));
-    match configured {
-        Some(p) if p.is_file() => Ok(p.to_path_buf()),
-        Some(p) => Err(Refusal::NoCloudHypervisorAt(p.display().to_string())),
-        None => on_path.find(|p| p.is_file()).ok_or(Refusal::NoCloudHypervisor),
-    }
-}
-
 /// Mounts the VM's own size-limited tmpfs on its new run dir `vm` (through the spawn helper)
 /// and opens it; the tmpfs is owned by `uid`, mode 0700.
 pub fn open_run_dir(b: &Broker, vm: &str, uid: u32) -> Result<OwnedFd, Refusal> {
@@ -115,9 +104,10 @@ pub fn free_uid(b: &Broker) -> Result<u32, Refusal> {
 }
 
 pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
-    let ch = find_cloud_hypervisor(b.cloud_hypervisor.as_deref())?;
+    let (ch, major) = b.cloud_hypervisor.clone().map_err(Refusal::CloudHypervisor)?;
     let run_dir = b.run_dir.join(id);
     let vm = b.vms.get_mut(id).ok_or_else(|| Refusal::Vmm(format!("no VM {id}")))?;
+    my_hypervisor_policy::ch_binary::check_version(&ch.to_string_lossy(), major, !vm.taps.is_empty())?;
     let images: Vec<(ImageRole, String)> = vm.grants.iter().map(|g| (g.role, g.path.clone())).collect();
     let nets = vm.taps.iter().map(|t| t.mac.clone()).collect();
     let plan = VmmPlan::new(run_dir.to_string_lossy().into_owned(), &images, nets, cfg);

@@ -58,6 +58,13 @@ pub fn run(cfg: Config, listen: OwnedFd, broker: OwnedFd) -> std::io::Result<()>
         std_listener.set_nonblocking(true)?;
         let listener = tokio::net::UnixListener::from_std(std_listener)?;
         tracing::info!(state_dir = %cfg.state_dir.display(), "frontend serving");
+        // The listener answers from here on: the broker tells the service manager (READY=1).
+        let b = broker.clone();
+        tokio::spawn(async move {
+            if let Err(e) = b.call(my_hypervisor_broker_proto::Request::Serving).await {
+                tracing::warn!(error = %e, "tell the broker the frontend serves");
+            }
+        });
         tokio::select! {
             r = rpc::serve(listener, methods, cfg.limits) => r,
             () = broker.closed() => {

@@ -41,7 +41,7 @@ pub struct Args {
     /// A bridge VM taps may be attached to (repeatable); a tap asks for no other.
     #[arg(long = "allowed-bridge", value_parser = |s: &str| check_ifname(s).map(|()| s.to_string()).map_err(|e| e.to_string()))]
     pub allowed_bridges: Vec<String>,
-    /// The cloud-hypervisor binary; by default found on PATH when a VM starts.
+    /// The cloud-hypervisor binary; by default found on PATH. Checked once, at daemon start.
     #[arg(long)]
     pub cloud_hypervisor: Option<PathBuf>,
     /// The frontend binary; by default `my_hypervisor-frontend` beside this one.

@@ -3,6 +3,7 @@
 //! launcher all decide through it, so a reviewer can sign the rules in one place.
 
 pub mod acl;
+pub mod ch_binary;
 pub mod daemon;
 pub mod elf;
 pub mod frontend;
@@ -10,6 +11,7 @@ pub mod journal;
 pub mod layout;
 pub mod names;
 pub mod net;
+pub mod notify;
 pub mod observed;
 pub mod privileges;
 pub mod refusal;

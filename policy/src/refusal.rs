@@ -31,6 +31,12 @@ pub enum Refusal {
     NoCloudHypervisorAt(String),
     #[error("cloud-hypervisor not found on PATH; install it or pass --cloud-hypervisor")]
     NoCloudHypervisor,
+    /// The binary failed the start-up check (`ch_binary`); the daemon must be restarted
+    /// once it is fixed.
+    #[error("cloud-hypervisor refused at daemon start: {0}")]
+    CloudHypervisor(String),
+    #[error(transparent)]
+    ChBinary(#[from] crate::ch_binary::ChError),
     #[error("VMM {pid} did not exit within {ms} ms of SIGKILL; release again later")]
     StillAlive { pid: u32, ms: u16 },
     #[error("release of VM {vm} is incomplete: {steps}")]

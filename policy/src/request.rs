@@ -73,6 +73,7 @@ pub const TABLE: &[Row] = &[
     row("Inventory", Requires::Nothing, false, 0, true),
     row("TrimLog", Requires::Alive, false, 0, true),
     row("Sandbox", Requires::Alive, false, 0, true),
+    row("Serving", Requires::Nothing, false, 0, true),
 ];
 
 /// The request's row, and the VM it names. Every variant has its row by construction
@@ -90,6 +91,7 @@ pub fn row_of(req: &Request) -> (&'static Row, Option<&str>) {
         Request::Inventory => (8, None),
         Request::TrimLog { vm } => (9, Some(vm)),
         Request::Sandbox { vm } => (10, Some(vm)),
+        Request::Serving => (11, None),
     };
     (&TABLE[i], vm.map(String::as_str))
 }
@@ -146,7 +148,7 @@ pub fn render_table() -> String {
 
 pub fn check(req: &Request) -> Result<(), FieldError> {
     match req {
-        Request::KvmCheck | Request::Inventory => Ok(()),
+        Request::KvmCheck | Request::Inventory | Request::Serving => Ok(()),
         Request::Prepare { vm, images } => {
             check_vm_id(vm)?;
             check_range("images", images.len() as u64, 1, MAX_IMAGES as u64)?;
@@ -228,6 +230,7 @@ mod tests {
             Request::Inventory,
             Request::TrimLog { vm: "a".into() },
             Request::Sandbox { vm: "a".into() },
+            Request::Serving,
         ]
     }
 
@@ -249,11 +252,12 @@ mod tests {
                 Request::Inventory => "Inventory",
                 Request::TrimLog { .. } => "TrimLog",
                 Request::Sandbox { .. } => "Sandbox",
+                Request::Serving => "Serving",
             };
             assert_eq!(row_of(&r).0.request, name, "{r:?} has another variant's row");
             seen.insert(name);
         }
-        assert_eq!(seen.len(), 11, "samples() holds one request of each variant");
+        assert_eq!(seen.len(), 12, "samples() holds one request of each variant");
         assert_eq!(TABLE.len(), seen.len(), "one row per variant, no other");
     }
 

@@ -56,6 +56,9 @@ pub enum Request {
     TrimLog { vm: String },
     /// The live VMM's sandbox: the report stored at spawn, and what the kernel shows applied.
     Sandbox { vm: String },
+    /// The frontend serves the RPC socket: the broker tells the service manager (READY=1),
+    /// once per daemon.
+    Serving,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +138,7 @@ pub enum Reply {
     Signalled,
     Released,
     Trimmed,
+    Noted,
     Inventory {
         vms: Vec<HeldVm>,
     },
