@@ -5,16 +5,19 @@
 //! no_new_privs and a seccomp filter; the VMM has its own namespaces, sees only its minimal
 //! root, and holds its tap fd but no unattached /dev/net/tun.
 //!
-//! The daemon gets only the path flags every other daemon test passes (scratch dirs) and
-//! `--cloud-hypervisor`. Its default paths (/run/my_hypervisor, /var/lib/my_hypervisor/images)
-//! are host-global: the broker refuses to start while a journal there lists VMs, and a real
-//! installation or a concurrent run may own them, so a test must not take them over. The
-//! VM uids come from this file's own range, 63600-63699.
+//! The daemon runs with its defaults: besides `--cloud-hypervisor` (the double must come from
+//! a flag or PATH) and this file's own `--vm-uid-range` (63600-63619), it gets no flag. Those
+//! paths (/run/my_hypervisor, /var/lib/my_hypervisor/images) are host-global, so the test
+//! holds a file lock under /run meanwhile, takes them only when no daemon serves there and
+//! they hold no VM, and removes exactly what did not exist before. When an installed daemon
+//! owns them, it runs on the scratch paths the other daemon tests use instead, and says so.
 //!
 //! With `MYHV_CLOUD_HYPERVISOR` set, the VM runs on real cloud-hypervisor with `agent: false`
 //! (the PVH test guest has no vsock driver) and exec is skipped with a SKIP line.
 
 use std::io::{ErrorKind, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -29,20 +32,97 @@ use serde_json::{Value, json};
 const LINE: &str = "my_hypervisor end to end guest";
 const NOT_FOUND: i64 = -32020;
 
+/// The daemon's default paths (docs/operations.md).
+const DEFAULT_RPC: &str = "/run/my_hypervisor/rpc.sock";
+const DEFAULT_STATE: &str = "/run/my_hypervisor/vms";
+const DEFAULT_RUN: &str = "/run/my_hypervisor/vmm";
+const DEFAULT_IMAGES: &str = "/var/lib/my_hypervisor/images";
+/// What the daemon (or this test) may create under the defaults, parents first.
+const DEFAULT_TREE: [&str; 9] = [
+    "/run/my_hypervisor",
+    "/var/lib/my_hypervisor",
+    DEFAULT_IMAGES,
+    DEFAULT_RPC,
+    DEFAULT_STATE,
+    "/run/my_hypervisor/vms/logs",
+    "/run/my_hypervisor/vms/sequence",
+    "/run/my_hypervisor/console",
+    DEFAULT_RUN,
+];
+/// Held while the test owns the default paths: other runs of this suite wait for it.
+const LOCK: &str = "/run/my_hypervisor-e2e.lock";
+const UIDS: std::ops::RangeInclusive<u32> = 63600..=63619;
+
+/// An exclusive flock on [`LOCK`]; the file is removed (while still held) on drop.
+struct Lock {
+    /// Closing it releases the lock, after the drop removed the file.
+    _file: std::fs::File,
+}
+
+impl Lock {
+    fn take() -> Lock {
+        wait_for("the end-to-end lock", Duration::from_secs(300), || {
+            let f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(LOCK).expect("lock file");
+            // SAFETY: flock on an fd we own; no memory is passed.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                return None;
+            }
+            // A holder that finished may have removed the file after we opened it: the lock
+            // counts only on the file the path still names.
+            let same = std::fs::metadata(LOCK).is_ok_and(|m| m.ino() == f.metadata().expect("fstat").ino());
+            same.then_some(Lock { _file: f })
+        })
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(LOCK);
+    }
+}
+
+/// Removes, on drop, exactly the paths that did not exist before the test.
+struct Created(Vec<PathBuf>);
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            let _ = std::fs::remove_file(p).or_else(|_| std::fs::remove_dir_all(p));
+        }
+    }
+}
+
+/// True when no daemon serves on the defaults and they hold no VM: a test may take them over.
+fn defaults_free() -> bool {
+    let journal_empty = std::fs::read(Path::new(DEFAULT_RUN).join("broker.journal")).map_or(true, |j| j == [0]);
+    let no_vm = std::fs::read_dir(DEFAULT_STATE)
+        .map(|d| d.flatten().all(|e| !e.file_name().to_string_lossy().ends_with(".json")))
+        .unwrap_or(true);
+    UnixStream::connect(DEFAULT_RPC).is_err() && journal_empty && no_vm
+}
+
 struct Env {
     d: Daemon,
+    rpc_socket: PathBuf,
+    run: PathBuf,
+    images: PathBuf,
     vmm: PathBuf,
     real: bool,
+    _created: Created,
+    _lock: Option<Lock>,
 }
 
 impl Drop for Env {
     /// VMMs outlive their daemon by design; this test's must not outlive the test.
     fn drop(&mut self) {
-        let marker = format!("{}/", self.d.path("run/vmm").display());
+        let marker = format!("{}/", self.run.display());
         for pid in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let Ok(pid) = pid.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let ours = proc_status(pid)
+                .and_then(|s| s.get("Uid")?.split_whitespace().next()?.parse::<u32>().ok())
+                .is_some_and(|u| UIDS.contains(&u));
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmd).contains(&marker) {
+            if ours && String::from_utf8_lossy(&cmd).contains(&marker) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
         }
@@ -50,6 +130,10 @@ impl Drop for Env {
 }
 
 impl Env {
+    /// The daemon with its default paths when they are free (under [`LOCK`]); otherwise, as
+    /// when an installed daemon runs on this host, with the scratch paths the other daemon
+    /// tests use. Either way only `--cloud-hypervisor` (the double must come from a flag or
+    /// PATH) and this file's own `--vm-uid-range` besides.
     fn start(test: &str) -> Option<Env> {
         if !have_root(test) {
             return None;
@@ -57,14 +141,53 @@ impl Env {
         let root = scratch_root();
         let real = std::env::var("MYHV_CLOUD_HYPERVISOR").ok();
         let vmm = real.clone().map(PathBuf::from).unwrap_or_else(|| staged_bin(root.path(), "ch-double"));
-        let d =
-            Daemon::start_in(root, &["--cloud-hypervisor", &vmm.to_string_lossy(), "--vm-uid-range", "63600-63619"]);
-        std::fs::create_dir_all(d.path("images")).expect("images");
-        Some(Env { d, vmm, real: real.is_some() })
+        let uids = format!("{}-{}", UIDS.start(), UIDS.end());
+        let mut args: Vec<String> =
+            vec!["--cloud-hypervisor".into(), vmm.to_string_lossy().into(), "--vm-uid-range".into(), uids];
+        let lock = Lock::take();
+        let (lock, created, rpc_socket, run, images) = if defaults_free() {
+            let created = Created(DEFAULT_TREE.iter().map(PathBuf::from).filter(|p| !p.exists()).collect());
+            std::fs::create_dir_all(DEFAULT_IMAGES).expect("the default image root");
+            (Some(lock), created, PathBuf::from(DEFAULT_RPC), PathBuf::from(DEFAULT_RUN), PathBuf::from(DEFAULT_IMAGES))
+        } else {
+            drop(lock);
+            eprintln!("NOTE {test}: another daemon holds the default paths; using scratch paths");
+            let p = |rel: &str| root.path().join(rel);
+            for (flag, rel) in [
+                ("--rpc-socket", "run/rpc.sock"),
+                ("--state-dir", "run/vms"),
+                ("--console-dir", "run/console"),
+                ("--run-dir", "run/vmm"),
+                ("--image-root", "images"),
+            ] {
+                args.extend([flag.to_string(), p(rel).to_string_lossy().into_owned()]);
+            }
+            std::fs::create_dir_all(p("images")).expect("images");
+            (None, Created(vec![]), p("run/rpc.sock"), p("run/vmm"), p("images"))
+        };
+        for sibling in ["my_hypervisor-frontend", "my_hypervisor-frontend-launcher", "my_hypervisor-vmm-launcher"] {
+            staged_bin(root.path(), sibling);
+        }
+        let log = std::fs::File::create(root.path().join("daemon.log")).expect("log file");
+        let child = std::process::Command::new(staged_bin(root.path(), "my_hypervisor-daemon"))
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the daemon");
+        let mut d = Daemon { child, root };
+        wait_for("the rpc socket to accept", Duration::from_secs(10), || {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("the daemon exited ({status}) before serving:\n{}", d.log());
+            }
+            UnixStream::connect(&rpc_socket).ok().map(drop)
+        });
+        Some(Env { d, rpc_socket, run, images, vmm, real: real.is_some(), _created: created, _lock: lock })
     }
 
     fn rpc(&self, method: &str, params: Value) -> Result<Value, (i64, String)> {
-        let reply = self.d.call(&json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}));
+        let mut c = RpcClient::connect(&self.rpc_socket);
+        let reply = c.call(&json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}));
         match reply.get("error") {
             Some(e) => Err((e["code"].as_i64().unwrap_or(0), e["message"].as_str().unwrap_or("").to_string())),
             None => Ok(reply["result"].clone()),
@@ -76,7 +199,7 @@ impl Env {
     }
 
     fn vm_dir(&self, id: &str) -> PathBuf {
-        self.d.path(&format!("run/vmm/{id}"))
+        self.run.join(id)
     }
 }
 
@@ -184,12 +307,14 @@ fn read_console_until(s: &mut UnixStream, want: &[u8]) {
 fn every_method_through_the_socket_and_a_confined_process_tree() {
     let test = "every_method_through_the_socket_and_a_confined_process_tree";
     let Some(env) = Env::start(test) else { return };
-    let mut follower = Follower::new(&env.d.rpc_socket());
+    let mut follower = Follower::new(&env.rpc_socket);
 
     // create: a writable disk, a tap with an MTU, vsock, and the guest agent (with the double).
-    let kernel = env.d.path("images/guest.elf");
+    let kernel = env.images.join(format!("e2e-{}-guest.elf", std::process::id()));
+    let _kernel_file = Created(vec![kernel.clone()]);
     std::fs::write(&kernel, pvh::guest(LINE, false)).expect("guest");
-    let disk = env.d.path("images/disk.raw");
+    let disk = env.images.join(format!("e2e-{}-disk.raw", std::process::id()));
+    let _disk_file = Created(vec![disk.clone()]);
     std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
     std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
     let created = env.ok(
@@ -271,7 +396,7 @@ fn every_method_through_the_socket_and_a_confined_process_tree() {
     // The VMM: confined, under a VM uid, in its own namespaces.
     assert_confined("the VMM", pid);
     let uid: u32 = proc_status(pid).expect("VMM")["Uid"].split_whitespace().next().unwrap().parse().expect("uid");
-    assert!((63600..=63619).contains(&uid), "the VMM runs as a uid of the range: {uid}");
+    assert!(UIDS.contains(&uid), "the VMM runs as a uid of the range: {uid}");
     let ns = |kind: &str, p: &str| std::fs::read_link(format!("/proc/{p}/ns/{kind}")).expect("ns link");
     for kind in ["pid", "ipc", "uts", "mnt", "net"] {
         assert_ne!(ns(kind, &pid.to_string()), ns(kind, "self"), "the VMM has its own {kind} namespace");
@@ -321,5 +446,5 @@ fn every_method_through_the_socket_and_a_confined_process_tree() {
     let followed: Vec<String> = follower.until("removed").into_iter().map(|(to, _)| to).collect();
     assert_eq!(followed, ["removed"]);
     assert!(!env.vm_dir("e").exists(), "the run dir outlived remove");
-    assert_eq!(std::fs::read(env.d.path("run/vmm/broker.journal")).expect("journal"), vec![0], "journal empty");
+    assert_eq!(std::fs::read(env.run.join("broker.journal")).expect("journal"), vec![0], "journal empty");
 }
