@@ -37,8 +37,9 @@ const DEFAULT_RPC: &str = "/run/my_hypervisor/rpc.sock";
 const DEFAULT_STATE: &str = "/run/my_hypervisor/vms";
 const DEFAULT_RUN: &str = "/run/my_hypervisor/vmm";
 const DEFAULT_IMAGES: &str = "/var/lib/my_hypervisor/images";
-/// What the daemon (or this test) may create under the defaults, parents first.
-const DEFAULT_TREE: [&str; 9] = [
+/// What the daemon (or this test) may create under the defaults, parents first; the files of
+/// the test's VM `e` too, in case a failed test leaves them.
+const DEFAULT_TREE: [&str; 13] = [
     "/run/my_hypervisor",
     "/var/lib/my_hypervisor",
     DEFAULT_IMAGES,
@@ -48,6 +49,10 @@ const DEFAULT_TREE: [&str; 9] = [
     "/run/my_hypervisor/vms/sequence",
     "/run/my_hypervisor/console",
     DEFAULT_RUN,
+    "/run/my_hypervisor/vms/e.json",
+    "/run/my_hypervisor/vms/logs/e.log",
+    "/run/my_hypervisor/vms/logs/e.log.1",
+    "/run/my_hypervisor/console/e.sock",
 ];
 /// Held while the test owns the default paths: other runs of this suite wait for it.
 const LOCK: &str = "/run/my_hypervisor-e2e.lock";
@@ -393,6 +398,11 @@ fn every_method_through_the_socket_and_a_confined_process_tree() {
     // The process tree. The frontend: a child of the daemon, confined.
     let frontend = env.d.frontend_pid();
     assert_confined("the frontend", frontend);
+    let st = proc_status(frontend).expect("the frontend");
+    for ids in ["Uid", "Gid"] {
+        let all: Vec<&str> = st[ids].split_whitespace().collect();
+        assert_eq!(all, ["61000"; 4], "the frontend runs as --frontend-user's default: {ids} {}", st[ids]);
+    }
     // The VMM: confined, under a VM uid, in its own namespaces.
     assert_confined("the VMM", pid);
     let uid: u32 = proc_status(pid).expect("VMM")["Uid"].split_whitespace().next().unwrap().parse().expect("uid");
