@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use my_hypervisor_tests::agent::Agent;
+use my_hypervisor_tests::vmm_sandbox::pids_of_uid;
 use my_hypervisor_tests::{Daemon, RpcClient, have_root, proc_status, pvh, scratch_root, staged_bin, wait_for};
 use serde_json::{Value, json};
 
@@ -146,6 +147,8 @@ impl Env {
         let root = scratch_root();
         let real = std::env::var("MYHV_CLOUD_HYPERVISOR").ok();
         let vmm = real.clone().map(PathBuf::from).unwrap_or_else(|| staged_bin(root.path(), "ch-double"));
+        // The daemon resolves the binary to its real path; so does the check of the VMM's root.
+        let vmm = std::fs::canonicalize(&vmm).unwrap_or_else(|e| panic!("{}: {e}", vmm.display()));
         let uids = format!("{}-{}", UIDS.start(), UIDS.end());
         let mut args: Vec<String> =
             vec!["--cloud-hypervisor".into(), vmm.to_string_lossy().into(), "--vm-uid-range".into(), uids];
@@ -407,6 +410,11 @@ fn every_method_through_the_socket_and_a_confined_process_tree() {
     assert_confined("the VMM", pid);
     let uid: u32 = proc_status(pid).expect("VMM")["Uid"].split_whitespace().next().unwrap().parse().expect("uid");
     assert!(UIDS.contains(&uid), "the VMM runs as a uid of the range: {uid}");
+    let under_uid = pids_of_uid(uid);
+    assert!(under_uid.contains(&pid), "{under_uid:?}");
+    for p in under_uid {
+        assert_confined(&format!("process {p} of the VM's uid"), p);
+    }
     let ns = |kind: &str, p: &str| std::fs::read_link(format!("/proc/{p}/ns/{kind}")).expect("ns link");
     for kind in ["pid", "ipc", "uts", "mnt", "net"] {
         assert_ne!(ns(kind, &pid.to_string()), ns(kind, "self"), "the VMM has its own {kind} namespace");
