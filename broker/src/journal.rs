@@ -1,6 +1,6 @@
 //! The broker's journal: what it holds for each VM (uid, VMM pid and start time, binary,
-//! taps, grants), rewritten atomically after every change, so that a broker crash leaves a
-//! record of everything it held; the daemon refuses to start while it lists VMs.
+//! taps, grants), rewritten atomically after every change, so that a restarted daemon can
+//! adopt the VMMs again and still undo everything they hold (`adopt`).
 //! Root-owned, 0600, in the run dir. While it cannot be written the broker fails closed
 //! (`table::serve`).
 
@@ -36,7 +36,7 @@ pub fn save(b: &Broker) -> Result<(), String> {
                 start_time: pid.and_then(|p| start_time(&std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?)),
                 exe,
                 taps: v.taps.iter().map(|t| t.name.clone()).collect(),
-                grants: v.grants.iter().map(|g| (g.path.clone(), g.writable(), g.restore(&b.acls))).collect(),
+                grants: v.grants.iter().map(|g| g.record(&b.acls)).collect(),
             }
         })
         .collect();

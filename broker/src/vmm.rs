@@ -30,6 +30,23 @@ pub struct Outputs {
 }
 
 impl Outputs {
+    /// The event file and log of a VMM taken up from the journal, opened by name in its run
+    /// dir: regular files the broker created (owned by root), never a FIFO or a symlink.
+    pub fn open(dir: &OwnedFd) -> Result<Outputs, String> {
+        let open = |name: &str| {
+            let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+            let fd = openat(dir.as_fd(), name, flags, Mode::empty()).map_err(|e| format!("{name}: {e}"))?;
+            let st = fstat(fd.as_fd()).map_err(|e| format!("{name}: {e}"))?;
+            let regular = nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT
+                == nix::sys::stat::SFlag::S_IFREG;
+            if !regular || st.st_uid != 0 {
+                return Err(format!("{name} is not the broker's regular file"));
+            }
+            Ok(fd)
+        };
+        Ok(Outputs { events: open(EVENT_FILE)?, log: open(LOG_FILE)? })
+    }
+
     /// New open file descriptions of both files, read-only, each with its own offset.
     pub fn reopen(&self) -> Result<Vec<OwnedFd>, Refusal> {
         [&self.events, &self.log].into_iter().map(|fd| Ok(reopen(fd, OFlag::O_RDONLY)?)).collect()
@@ -80,7 +97,7 @@ pub fn open_run_dir(b: &Broker, vm: &str, uid: u32) -> Result<OwnedFd, Refusal> 
     Ok(run_dir_fd(b, vm)?)
 }
 
-fn run_dir_fd(b: &Broker, vm: &str) -> nix::Result<OwnedFd> {
+pub fn run_dir_fd(b: &Broker, vm: &str) -> nix::Result<OwnedFd> {
     openat(b.run_fd.as_fd(), vm, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
 }
 
@@ -141,7 +158,8 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
         fchownat(vm.dir.as_fd(), API_SOCKET, ids.0, ids.1, AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(Refusal::vmm("chown api socket"))?;
         let mut fds: Vec<OwnedFd> = vec![log_w, api.into(), events_w];
-        for fd in vm.taps.iter().map(|t| &t.fd).chain(vm.grants.iter().map(|g| &g.fd)).chain([&vm.dir]) {
+        // A VM taken up from the journal is never spawned again, so each tap has its fd.
+        for fd in vm.taps.iter().filter_map(|t| t.fd.as_ref()).chain(vm.grants.iter().map(|g| &g.fd)).chain([&vm.dir]) {
             fds.push(fd.try_clone()?);
         }
         let mut binds: Vec<(String, bool)> = vm.grants.iter().map(|g| (g.path.clone(), g.writable())).collect();
@@ -154,7 +172,7 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
     let (spawner::Started { pid, pidfd }, outputs) = started.inspect_err(|_| _ = cleanup(&vm.dir))?;
     let fds = outputs.reopen();
     // Recorded even if the reopen failed, so that a release finds and kills it.
-    vm.vmm = Vmm::Alive { pid, pidfd, exe, outputs };
+    vm.vmm = Vmm::Alive { pid, pidfd, exe, outputs, adopted: false };
     Ok((Reply::Spawned { pid }, fds?))
 }
 
@@ -199,17 +217,23 @@ pub fn reaped(b: &mut Broker, pid: u32, status: ExitStatus) -> Option<Event> {
 /// with it) and reaps it, waiting at most RELEASE_WAIT_MS.
 pub fn stop(b: &mut Broker, id: &str) -> Result<(), Refusal> {
     let Some(vm) = b.vms.get_mut(id) else { return Ok(()) };
-    if let Vmm::Alive { pid, pidfd, .. } = &vm.vmm {
+    if let Vmm::Alive { pid, pidfd, adopted, .. } = &vm.vmm {
         // A pidfd turns readable when its process exits; a VMM stuck in uninterruptible
         // I/O must not stall the broker for long, so the VM stays held for another try.
-        let pid = *pid;
+        let (pid, adopted) = (*pid, *adopted);
         let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
         signal(vm, VmmSignal::Kill)?;
         if !matches!(poll(&mut fds, PollTimeout::from(RELEASE_WAIT_MS)), Ok(n) if n > 0) {
             return Err(Refusal::StillAlive { pid, ms: RELEASE_WAIT_MS });
         }
-        let status = waitpid(Pid::from_raw(pid as i32), None).map_err(Refusal::vmm(format!("reap VMM {pid}")))?;
-        reaped(b, pid, exit_status(status).map_or(ExitStatus::Signal(libc::SIGKILL), |s| s.1));
+        // An adopted VMM is reaped by its own parent, not here.
+        let status = match adopted {
+            true => ExitStatus::Signal(libc::SIGKILL),
+            false => waitpid(Pid::from_raw(pid as i32), None)
+                .map_err(Refusal::vmm(format!("reap VMM {pid}")))
+                .map(|s| exit_status(s).map_or(ExitStatus::Signal(libc::SIGKILL), |s| s.1))?,
+        };
+        reaped(b, pid, status);
     }
     Ok(())
 }
@@ -222,7 +246,11 @@ pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
     let Some(vm) = b.vms.get_mut(id) else { return Ok(()) };
     let mut errors: Vec<String> = Vec::new();
     for t in std::mem::take(&mut vm.taps) {
-        errors.extend(crate::tap::delete(&t.name, t.fd).err());
+        if let Err(e) = crate::tap::delete(&t.name, t.fd) {
+            errors.push(e);
+            // Kept, so that the next release deletes it by name.
+            vm.taps.push(crate::table::Tap { name: t.name, mac: None, fd: None });
+        }
     }
     vm.grants.retain(|g| revoke(g, &mut b.acls).map_err(|e| errors.push(e)).is_err());
     errors.extend(remove_run_dir(b, id).err());

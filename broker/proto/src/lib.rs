@@ -173,4 +173,7 @@ pub enum Event {
 pub enum ExitStatus {
     Code(i32),
     Signal(i32),
+    /// A VMM re-adopted after a daemon restart is not the broker's child: its exit is seen
+    /// through its pidfd, and its status cannot be read.
+    Unknown,
 }

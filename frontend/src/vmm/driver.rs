@@ -87,6 +87,9 @@ pub fn describe(status: ExitStatus) -> String {
     match status {
         ExitStatus::Code(c) => format!("exit status {c}"),
         ExitStatus::Signal(s) => format!("killed by signal {s}"),
+        ExitStatus::Unknown => {
+            "exit status unknown (the VMM was adopted after a daemon restart, so it was not the broker's child)".into()
+        }
     }
 }
 
@@ -407,7 +410,9 @@ impl BrokerDriver {
             return Err(DriverError::new("inventory: unexpected reply"));
         };
         let Some(held) = vms.into_iter().find(|v| v.vm == vm_id) else {
-            return Ok(Reattached::Gone("the broker holds nothing for it".into()));
+            // A restarted daemon releases each VM whose VMM it cannot adopt (docs/lifecycle.md).
+            let why = "the broker holds nothing for it: its VMM ended, or could not be adopted again, while the daemon was down, and what it held was released";
+            return Ok(Reattached::Gone(why.into()));
         };
         if !held.alive || pid.is_some_and(|p| held.pid != Some(p)) {
             let how = held.exit.map_or("not running".to_string(), describe);
