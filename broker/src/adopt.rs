@@ -42,6 +42,10 @@ fn find_vmm(e: &Entry) -> Result<(u32, OwnedFd), String> {
     let read = |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}")).map_err(|_| format!("pid {pid} is gone"));
     let (stat, status) = (read("stat")?, read("status")?);
     check_vmm(e, &stat, &status).map_err(|e| e.to_string())?;
+    // A pidfd is readable once its process has exited (a zombie still shows in /proc).
+    if poll(&mut [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)], PollTimeout::ZERO).is_ok_and(|n| n > 0) {
+        return Err(format!("pid {pid} has exited"));
+    }
     Ok((pid, pidfd))
 }
 

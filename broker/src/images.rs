@@ -288,7 +288,7 @@ mod tests {
         let b = grant(&roots, &mut acls, 62002, &image, |_, _| None).unwrap();
         let both = decode(&xattr(&file).unwrap());
         assert!(both.contains(&(USER, READ, 62001)) && both.contains(&(USER, READ, 62002)), "{both:?}");
-        assert!(matches!(a.restore(&acls), Restore::Acl { original: Some(ref o), .. } if *o == original));
+        assert!(matches!(a.record(&acls).restore, Restore::Acl { original: Some(ref o), .. } if *o == original));
         revoke(&a, &mut acls).unwrap();
         let left = decode(&xattr(&file).unwrap());
         assert!(left.contains(&(USER, READ, 62002)) && !left.iter().any(|e| e.2 == 62001), "{left:?}");
