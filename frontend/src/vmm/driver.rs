@@ -418,6 +418,13 @@ impl BrokerDriver {
             let how = held.exit.map_or("not running".to_string(), describe);
             return Ok(Reattached::Gone(format!("its VMM (pid {:?}) is gone: {how}", held.pid)));
         }
+        // Its API must answer: after a daemon restart the broker checked the process, not
+        // that it still serves (inside its PID namespace the VMM is pid 1, so ping's pid
+        // says nothing).
+        let sock = self.api(vm_id).await.map_err(step("connect to the VMM's API"))?;
+        api::call(sock, Method::GET, "vmm.ping", api::QUICK)
+            .await
+            .map_err(|e| DriverError::new(format!("vmm.ping: {e}")))?;
         let (_, fds) =
             self.inner.broker.call(Request::OpenOutputs { vm: vm_id.into() }).await.map_err(step("open outputs"))?;
         let rt = self.track(vm_id, fds, offset, RUNNING)?;
