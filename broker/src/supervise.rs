@@ -7,7 +7,7 @@ use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
 use my_hypervisor_broker_proto::{
-    Envelope, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv_keeping_fds, send,
+    Envelope, Event, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv_keeping_fds, send,
 };
 use my_hypervisor_policy::daemon::Backoff;
 use my_hypervisor_policy::frontend::FrontendPlan;
@@ -21,7 +21,7 @@ use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::stat::{Mode, umask};
-use nix::sys::wait::{WaitPidFlag, waitpid};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, geteuid};
 
 use crate::cli::{Args, Config, resolve, sibling};
@@ -194,12 +194,32 @@ impl Frontend {
 }
 
 /// On SIGTERM, SIGINT or SIGHUP: the frontend is stopped and the journal written. VMs keep
-/// running, for the next daemon to adopt (`adopt`); with `--stop-vms-on-exit`, every VM is
-/// released (its VMM killed, taps, grants and dirs undone) before the daemon exits.
+/// running, for the next daemon to adopt (`adopt`). With `--stop-vms-on-exit`, the frontend
+/// is told first (`Event::Shutdown`: it records its VMs stopped and exits, or is killed after
+/// FRONTEND_SHUTDOWN), then every VM is released (its VMM killed, taps, grants and dirs
+/// undone) before the daemon exits.
 fn shut_down(b: &mut Broker, frontend: Option<&Frontend>, sig: Signal, stop_vms: bool) -> Result<(), String> {
+    const FRONTEND_SHUTDOWN: Duration = Duration::from_secs(10);
     tracing::info!(signal = %sig, vms = b.vms.len(), stop_vms, "shutting down");
     if let Some(f) = frontend {
-        let _ = kill(f.pid, Signal::SIGTERM);
+        let told = stop_vms && f.serving && {
+            let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: FromBroker::Event(Event::Shutdown) };
+            send(&f.channel, env, &[]).is_ok()
+        };
+        let end = Instant::now() + if told { FRONTEND_SHUTDOWN } else { Duration::ZERO };
+        let mut alive = true;
+        // Requests are still served meanwhile: an operation in flight may hold a VM's lock.
+        while alive && Instant::now() < end {
+            let mut fds = [PollFd::new(f.channel.as_fd(), PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::from(20u8)).is_ok_and(|n| n > 0) && serve_one(b, f).is_err() {
+                break;
+            }
+            alive = matches!(waitpid(f.pid, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive));
+        }
+        // Never signal a pid once reaped: it may name another process by now.
+        if alive {
+            let _ = kill(f.pid, if told { Signal::SIGKILL } else { Signal::SIGTERM });
+        }
         b.strays.drain(&f.channel);
     }
     let ids: Vec<String> = if stop_vms { b.vms.keys().cloned().collect() } else { vec![] };

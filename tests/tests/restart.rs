@@ -229,3 +229,22 @@ fn a_reused_pid_is_not_adopted() {
     let _ = other.kill();
     let _ = other.wait();
 }
+
+#[test]
+fn with_stop_vms_on_exit_the_vms_are_stopped_for_a_daemon_shutdown() {
+    let Some(mut env) = Env::start("with_stop_vms_on_exit_the_vms_are_stopped_for_a_daemon_shutdown", 4) else {
+        return;
+    };
+    let args: Vec<String> = env.args.clone();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (pid, disk) = env.start_vm("s");
+    env.d.restart(Signal::SIGTERM, &args, true);
+    assert_eq!(env.pid("s"), Some(pid), "adopted");
+    env.stop_daemon();
+    wait_exit(pid);
+    env.assert_released("s", &disk);
+    env.start_daemon();
+    let reason = env.wait_state("s", "stopped");
+    assert_eq!(reason, "daemon shutdown");
+    env.rpc("compute.vm.remove", json!({"vm_id": "s"}));
+}

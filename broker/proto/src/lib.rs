@@ -167,6 +167,9 @@ pub struct HeldVm {
 pub enum Event {
     /// A VMM the broker spawned has exited and been reaped.
     VmmExited { vm: String, pid: u32, status: ExitStatus },
+    /// The daemon is stopping with `--stop-vms-on-exit`: the frontend records its VMs
+    /// stopped and exits; then the broker releases every VM.
+    Shutdown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -121,6 +121,7 @@ impl BrokerDriver {
         loop {
             match events.recv().await {
                 Ok(Event::VmmExited { vm, status, .. }) => self.exited(&vm, status),
+                Ok(Event::Shutdown) => {}
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(missed = n, "broker events missed; reading the inventory");
                     if let Ok((Reply::Inventory { vms }, _)) = self.inner.broker.call(Request::Inventory).await {
