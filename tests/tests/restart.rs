@@ -3,6 +3,8 @@
 //! `MYHV_CLOUD_HYPERVISOR` names one. Case a (the frontend killed) is in tests/daemon.rs.
 //! VM uids 63300-63399, ten per test.
 
+use std::io::Read;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,6 +14,8 @@ use my_hypervisor_tests::{Daemon, have_root, proc_status, pvh, scratch_root, sta
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
+
+const GUEST_LINE: &str = "my_hypervisor restart guest";
 
 struct Env {
     d: Daemon,
@@ -72,7 +76,7 @@ impl Env {
     fn start_vm(&self, id: &str) -> (i32, PathBuf) {
         let images = self.d.path("images");
         let kernel = images.join("guest.elf");
-        std::fs::write(&kernel, pvh::guest("my_hypervisor restart guest", false)).expect("guest");
+        std::fs::write(&kernel, pvh::guest(GUEST_LINE, false)).expect("guest");
         let disk = images.join(format!("{id}.raw"));
         std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
         std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
@@ -156,6 +160,17 @@ fn a_stopped_daemon_leaves_vms_running_and_the_next_one_adopts_them() {
     assert_eq!(env.status("b")["state"], "running");
     assert_eq!(env.pid("b"), Some(pid), "the same VMM");
     assert!(alive(pid));
+    // The new frontend serves the console again: the guest's boot line, replayed.
+    let r = env.rpc("compute.vm.console.endpoint", json!({"vm_id": "b"}));
+    let path = PathBuf::from(r["path"].as_str().expect("path"));
+    let mut c = wait_for("the console socket", Duration::from_secs(10), || UnixStream::connect(&path).ok());
+    c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
+    while !got.windows(GUEST_LINE.len()).any(|w| w == GUEST_LINE.as_bytes()) {
+        let n = c.read(&mut buf).expect("console read");
+        assert!(n > 0, "EOF before the guest's line; got {:?}", String::from_utf8_lossy(&got));
+        got.extend(&buf[..n]);
+    }
     // A later stop still undoes everything the adopted VM holds: tap by name, disk owner, dir.
     assert_eq!(env.rpc("compute.vm.stop", json!({"vm_id": "b", "timeout_secs": 2}))["state"], "stopped");
     assert!(!alive(pid));
