@@ -72,6 +72,7 @@ pub fn take_up(b: &mut Broker, entries: Vec<Entry>) {
                 exe: e.exe.clone().unwrap_or_default(),
                 outputs: Outputs::open(dir)?,
                 adopted: true,
+                start_time: e.start_time,
             })
         });
         let vmm = match adopted {
@@ -101,12 +102,10 @@ pub fn take_up(b: &mut Broker, entries: Vec<Entry>) {
 /// not taken up, or one spawned just before a crash and never journalled), each logged.
 fn end_strays(b: &Broker) {
     let adopted: Vec<u32> = b.vms.values().filter(|v| matches!(v.vmm, Vmm::Alive { .. })).map(|v| v.uid).collect();
-    let mut procs = Vec::new();
-    for pid in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = pid.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
-        procs.push((pid, status_uids(&status)));
-    }
+    let procs = vmm::proc_uids().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot list processes: strays under VM uids are not ended");
+        vec![]
+    });
     for pid in journal::strays(&procs, &b.vm_uids, &adopted) {
         // The pidfd first, then the uids again, so that a pid reused meanwhile is spared.
         let Ok(pidfd) = pidfd_open(pid) else { continue };

@@ -6,8 +6,8 @@
 
 use std::io::Write;
 
+use my_hypervisor_policy::journal::Entry;
 pub use my_hypervisor_policy::journal::FILE;
-use my_hypervisor_policy::journal::{Entry, start_time};
 use nix::fcntl::{OFlag, open};
 use nix::sys::stat::Mode;
 
@@ -25,15 +25,15 @@ pub fn save(b: &Broker) -> Result<(), String> {
         .vms
         .iter()
         .map(|(id, v)| {
-            let (pid, exe) = match &v.vmm {
-                Vmm::Alive { pid, exe, .. } => (Some(*pid), Some(exe.clone())),
-                _ => (None, None),
+            let (pid, exe, start_time) = match &v.vmm {
+                Vmm::Alive { pid, exe, start_time, .. } => (Some(*pid), Some(exe.clone()), *start_time),
+                _ => (None, None, None),
             };
             Entry {
                 vm: id.clone(),
                 uid: v.uid,
                 pid,
-                start_time: pid.and_then(|p| start_time(&std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?)),
+                start_time,
                 exe,
                 taps: v.taps.iter().map(|t| t.name.clone()).collect(),
                 grants: v.grants.iter().map(|g| g.record(&b.acls)).collect(),

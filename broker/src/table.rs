@@ -83,6 +83,8 @@ pub enum Vmm {
         outputs: vmm::Outputs,
         /// Re-adopted after a daemon restart: not the broker's child, watched by its pidfd.
         adopted: bool,
+        /// Read once, while the pid surely names the VMM (the journal's reuse check).
+        start_time: Option<u64>,
     },
     Exited {
         pid: u32,

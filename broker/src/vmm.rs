@@ -117,18 +117,24 @@ pub fn remove_run_dir(b: &Broker, vm: &str) -> Result<(), String> {
 /// process still runs under (something outlived its VM) is never handed out, and each skip
 /// is logged as an error. It needs a /proc that shows every process (no hidepid).
 pub fn free_uid(b: &Broker) -> Result<u32, Refusal> {
+    let running = proc_uids()?;
+    for uid in b.vm_uids.clone().filter(|u| b.vms.values().all(|v| v.uid != *u)) {
+        let Some((pid, _)) = running.iter().find(|(_, u)| u.contains(&uid)) else { return Ok(uid) };
+        tracing::error!(uid, pid, "a process runs under a free VM uid: the uid is not handed out");
+    }
+    Err(Refusal::NoUid)
+}
+
+/// Every process and its uids (real, effective, saved, fs), from /proc/PID/status.
+pub fn proc_uids() -> std::io::Result<Vec<(u32, Vec<u32>)>> {
     let mut running = Vec::new();
     for e in std::fs::read_dir("/proc")? {
         let Ok(pid) = e?.file_name().to_string_lossy().parse::<u32>() else { continue };
         // A process that exited meanwhile has no status any more.
         let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
-        running.extend(status_uids(&status).into_iter().map(|u| (pid, u)));
+        running.push((pid, status_uids(&status)));
     }
-    for uid in b.vm_uids.clone().filter(|u| b.vms.values().all(|v| v.uid != *u)) {
-        let Some((pid, _)) = running.iter().find(|(_, u)| *u == uid) else { return Ok(uid) };
-        tracing::error!(uid, pid, "a process runs under a free VM uid: the uid is not handed out");
-    }
-    Err(Refusal::NoUid)
+    Ok(running)
 }
 
 pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
@@ -172,7 +178,10 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
     let (spawner::Started { pid, pidfd }, outputs) = started.inspect_err(|_| _ = cleanup(&vm.dir))?;
     let fds = outputs.reopen();
     // Recorded even if the reopen failed, so that a release finds and kills it.
-    vm.vmm = Vmm::Alive { pid, pidfd, exe, outputs, adopted: false };
+    // Still unreaped, so the pid cannot name another process yet.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let start_time = my_hypervisor_policy::journal::start_time(&stat);
+    vm.vmm = Vmm::Alive { pid, pidfd, exe, outputs, adopted: false, start_time };
     Ok((Reply::Spawned { pid }, fds?))
 }
 
