@@ -202,7 +202,7 @@ fn shut_down(b: &mut Broker, frontend: Option<&Frontend>, sig: Signal, stop_vms:
     const FRONTEND_SHUTDOWN: Duration = Duration::from_secs(10);
     tracing::info!(signal = %sig, vms = b.vms.len(), stop_vms, "shutting down");
     if let Some(f) = frontend {
-        let told = stop_vms && f.serving && {
+        let told = stop_vms && f.serving && !b.vms.is_empty() && {
             let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: FromBroker::Event(Event::Shutdown) };
             send(&f.channel, env, &[]).is_ok()
         };

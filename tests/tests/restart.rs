@@ -68,7 +68,7 @@ impl Env {
 
     fn rpc(&self, method: &str, params: Value) -> Value {
         let reply = self.d.call(&json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}));
-        assert!(reply.get("error").is_none(), "{method} {params}: {reply}");
+        assert!(reply.get("error").is_none(), "{method} {params}: {reply}\n{}", self.d.log());
         reply["result"].clone()
     }
 
@@ -160,9 +160,14 @@ fn a_stopped_daemon_leaves_vms_running_and_the_next_one_adopts_them() {
     assert_eq!(env.status("b")["state"], "running");
     assert_eq!(env.pid("b"), Some(pid), "the same VMM");
     assert!(alive(pid));
-    // The new frontend serves the console again: the guest's boot line, replayed.
-    let r = env.rpc("compute.vm.console.endpoint", json!({"vm_id": "b"}));
-    let path = PathBuf::from(r["path"].as_str().expect("path"));
+    // The new frontend serves the console again (once it has taken the VM up, which runs
+    // alongside the first requests): the guest's boot line, replayed.
+    let endpoint =
+        json!({"jsonrpc": "2.0", "id": 1, "method": "compute.vm.console.endpoint", "params": {"vm_id": "b"}});
+    let path = wait_for("the console endpoint", Duration::from_secs(10), || {
+        env.d.call(&endpoint)["result"]["path"].as_str().map(PathBuf::from)
+    });
+    assert_eq!(env.status("b")["state"], "running", "{}", env.d.log());
     let mut c = wait_for("the console socket", Duration::from_secs(10), || UnixStream::connect(&path).ok());
     c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
