@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use my_hypervisor_broker_proto::{Image, ImageRole};
 use my_hypervisor_policy::acl::Shares;
 use my_hypervisor_policy::check_path_text;
-use my_hypervisor_policy::journal::Restore;
+use my_hypervisor_policy::journal::{GrantRecord, Restore};
 use my_hypervisor_policy::layout::{
     VM_RUN_DIR_MODE, check_image_file, check_searchable, image_root_of, shares_conflict,
 };
@@ -45,12 +45,41 @@ impl Grant {
         self.role.writable()
     }
 
-    pub fn restore(&self, acls: &Shares) -> Restore {
-        match self.undo {
+    /// What the journal keeps of this grant.
+    pub fn record(&self, acls: &Shares) -> GrantRecord {
+        let restore = match self.undo {
             Undo::Chown { uid, gid } => Restore::Owner { uid, gid },
             Undo::AclEntry { .. } => acls.saved(self.inode).unwrap_or(Restore::Nothing),
             Undo::Nothing => Restore::Nothing,
+        };
+        GrantRecord { path: self.path.clone(), role: self.role, inode: self.inode, restore }
+    }
+
+    /// A grant an earlier broker made, taken up again from its journal record: the path is
+    /// opened beneath its image root as at the grant, and must still be the recorded inode.
+    pub fn adopt(
+        roots: &[(PathBuf, OwnedFd)],
+        acls: &mut Shares,
+        vm_uid: u32,
+        r: &GrantRecord,
+    ) -> Result<Grant, String> {
+        let node = open_beneath(roots, &r.path)?;
+        let st = fstat(node.as_fd()).map_err(|e| format!("{}: {e}", r.path))?;
+        if (st.st_dev, st.st_ino) != r.inode || st.st_nlink != 1 {
+            return Err(format!("{} is no longer the granted file: its grant cannot be undone", r.path));
         }
+        let access = if r.role.writable() { OFlag::O_RDWR } else { OFlag::O_RDONLY };
+        let fd = crate::vmm::reopen(&node, access).map_err(|e| format!("{}: reopen: {e}", r.path))?;
+        let undo = match &r.restore {
+            Restore::Nothing => Undo::Nothing,
+            Restore::Owner { uid, gid } => Undo::Chown { uid: *uid, gid: *gid },
+            Restore::Acl { original, mode } => {
+                acls.grant(r.inode, original.clone(), *mode, vm_uid);
+                acls.granted(r.inode, true);
+                Undo::AclEntry { uid: vm_uid }
+            }
+        };
+        Ok(Grant { path: r.path.clone(), role: r.role, inode: r.inode, fd, undo })
     }
 }
 
@@ -66,14 +95,8 @@ pub fn grant(
     let path = image.path.as_str();
     let refuse = |why: String| Refusal::Image { path: path.to_string(), why };
     check_path_text(path).map_err(FieldError::from)?;
-    let ((root, root_fd), rel) =
-        image_root_of(roots, path).ok_or_else(|| refuse("is not under any image root".into()))?;
     let writable = image.role.writable();
-    let how = OpenHow::new()
-        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
-        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let node =
-        openat2(root_fd.as_fd(), rel, how).map_err(|e| refuse(format!("open beneath {}: {e}", root.display())))?;
+    let node = open_beneath(roots, path).map_err(refuse)?;
     let st = fstat(node.as_fd())?;
     check_image_file(st.st_mode, st.st_nlink as u64, writable).map_err(|why| refuse(why.into()))?;
     let inode = (st.st_dev, st.st_ino);
@@ -100,6 +123,15 @@ pub fn grant(
         Undo::AclEntry { uid: vm_uid }
     };
     Ok(Grant { path: path.to_string(), role: image.role, inode, fd, undo })
+}
+
+/// Opens `path` O_PATH beneath its image root, with no symlink on the way.
+fn open_beneath(roots: &[(PathBuf, OwnedFd)], path: &str) -> Result<OwnedFd, String> {
+    let ((root, root_fd), rel) = image_root_of(roots, path).ok_or("is not under any image root")?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    openat2(root_fd.as_fd(), rel, how).map_err(|e| format!("open beneath {}: {e}", root.display()))
 }
 
 /// Grants every image, then creates the VM's runtime dir (new, on its own tmpfs owned by
@@ -256,7 +288,7 @@ mod tests {
         let b = grant(&roots, &mut acls, 62002, &image, |_, _| None).unwrap();
         let both = decode(&xattr(&file).unwrap());
         assert!(both.contains(&(USER, READ, 62001)) && both.contains(&(USER, READ, 62002)), "{both:?}");
-        assert!(matches!(a.restore(&acls), Restore::Acl { original: Some(ref o), .. } if *o == original));
+        assert!(matches!(a.record(&acls).restore, Restore::Acl { original: Some(ref o), .. } if *o == original));
         revoke(&a, &mut acls).unwrap();
         let left = decode(&xattr(&file).unwrap());
         assert!(left.contains(&(USER, READ, 62002)) && !left.iter().any(|e| e.2 == 62001), "{left:?}");

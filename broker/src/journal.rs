@@ -1,13 +1,13 @@
 //! The broker's journal: what it holds for each VM (uid, VMM pid and start time, binary,
-//! taps, grants), rewritten atomically after every change, so that a broker crash leaves a
-//! record of everything it held; the daemon refuses to start while it lists VMs.
+//! taps, grants), rewritten atomically after every change, so that a restarted daemon can
+//! adopt the VMMs again and still undo everything they hold (`adopt`).
 //! Root-owned, 0600, in the run dir. While it cannot be written the broker fails closed
 //! (`table::serve`).
 
 use std::io::Write;
 
+use my_hypervisor_policy::journal::Entry;
 pub use my_hypervisor_policy::journal::FILE;
-use my_hypervisor_policy::journal::{Entry, start_time};
 use nix::fcntl::{OFlag, open};
 use nix::sys::stat::Mode;
 
@@ -25,18 +25,18 @@ pub fn save(b: &Broker) -> Result<(), String> {
         .vms
         .iter()
         .map(|(id, v)| {
-            let (pid, exe) = match &v.vmm {
-                Vmm::Alive { pid, exe, .. } => (Some(*pid), Some(exe.clone())),
-                _ => (None, None),
+            let (pid, exe, start_time) = match &v.vmm {
+                Vmm::Alive { pid, exe, start_time, .. } => (Some(*pid), Some(exe.clone()), *start_time),
+                _ => (None, None, None),
             };
             Entry {
                 vm: id.clone(),
                 uid: v.uid,
                 pid,
-                start_time: pid.and_then(|p| start_time(&std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?)),
+                start_time,
                 exe,
                 taps: v.taps.iter().map(|t| t.name.clone()).collect(),
-                grants: v.grants.iter().map(|g| (g.path.clone(), g.writable(), g.restore(&b.acls))).collect(),
+                grants: v.grants.iter().map(|g| g.record(&b.acls)).collect(),
             }
         })
         .collect();

@@ -4,6 +4,7 @@
 //! broker channel, start the unprivileged frontend. Any failure there stops the daemon. The
 //! broker then supervises the frontend and serves its requests, in one thread.
 
+mod adopt;
 mod ch;
 mod cli;
 mod confine;

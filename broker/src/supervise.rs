@@ -7,11 +7,10 @@ use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
 use my_hypervisor_broker_proto::{
-    Envelope, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv_keeping_fds, send,
+    Envelope, Event, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv_keeping_fds, send,
 };
 use my_hypervisor_policy::daemon::Backoff;
 use my_hypervisor_policy::frontend::FrontendPlan;
-use my_hypervisor_policy::journal::check_found;
 use my_hypervisor_policy::sandbox::SandboxOptions;
 use my_hypervisor_policy::seccomp;
 use my_hypervisor_policy::vmm::exit_status;
@@ -22,7 +21,7 @@ use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::stat::{Mode, umask};
-use nix::sys::wait::{WaitPidFlag, waitpid};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, geteuid};
 
 use crate::cli::{Args, Config, resolve, sibling};
@@ -61,12 +60,9 @@ pub fn run(args: &Args) -> Result<(), String> {
     let listener = bind_rpc_socket(&args.rpc_socket, cfg.rpc_gid)?;
     let image_roots = args.image_roots.iter().map(|r| open_image_root(r)).collect::<Result<_, String>>()?;
     let run_fd = open_dir(&args.run_dir, "open")?;
-    // VMs held by an earlier broker (one killed, or crashed) are not taken up again yet: the
-    // daemon refuses to start rather than hand their uids, taps or disks out twice.
-    let journal_path = args.run_dir.join(journal::FILE);
-    if let Ok(bytes) = std::fs::read(&journal_path) {
-        check_found(&bytes).map_err(|e| format!("{} {e}", journal_path.display()))?;
-    }
+    // VMs held by an earlier broker (stopped, killed or crashed) are taken up again below; a
+    // journal that cannot be read stops the start rather than hand uids, taps or disks out twice.
+    let held = crate::adopt::read(&args.run_dir.join(journal::FILE), &cfg.vm_uids)?;
     // Every VMM costs the broker a few fds (grants, taps, its pidfd and outputs).
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| format!("getrlimit: {e}"))?;
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(|e| format!("raise RLIMIT_NOFILE: {e}"))?;
@@ -103,6 +99,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         journal_failed: false,
         strays,
     };
+    crate::adopt::take_up(&mut b, held);
     journal::save(&b)?;
     // Fail closed: the first frontend must start, or the daemon does not run.
     let mut frontend = Some(start_frontend(&b, &cfg, &listener).map_err(|e| format!("start frontend: {e}"))?);
@@ -113,16 +110,26 @@ pub fn run(args: &Args) -> Result<(), String> {
             None => PollTimeout::NONE,
         };
         let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
-        if let Some(f) = frontend.as_ref().filter(|f| f.serving) {
-            fds.push(PollFd::new(f.channel.as_fd(), PollFlags::POLLIN));
-        }
+        let serving = frontend.as_ref().filter(|f| f.serving);
+        fds.extend(serving.map(|f| PollFd::new(f.channel.as_fd(), PollFlags::POLLIN)));
+        let watched = crate::adopt::watched(&b);
+        fds.extend(watched.iter().map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)));
         match poll(&mut fds, timeout) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(format!("poll: {e}")),
         }
-        let sig_ready = fds[0].any().unwrap_or(false);
-        let chan_ready = fds.get(1).and_then(|f| f.any()).unwrap_or(false);
+        let ready = |f: Option<&PollFd>| f.and_then(|f| f.any()).unwrap_or(false);
+        let (sig_ready, chan_ready) = (ready(fds.first()), serving.is_some() && ready(fds.get(1)));
+        let skip = 1 + usize::from(serving.is_some());
+        let ended: Vec<u32> =
+            watched.iter().zip(&fds[skip..]).filter(|(_, f)| ready(Some(f))).map(|(w, _)| w.0).collect();
         drop(fds);
+        for pid in ended {
+            if let Some(event) = crate::adopt::exited(&mut b, pid) {
+                tracing::info!(?event, "adopted VMM exited");
+                tell_frontend(&mut b, frontend.as_mut(), event);
+            }
+        }
         if chan_ready
             && let Some(f) = &mut frontend
             && let Err(e) = serve_one(&mut b, f)
@@ -133,7 +140,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             while let Ok(Some(info)) = sigfd.read_signal() {
                 match Signal::try_from(info.ssi_signo as i32) {
                     Ok(Signal::SIGCHLD) | Err(_) => {}
-                    Ok(sig) => return shut_down(&mut b, frontend.as_ref(), sig),
+                    Ok(sig) => return shut_down(&mut b, frontend.as_ref(), sig, args.stop_vms_on_exit),
                 }
             }
             while let Ok(ws) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
@@ -148,15 +155,7 @@ pub fn run(args: &Args) -> Result<(), String> {
                     tracing::warn!(pid, ?status, restart = backoff.count, delay = ?backoff.next, "frontend exited; restarting it");
                 } else if let Some(event) = vmm::reaped(&mut b, pid, status) {
                     tracing::info!(pid, ?status, ?event, "VMM exited");
-                    if let Err(e) = journal::commit(&mut b) {
-                        tracing::error!(error = %e, "journal");
-                    }
-                    if let Some(f) = frontend.as_mut().filter(|f| f.serving) {
-                        let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: FromBroker::Event(event) };
-                        if let Err(e) = send(&f.channel, env, &[]) {
-                            f.drop_channel(&e, &b.strays);
-                        }
-                    }
+                    tell_frontend(&mut b, frontend.as_mut(), event);
                 } else {
                     tracing::debug!(pid, ?status, "reaped a child that is no VMM");
                 }
@@ -175,6 +174,19 @@ pub fn run(args: &Args) -> Result<(), String> {
     }
 }
 
+/// Journals a VMM's exit and tells the frontend.
+fn tell_frontend(b: &mut Broker, frontend: Option<&mut Frontend>, event: my_hypervisor_broker_proto::Event) {
+    if let Err(e) = journal::commit(b) {
+        tracing::error!(error = %e, "journal");
+    }
+    if let Some(f) = frontend.filter(|f| f.serving) {
+        let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: FromBroker::Event(event) };
+        if let Err(e) = send(&f.channel, env, &[]) {
+            f.drop_channel(&e, &b.strays);
+        }
+    }
+}
+
 impl Frontend {
     /// Stops serving a frontend that broke the protocol or stopped reading. It is killed;
     /// its channel closes when it is reaped and replaced.
@@ -186,15 +198,36 @@ impl Frontend {
     }
 }
 
-/// On SIGTERM, SIGINT or SIGHUP: every VM is released (its VMM killed, taps, grants and dirs
-/// undone) before the daemon exits, so that nothing outlives the broker unaccounted for.
-fn shut_down(b: &mut Broker, frontend: Option<&Frontend>, sig: Signal) -> Result<(), String> {
-    tracing::info!(signal = %sig, vms = b.vms.len(), "shutting down; releasing every VM");
+/// On SIGTERM, SIGINT or SIGHUP: the frontend is stopped and the journal written. VMs keep
+/// running, for the next daemon to adopt (`adopt`). With `--stop-vms-on-exit`, the frontend
+/// is told first (`Event::Shutdown`: it records its VMs stopped and exits, or is killed after
+/// FRONTEND_SHUTDOWN), then every VM is released (its VMM killed, taps, grants and dirs
+/// undone) before the daemon exits.
+fn shut_down(b: &mut Broker, frontend: Option<&Frontend>, sig: Signal, stop_vms: bool) -> Result<(), String> {
+    const FRONTEND_SHUTDOWN: Duration = Duration::from_secs(10);
+    tracing::info!(signal = %sig, vms = b.vms.len(), stop_vms, "shutting down");
     if let Some(f) = frontend {
-        let _ = kill(f.pid, Signal::SIGTERM);
+        let told = stop_vms && f.serving && !b.vms.is_empty() && {
+            let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: FromBroker::Event(Event::Shutdown) };
+            send(&f.channel, env, &[]).is_ok()
+        };
+        let end = Instant::now() + if told { FRONTEND_SHUTDOWN } else { Duration::ZERO };
+        let mut alive = true;
+        // Requests are still served meanwhile: an operation in flight may hold a VM's lock.
+        while alive && Instant::now() < end {
+            let mut fds = [PollFd::new(f.channel.as_fd(), PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::from(20u8)).is_ok_and(|n| n > 0) && serve_one(b, f).is_err() {
+                break;
+            }
+            alive = matches!(waitpid(f.pid, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive));
+        }
+        // Never signal a pid once reaped: it may name another process by now.
+        if alive {
+            let _ = kill(f.pid, if told { Signal::SIGKILL } else { Signal::SIGTERM });
+        }
         b.strays.drain(&f.channel);
     }
-    let ids: Vec<String> = b.vms.keys().cloned().collect();
+    let ids: Vec<String> = if stop_vms { b.vms.keys().cloned().collect() } else { vec![] };
     for id in ids {
         if let Err(e) = vmm::release(b, &id) {
             tracing::error!(vm = %id, error = %e, "release at shutdown failed");

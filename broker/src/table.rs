@@ -73,7 +73,8 @@ pub struct Vm {
 pub struct Tap {
     pub name: String,
     pub mac: Option<String>,
-    pub fd: OwnedFd,
+    /// None for a tap taken up from the journal: released by name.
+    pub fd: Option<OwnedFd>,
 }
 
 pub enum Vmm {
@@ -84,6 +85,10 @@ pub enum Vmm {
         pidfd: OwnedFd,
         exe: String,
         outputs: vmm::Outputs,
+        /// Re-adopted after a daemon restart: not the broker's child, watched by its pidfd.
+        adopted: bool,
+        /// Read once, while the pid surely names the VMM (the journal's reuse check).
+        start_time: Option<u64>,
     },
     Exited {
         pid: u32,
@@ -168,7 +173,7 @@ fn dispatch(b: &mut Broker, req: &Request) -> Handled {
             check_range("nets", v.taps.len() as u64 + 1, 0, MAX_NETS as u64)?;
             let name = my_hypervisor_policy::vmm::tap_name(v.uid, v.taps.len());
             let fd = crate::tap::create(&name, *mtu, bridge.as_deref()).map_err(Refusal::Tap)?;
-            v.taps.push(Tap { name: name.clone(), mac: mac.clone(), fd });
+            v.taps.push(Tap { name: name.clone(), mac: mac.clone(), fd: Some(fd) });
             Ok((Reply::Tap { name }, vec![]))
         }
         Request::Spawn { vm, config } => vmm::spawn(b, vm, config),

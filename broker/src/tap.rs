@@ -23,28 +23,47 @@ fn ioctl(fd: &OwnedFd, req: libc::c_ulong, ifr: &mut IfReq, what: &str) -> Resul
 
 /// Deletes tap `name` explicitly: clears its persist flag through the broker's fd (a VMM
 /// could have set it), closes that fd, and checks that the interface is gone. If it is not,
-/// another process still holds an fd of it.
-pub fn delete(name: &str, fd: OwnedFd) -> Result<(), String> {
+/// another process still holds an fd of it. Without an fd (a tap taken up from the journal),
+/// a tap that still exists is attached by name first.
+pub fn delete(name: &str, fd: Option<OwnedFd>) -> Result<(), String> {
+    let fd = match fd {
+        Some(fd) => fd,
+        None if !exists(name)? => return Ok(()),
+        None => attach(name)?,
+    };
     // SAFETY: TUNSETPERSIST takes an integer argument.
     crate::unpriv::sys("TUNSETPERSIST 0", unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 0) }.into())
         .map_err(|e| format!("{name}: {e}"))?;
     drop(fd);
+    match exists(name)? {
+        true => Err(format!("tap {name} still exists after release: another process holds it")),
+        false => Ok(()),
+    }
+}
+
+fn exists(name: &str) -> Result<bool, String> {
     let ctl = control_socket()?;
     // SAFETY: SIOCGIFINDEX reads and writes one `struct ifreq`, which IfReq lays out.
     let found = unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFINDEX, &mut IfReq::new(name) as *mut IfReq) };
     match std::io::Error::last_os_error().raw_os_error() {
-        _ if found == 0 => Err(format!("tap {name} still exists after release: another process holds it")),
-        Some(libc::ENODEV) => Ok(()),
+        _ if found == 0 => Ok(true),
+        Some(libc::ENODEV) => Ok(false),
         e => Err(format!("SIOCGIFINDEX on {name}: {}", std::io::Error::from_raw_os_error(e.unwrap_or(0)))),
     }
+}
+
+/// A new fd on the existing tap `name` (TUNSETIFF attaches to it while no one else does).
+fn attach(name: &str) -> Result<OwnedFd, String> {
+    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun");
+    let tun = OwnedFd::from(tun.map_err(|e| format!("/dev/net/tun: {e}"))?);
+    ioctl(&tun, TUNSETIFF, &mut IfReq::with_short(name, TAP_FLAGS), "TUNSETIFF")?;
+    Ok(tun)
 }
 
 /// Creates tap `name` (already validated, at most 15 bytes), sets its MTU, attaches it to
 /// `bridge` and brings it up. Returns the tap's fd.
 pub fn create(name: &str, mtu: Option<u32>, bridge: Option<&str>) -> Result<OwnedFd, String> {
-    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun");
-    let tun = OwnedFd::from(tun.map_err(|e| format!("/dev/net/tun: {e}"))?);
-    ioctl(&tun, TUNSETIFF, &mut IfReq::with_short(name, TAP_FLAGS), "TUNSETIFF")?;
+    let tun = attach(name)?;
     let ctl = control_socket()?;
     if let Some(mtu) = mtu {
         ioctl(&ctl, libc::SIOCSIFMTU, &mut IfReq::with_int(name, mtu as i32), "SIOCSIFMTU")?;

@@ -29,6 +29,23 @@ pub struct Outputs {
 }
 
 impl Outputs {
+    /// The event file and log of a VMM taken up from the journal, opened by name in its run
+    /// dir: regular files the broker created (owned by root), never a FIFO or a symlink.
+    pub fn open(dir: &OwnedFd) -> Result<Outputs, String> {
+        let open = |name: &str| {
+            let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+            let fd = openat(dir.as_fd(), name, flags, Mode::empty()).map_err(|e| format!("{name}: {e}"))?;
+            let st = fstat(fd.as_fd()).map_err(|e| format!("{name}: {e}"))?;
+            let regular = nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT
+                == nix::sys::stat::SFlag::S_IFREG;
+            if !regular || st.st_uid != 0 {
+                return Err(format!("{name} is not the broker's regular file"));
+            }
+            Ok(fd)
+        };
+        Ok(Outputs { events: open(EVENT_FILE)?, log: open(LOG_FILE)? })
+    }
+
     /// New open file descriptions of both files, read-only, each with its own offset.
     pub fn reopen(&self) -> Result<Vec<OwnedFd>, Refusal> {
         [&self.events, &self.log].into_iter().map(|fd| Ok(reopen(fd, OFlag::O_RDONLY)?)).collect()
@@ -69,7 +86,7 @@ pub fn open_run_dir(b: &Broker, vm: &str, uid: u32) -> Result<OwnedFd, Refusal> 
     Ok(run_dir_fd(b, vm)?)
 }
 
-fn run_dir_fd(b: &Broker, vm: &str) -> nix::Result<OwnedFd> {
+pub fn run_dir_fd(b: &Broker, vm: &str) -> nix::Result<OwnedFd> {
     openat(b.run_fd.as_fd(), vm, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
 }
 
@@ -89,18 +106,24 @@ pub fn remove_run_dir(b: &Broker, vm: &str) -> Result<(), String> {
 /// process still runs under (something outlived its VM) is never handed out, and each skip
 /// is logged as an error. It needs a /proc that shows every process (no hidepid).
 pub fn free_uid(b: &Broker) -> Result<u32, Refusal> {
+    let running = proc_uids()?;
+    for uid in b.vm_uids.clone().filter(|u| b.vms.values().all(|v| v.uid != *u)) {
+        let Some((pid, _)) = running.iter().find(|(_, u)| u.contains(&uid)) else { return Ok(uid) };
+        tracing::error!(uid, pid, "a process runs under a free VM uid: the uid is not handed out");
+    }
+    Err(Refusal::NoUid)
+}
+
+/// Every process and its uids (real, effective, saved, fs), from /proc/PID/status.
+pub fn proc_uids() -> std::io::Result<Vec<(u32, Vec<u32>)>> {
     let mut running = Vec::new();
     for e in std::fs::read_dir("/proc")? {
         let Ok(pid) = e?.file_name().to_string_lossy().parse::<u32>() else { continue };
         // A process that exited meanwhile has no status any more.
         let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
-        running.extend(status_uids(&status).into_iter().map(|u| (pid, u)));
+        running.push((pid, status_uids(&status)));
     }
-    for uid in b.vm_uids.clone().filter(|u| b.vms.values().all(|v| v.uid != *u)) {
-        let Some((pid, _)) = running.iter().find(|(_, u)| *u == uid) else { return Ok(uid) };
-        tracing::error!(uid, pid, "a process runs under a free VM uid: the uid is not handed out");
-    }
-    Err(Refusal::NoUid)
+    Ok(running)
 }
 
 pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
@@ -131,7 +154,8 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
         fchownat(vm.dir.as_fd(), API_SOCKET, ids.0, ids.1, AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(Refusal::vmm("chown api socket"))?;
         let mut fds: Vec<OwnedFd> = vec![log_w, api.into(), events_w];
-        for fd in vm.taps.iter().map(|t| &t.fd).chain(vm.grants.iter().map(|g| &g.fd)).chain([&vm.dir]) {
+        // A VM taken up from the journal is never spawned again, so each tap has its fd.
+        for fd in vm.taps.iter().filter_map(|t| t.fd.as_ref()).chain(vm.grants.iter().map(|g| &g.fd)).chain([&vm.dir]) {
             fds.push(fd.try_clone()?);
         }
         let mut binds: Vec<(String, bool)> = vm.grants.iter().map(|g| (g.path.clone(), g.writable())).collect();
@@ -144,7 +168,10 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
     let (spawner::Started { pid, pidfd }, outputs) = started.inspect_err(|_| _ = cleanup(&vm.dir))?;
     let fds = outputs.reopen();
     // Recorded even if the reopen failed, so that a release finds and kills it.
-    vm.vmm = Vmm::Alive { pid, pidfd, exe, outputs };
+    // Still unreaped, so the pid cannot name another process yet.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let start_time = my_hypervisor_policy::journal::start_time(&stat);
+    vm.vmm = Vmm::Alive { pid, pidfd, exe, outputs, adopted: false, start_time };
     Ok((Reply::Spawned { pid }, fds?))
 }
 
@@ -189,17 +216,23 @@ pub fn reaped(b: &mut Broker, pid: u32, status: ExitStatus) -> Option<Event> {
 /// with it) and reaps it, waiting at most RELEASE_WAIT_MS.
 pub fn stop(b: &mut Broker, id: &str) -> Result<(), Refusal> {
     let Some(vm) = b.vms.get_mut(id) else { return Ok(()) };
-    if let Vmm::Alive { pid, pidfd, .. } = &vm.vmm {
+    if let Vmm::Alive { pid, pidfd, adopted, .. } = &vm.vmm {
         // A pidfd turns readable when its process exits; a VMM stuck in uninterruptible
         // I/O must not stall the broker for long, so the VM stays held for another try.
-        let pid = *pid;
+        let (pid, adopted) = (*pid, *adopted);
         let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
         signal(vm, VmmSignal::Kill)?;
         if !matches!(poll(&mut fds, PollTimeout::from(RELEASE_WAIT_MS)), Ok(n) if n > 0) {
             return Err(Refusal::StillAlive { pid, ms: RELEASE_WAIT_MS });
         }
-        let status = waitpid(Pid::from_raw(pid as i32), None).map_err(Refusal::vmm(format!("reap VMM {pid}")))?;
-        reaped(b, pid, exit_status(status).map_or(ExitStatus::Signal(libc::SIGKILL), |s| s.1));
+        // An adopted VMM is reaped by its own parent, not here.
+        let status = match adopted {
+            true => ExitStatus::Signal(libc::SIGKILL),
+            false => waitpid(Pid::from_raw(pid as i32), None)
+                .map_err(Refusal::vmm(format!("reap VMM {pid}")))
+                .map(|s| exit_status(s).map_or(ExitStatus::Signal(libc::SIGKILL), |s| s.1))?,
+        };
+        reaped(b, pid, status);
     }
     Ok(())
 }
@@ -212,7 +245,11 @@ pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
     let Some(vm) = b.vms.get_mut(id) else { return Ok(()) };
     let mut errors: Vec<String> = Vec::new();
     for t in std::mem::take(&mut vm.taps) {
-        errors.extend(crate::tap::delete(&t.name, t.fd).err());
+        if let Err(e) = crate::tap::delete(&t.name, t.fd) {
+            errors.push(e);
+            // Kept, so that the next release deletes it by name.
+            vm.taps.push(crate::table::Tap { name: t.name, mac: None, fd: None });
+        }
     }
     vm.grants.retain(|g| revoke(g, &mut b.acls).map_err(|e| errors.push(e)).is_err());
     errors.extend(remove_run_dir(b, id).err());

@@ -34,6 +34,8 @@ pub fn init_logging(format: &str) {
     if format == "json" { b.json().init() } else { b.init() }
 }
 
+use tokio::sync::broadcast::error::RecvError;
+
 /// Serves the API until the broker channel closes (the broker is gone) or serving fails.
 pub fn run(cfg: Config, listen: OwnedFd, broker: OwnedFd) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -53,6 +55,14 @@ pub fn run(cfg: Config, listen: OwnedFd, broker: OwnedFd) -> std::io::Result<()>
             }
         });
         manager.recover();
+        let mut events = broker.events();
+        let shutdown = async move {
+            while !matches!(
+                events.recv().await,
+                Ok(my_hypervisor_broker_proto::Event::Shutdown) | Err(RecvError::Closed)
+            ) {}
+        };
+        let stopping = manager.clone();
         let methods = rpc::methods(manager).map_err(std::io::Error::other)?;
         let std_listener = std::os::unix::net::UnixListener::from(listen);
         std_listener.set_nonblocking(true)?;
@@ -69,6 +79,11 @@ pub fn run(cfg: Config, listen: OwnedFd, broker: OwnedFd) -> std::io::Result<()>
             r = rpc::serve(listener, methods, cfg.limits) => r,
             () = broker.closed() => {
                 tracing::warn!("broker channel closed; exiting");
+                Ok(())
+            }
+            () = shutdown => {
+                stopping.daemon_shutdown().await;
+                tracing::info!("the daemon stops its VMs: they are recorded stopped; exiting");
                 Ok(())
             }
         }

@@ -77,6 +77,10 @@ pub struct Args {
     /// hand stray fds to the closer process instead, as on kernels before 6.16.
     #[arg(long, hide = true)]
     pub no_passrights: bool,
+    /// On SIGTERM, SIGINT or SIGHUP, stop and release every VM before exiting. By default
+    /// VMs keep running, and the next daemon adopts them.
+    #[arg(long)]
+    pub stop_vms_on_exit: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

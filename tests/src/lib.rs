@@ -117,18 +117,53 @@ impl Daemon {
         Self::start_in(scratch_root(), extra)
     }
 
-    /// Starts the daemon under `root`; its stderr goes to `<root>/daemon.log`.
+    /// Starts the daemon under `root`; its stderr goes to `<root>/daemon.log`. It stops its
+    /// VMs when it exits, so that nothing a test started outlives the test.
     pub fn start_in(root: tempfile::TempDir, extra: &[&str]) -> Daemon {
-        let log = std::fs::File::create(root.path().join("daemon.log")).expect("log file");
-        let child = Self::command(root.path(), extra).stderr(log).spawn().expect("start daemon");
-        let mut d = Daemon { child, root };
+        let child = Self::spawn(root.path(), extra, true);
+        Daemon { child, root }.serving()
+    }
+
+    /// As [`Daemon::start_in`], but with the daemon's default on exit: VMs keep running.
+    pub fn start_keeping_vms(root: tempfile::TempDir, extra: &[&str]) -> Daemon {
+        let child = Self::spawn(root.path(), extra, false);
+        Daemon { child, root }.serving()
+    }
+
+    fn spawn(root: &Path, extra: &[&str], stop_vms: bool) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(root.join("daemon.log")).expect("log");
+        Self::command_with(root, extra, stop_vms).stderr(log).spawn().expect("start daemon")
+    }
+
+    fn serving(mut self) -> Daemon {
+        self.wait_serving();
+        self
+    }
+
+    fn wait_serving(&mut self) {
         wait_for("the rpc socket to accept", Duration::from_secs(10), || {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("the daemon exited ({status}) before serving:\n{}", d.log());
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the daemon exited ({status}) before serving:\n{}", self.log());
             }
-            UnixStream::connect(d.rpc_socket()).ok().map(drop)
+            UnixStream::connect(self.rpc_socket()).ok().map(drop)
         });
-        d
+    }
+
+    /// Ends the daemon with `sig` (waiting for it), unless it has exited already, and starts
+    /// a new one on the same tree.
+    pub fn restart(&mut self, sig: Signal, extra: &[&str], stop_vms: bool) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            kill(Pid::from_raw(self.pid()), sig).expect("signal the daemon");
+            let exit = wait_for("the daemon to exit", Duration::from_secs(15), || self.child.try_wait().ok().flatten());
+            assert!(sig != Signal::SIGTERM || exit.success(), "{exit}:\n{}", self.log());
+        }
+        let _ = std::fs::remove_file(self.rpc_socket());
+        self.child = Self::spawn(self.root.path(), extra, stop_vms);
+        self.wait_serving();
+        // The listener is the broker's: only an answer shows that the frontend runs (and
+        // would take a SIGTERM), so that a test may stop this daemon at once.
+        let reply = self.call(&serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "compute.vm.list"}));
+        assert!(reply.get("result").is_some(), "{reply}");
     }
 
     /// What the daemon (broker, spawn helper and frontend) logged so far.
@@ -136,7 +171,12 @@ impl Daemon {
         std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
     }
 
+    /// The daemon's command line under `root`, stopping its VMs on exit.
     pub fn command(root: &Path, extra: &[&str]) -> Command {
+        Self::command_with(root, extra, true)
+    }
+
+    pub fn command_with(root: &Path, extra: &[&str], stop_vms: bool) -> Command {
         for sibling in ["my_hypervisor-frontend", "my_hypervisor-frontend-launcher", "my_hypervisor-vmm-launcher"] {
             staged_bin(root, sibling);
         }
@@ -151,6 +191,7 @@ impl Daemon {
             .arg("--image-root")
             .arg(root.join("images"))
             .args(extra)
+            .args(stop_vms.then_some("--stop-vms-on-exit"))
             .stdin(Stdio::null());
         cmd
     }

@@ -15,6 +15,8 @@ struct Env {
     real: Option<String>,
     /// This daemon's VM uids: the tests run side by side, each with its own daemon.
     uids: std::ops::RangeInclusive<u32>,
+    /// The daemon's flags, for a restart.
+    args: Vec<String>,
 }
 
 impl Drop for Env {
@@ -30,14 +32,22 @@ static NEXT_RANGE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::
 
 impl Env {
     fn start(test: &str) -> Option<Env> {
+        Env::start_with(test, Env::next_range(), true)
+    }
+
+    fn next_range() -> std::ops::RangeInclusive<u32> {
         let n = NEXT_RANGE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         // 62300-62399 belongs to the tests that name their own range.
         let first = 62000 + 100 * if n >= 3 { n + 1 } else { n };
-        Env::start_with_uids(test, first..=first + 99)
+        first..=first + 99
     }
 
-    /// A daemon that hands out these VM uids.
+    /// A daemon that hands out these VM uids, and stops its VMs when it exits.
     fn start_with_uids(test: &str, uids: std::ops::RangeInclusive<u32>) -> Option<Env> {
+        Env::start_with(test, uids, true)
+    }
+
+    fn start_with(test: &str, uids: std::ops::RangeInclusive<u32>, stop_vms: bool) -> Option<Env> {
         if !have_root(test) {
             return None;
         }
@@ -45,8 +55,10 @@ impl Env {
         let real = std::env::var("MYHV_CLOUD_HYPERVISOR").ok();
         let vmm = real.clone().unwrap_or_else(|| staged_bin(root.path(), "ch-double").to_string_lossy().into_owned());
         let range = format!("{}-{}", uids.start(), uids.end());
-        let d = Daemon::start_in(root, &["--cloud-hypervisor", &vmm, "--vm-uid-range", &range]);
-        Some(Env { d, real, uids })
+        let args = vec!["--cloud-hypervisor".to_string(), vmm, "--vm-uid-range".into(), range];
+        let flags: Vec<&str> = args.iter().map(String::as_str).collect();
+        let d = if stop_vms { Daemon::start_in(root, &flags) } else { Daemon::start_keeping_vms(root, &flags) };
+        Some(Env { d, real, uids, args })
     }
 
     fn images(&self) -> PathBuf {
@@ -197,11 +209,19 @@ fn create_start_stop_start_stop_remove_leaves_nothing() {
 }
 
 #[test]
-fn stopping_the_daemon_releases_every_vm() {
-    let Some(mut env) = Env::start("stopping_the_daemon_releases_every_vm") else { return };
+fn stopping_the_daemon_keeps_vms_running_unless_told_to_stop_them() {
+    let test = "stopping_the_daemon_keeps_vms_running_unless_told_to_stop_them";
+    let Some(mut env) = Env::start_with(test, Env::next_range(), false) else { return };
     env.create("t", &env.guest(false), None);
     env.ok("compute.vm.start", json!({"vm_id": "t"}));
-    assert_eq!(env.vmm_processes("t").len(), 1);
+    let pid = env.vmm_processes("t");
+    assert_eq!(pid.len(), 1);
+    // The default: the daemon stops, its VMs keep running, and the journal still lists them.
+    let args: Vec<&str> = env.args.iter().map(String::as_str).collect();
+    env.d.restart(nix::sys::signal::Signal::SIGTERM, &args, true);
+    assert_eq!(env.vmm_processes("t"), pid, "the VMM outlived the daemon and was adopted");
+    assert_eq!(env.state("t"), "running");
+    // With --stop-vms-on-exit (the harness's daemons use it), every VM is released.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(env.d.pid()), nix::sys::signal::Signal::SIGTERM).expect("term");
     let status = wait_for("the daemon to stop", Duration::from_secs(15), || env.d.child.try_wait().ok().flatten());
     assert!(status.success(), "{status}");

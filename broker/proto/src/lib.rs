@@ -179,10 +179,16 @@ pub struct HeldVm {
 pub enum Event {
     /// A VMM the broker spawned has exited and been reaped.
     VmmExited { vm: String, pid: u32, status: ExitStatus },
+    /// The daemon is stopping with `--stop-vms-on-exit`: the frontend records its VMs
+    /// stopped and exits; then the broker releases every VM.
+    Shutdown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExitStatus {
     Code(i32),
     Signal(i32),
+    /// A VMM re-adopted after a daemon restart is not the broker's child: its exit is seen
+    /// through its pidfd, and its status cannot be read.
+    Unknown,
 }

@@ -33,6 +33,28 @@ impl Manager {
         }
     }
 
+    /// The daemon stops with `--stop-vms-on-exit`: each running, starting or stopping VM is
+    /// recorded `stopped` ("daemon shutdown") before the broker releases it (each under its
+    /// lock, so that no operation runs meanwhile).
+    pub async fn daemon_shutdown(&self) {
+        let ids = self.records().ids_in(&[VmState::Starting, VmState::Running, VmState::Stopping]);
+        for vm_id in ids {
+            let Ok(slot) = self.slot(&vm_id) else { continue };
+            let _guard = Arc::clone(&slot.op).lock_owned().await;
+            let Ok(state) = self.with_entry(&vm_id, &slot, |e| e.rec.state) else { continue };
+            if state != VmState::Stopping {
+                let _ = self.record(&vm_id, &slot, VmState::Stopping, "daemon shutdown", |_| ()).await;
+            }
+            let clear = |r: &mut super::records::Record| {
+                r.pid = None;
+                r.generation = None;
+            };
+            if let Err(e) = self.record(&vm_id, &slot, VmState::Stopped, "daemon shutdown", clear).await {
+                tracing::error!(vm = %vm_id, error = %e, "recording the daemon's shutdown failed");
+            }
+        }
+    }
+
     async fn recover_one(&self, vm_id: &str, slot: &Arc<Slot>, driver: &dyn VmDriver) -> Result<(), VmError> {
         let (state, pid, offset, spec) = self.with_entry(vm_id, slot, |e| {
             (e.rec.state, e.rec.pid, e.rec.event_offset.unwrap_or(0), e.rec.spec.clone())

@@ -89,6 +89,9 @@ pub fn describe(status: ExitStatus) -> String {
     match status {
         ExitStatus::Code(c) => format!("exit status {c}"),
         ExitStatus::Signal(s) => format!("killed by signal {s}"),
+        ExitStatus::Unknown => {
+            "exit status unknown (the VMM was adopted after a daemon restart, so it was not the broker's child)".into()
+        }
     }
 }
 
@@ -120,6 +123,7 @@ impl BrokerDriver {
         loop {
             match events.recv().await {
                 Ok(Event::VmmExited { vm, status, .. }) => self.exited(&vm, status),
+                Ok(Event::Shutdown) => {}
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(missed = n, "broker events missed; reading the inventory");
                     if let Ok((Reply::Inventory { vms }, _)) = self.inner.broker.call(Request::Inventory).await {
@@ -453,12 +457,21 @@ impl BrokerDriver {
             return Err(DriverError::new("inventory: unexpected reply"));
         };
         let Some(held) = vms.into_iter().find(|v| v.vm == vm_id) else {
-            return Ok(Reattached::Gone("the broker holds nothing for it".into()));
+            // A restarted daemon releases each VM whose VMM it cannot adopt (docs/lifecycle.md).
+            let why = "the broker holds nothing for it: its VMM ended, or could not be adopted again, while the daemon was down, and what it held was released";
+            return Ok(Reattached::Gone(why.into()));
         };
         if !held.alive || pid.is_some_and(|p| held.pid != Some(p)) {
             let how = held.exit.map_or("not running".to_string(), describe);
             return Ok(Reattached::Gone(format!("its VMM (pid {:?}) is gone: {how}", held.pid)));
         }
+        // Its API must answer: after a daemon restart the broker checked the process, not
+        // that it still serves (inside its PID namespace the VMM is pid 1, so ping's pid
+        // says nothing).
+        let sock = self.api(vm_id).await.map_err(step("connect to the VMM's API"))?;
+        api::call(sock, Method::GET, "vmm.ping", api::QUICK)
+            .await
+            .map_err(|e| DriverError::new(format!("vmm.ping: {e}")))?;
         let (_, fds) =
             self.inner.broker.call(Request::OpenOutputs { vm: vm_id.into() }).await.map_err(step("open outputs"))?;
         let rt = self.track(vm_id, fds, offset, RUNNING)?;
