@@ -6,16 +6,16 @@
 //! Each program is started by clone3 with CLONE_PARENT, so that it is the broker's own child:
 //! the broker reaps it and reports its exit, and holds the pidfd the clone returned.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use my_hypervisor_broker_proto::{Envelope, PROTOCOL_VERSION, WireError, recv, send};
 use my_hypervisor_policy::elf::closure;
-use my_hypervisor_policy::frontend::{BROKER_FD, EXE_FD, LISTEN_FD, NAMESPACES, REPORT_FD};
+use my_hypervisor_policy::frontend::{NAMESPACES, REPORT_FD, keep_list};
 use my_hypervisor_policy::layout::Ids;
-use my_hypervisor_policy::sandbox::{VMM_CLONE_FLAGS, VmmRoot, c_argv, check_keep_list, launcher_args, vmm_keep_list};
+use my_hypervisor_policy::sandbox::{VMM_CLONE_FLAGS, VmmRoot, c_argv, check_keep_list, launcher_args, vmm_order_fds};
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use nix::unistd::pipe2;
@@ -122,24 +122,14 @@ pub fn serve(chan: OwnedFd, mut cfg: SpawnerConfig) -> Result<(), String> {
     }
 }
 
-fn c_args(prog: &Program, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Result<Vec<CString>, String> {
-    c_argv(prog.path.as_os_str(), args)
-}
-
 /// Carries out one order: a started program, or `None` for a run dir (un)mount.
 fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Result<Option<Started>, String> {
     match order {
         Order::Frontend => {
             let [listen, chan] = <[OwnedFd; 2]>::try_from(fds).map_err(|_| "frontend order needs 2 fds")?;
-            // stdout and stderr stay the daemon's; the launcher reports a failed step on
-            // REPORT_FD until it execs the frontend through EXE_FD.
-            let keep = vec![
-                (1, 1),
-                (2, 2),
-                (listen.as_raw_fd(), LISTEN_FD),
-                (chan.as_raw_fd(), BROKER_FD),
-                (cfg.frontend.fd.as_raw_fd(), EXE_FD),
-            ];
+            // The launcher reports a failed step on REPORT_FD until it execs the frontend
+            // through EXE_FD.
+            let keep = keep_list(listen.as_raw_fd(), chan.as_raw_fd(), cfg.frontend.fd.as_raw_fd());
             let (argv, ids) = (cfg.frontend_argv.clone(), cfg.frontend_ids);
             start_detached(argv, &cfg.frontend_launcher, keep, ids, NAMESPACES, None, Some(REPORT_FD)).map(Some)
         }
@@ -151,13 +141,10 @@ fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Result<Option<
             let ch = ch_argv.first().ok_or("vmm order has no cloud-hypervisor")?;
             let mut files = closure(&[ch, &launcher], |p| std::fs::read(p).ok()).map_err(|e| e.to_string())?;
             files.retain(|f| *f != launcher);
-            let n = fds.len().checked_sub(binds.len()).ok_or("vmm order has fewer fds than binds")?;
-            let binds = binds.into_iter().zip(&fds[n..]).map(|((p, w), fd)| (p, w, fd.as_raw_fd())).collect();
-            let root = VmmRoot { files, binds };
-            let argv = c_args(&cfg.launcher, launcher_args(spec, ch_argv))?;
-            let raw: Vec<i32> = fds[..n].iter().map(|fd| fd.as_raw_fd()).collect();
-            let keep = vmm_keep_list(&raw).ok_or("vmm order needs a log fd")?;
-            let ids = Ids { uid, gid: uid };
+            let raw: Vec<i32> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+            let (keep, binds) = vmm_order_fds(&raw, binds)?;
+            let argv = c_argv(cfg.launcher.path.as_os_str(), launcher_args(spec, ch_argv))?;
+            let (ids, root) = (Ids { uid, gid: uid }, VmmRoot { files, binds });
             start_detached(argv, &cfg.launcher, keep, ids, VMM_CLONE_FLAGS, Some(root), None).map(Some)
         }
     }

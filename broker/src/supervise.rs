@@ -10,7 +10,6 @@ use my_hypervisor_broker_proto::{
     Envelope, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv_keeping_fds, send,
 };
 use my_hypervisor_policy::daemon::Backoff;
-use my_hypervisor_policy::frontend::FrontendPlan;
 use my_hypervisor_policy::journal::check_found;
 use my_hypervisor_policy::sandbox::SandboxOptions;
 use my_hypervisor_policy::seccomp;
@@ -20,7 +19,6 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::stat::{Mode, umask};
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, geteuid};
@@ -163,14 +161,10 @@ pub fn run(args: &Args) -> Result<(), String> {
             }
         }
         if restart_at.is_some_and(|t| Instant::now() >= t) {
-            restart_at = None;
-            match start_frontend(&b, &cfg, &listener) {
-                Ok(f) => frontend = Some(f),
-                Err(e) => {
-                    tracing::error!(error = %e, "frontend restart failed");
-                    restart_at = Some(Instant::now() + backoff.delay(Duration::ZERO));
-                }
-            }
+            frontend = start_frontend(&b, &cfg, &listener)
+                .inspect_err(|e| tracing::error!(error = %e, "frontend restart failed"))
+                .ok();
+            restart_at = frontend.is_none().then(|| Instant::now() + backoff.delay(Duration::ZERO));
         }
     }
 }
@@ -218,16 +212,13 @@ fn serve_one(b: &mut Broker, f: &Frontend) -> Result<(), WireError> {
         }
     };
     let req = env.body;
-    let (reply, fds) = match serve(b, &req) {
-        Ok((reply, fds)) => {
-            tracing::info!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, request = ?req, verdict = "allow", "broker request");
-            (reply, fds)
-        }
-        Err(refusal) => {
-            tracing::warn!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, request = ?req, verdict = "refuse", reason = %refusal, "broker request");
-            (Reply::Refused { reason: refusal.to_string() }, vec![])
-        }
-    };
+    let served = serve(b, &req).inspect(|_| {
+        tracing::info!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, request = ?req, verdict = "allow", "broker request");
+    });
+    let (reply, fds) = served.unwrap_or_else(|refusal| {
+        tracing::warn!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, request = ?req, verdict = "refuse", reason = %refusal, "broker request");
+        (Reply::Refused { reason: refusal.to_string() }, vec![])
+    });
     let raw: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
     let id = env.id;
     match send(&f.channel, Envelope { version: PROTOCOL_VERSION, id, fds: 0, body: FromBroker::Reply(reply) }, &raw) {
@@ -245,16 +236,7 @@ fn serve_one(b: &mut Broker, f: &Frontend) -> Result<(), WireError> {
 /// keeps the capabilities it needs to start unprivileged programs and nothing else.
 fn start_spawner(args: &Args, cfg: &Config) -> Result<(OwnedFd, u32), String> {
     let (ours, theirs) = crate::strays::pair()?;
-    let plan = FrontendPlan {
-        frontend_bin: &cfg.frontend_bin,
-        state_dir: &args.state_dir,
-        console_dir: &args.console_dir,
-        image_roots: &args.image_roots,
-        log_format: args.log_format.as_str(),
-        rpc_limits: &args.rpc_limits,
-        seccomp: args.frontend_seccomp,
-        landlock_best_effort: args.landlock_best_effort,
-    };
+    let plan = args.frontend_plan(&cfg.frontend_bin);
     let frontend_launcher = Program::open(sibling("my_hypervisor-frontend-launcher")?)?;
     let frontend_argv = plan.launcher_argv(&frontend_launcher.path).map_err(|e| format!("frontend argv: {e}"))?;
     let sc = SpawnerConfig {
@@ -285,8 +267,7 @@ fn start_spawner(args: &Args, cfg: &Config) -> Result<(OwnedFd, u32), String> {
 /// no_new_privs, an empty environment, and exactly two inherited fds: the RPC listener and
 /// its end of a fresh SOCK_SEQPACKET broker channel.
 fn start_frontend(b: &Broker, cfg: &Config, listener: &UnixListener) -> Result<Frontend, String> {
-    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
-        .map_err(|e| format!("socketpair: {e}"))?;
+    let (ours, theirs) = crate::strays::pair()?;
     let listen = listener.as_fd().try_clone_to_owned().map_err(|e| format!("dup listener: {e}"))?;
     nix::fcntl::fcntl(&ours, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(|e| format!("channel: {e}"))?;
     b.strays.guard(&ours)?;
