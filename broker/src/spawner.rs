@@ -249,8 +249,7 @@ fn prepare_child(keep: &[(i32, i32)], vmm: Option<&VmmRoot>, ids: Ids) -> std::i
 /// the started program's pid and pidfd.
 pub fn order(chan: &OwnedFd, order: Order, fds: &[OwnedFd]) -> Result<Started, String> {
     let (pid, fds) = order_raw(chan, order, fds)?;
-    let pidfd = fds.into_iter().next().ok_or("spawn helper: no pidfd came with the pid")?;
-    Ok(Started { pid, pidfd })
+    Ok(Started { pid, pidfd: fds.into_iter().next().ok_or("spawn helper: no pidfd came with the pid")? })
 }
 
 /// Mounts (`uid` set) or unmounts the tmpfs of the VM run dir `dir`, through the helper.

@@ -106,10 +106,8 @@ pub fn run(args: &Args) -> Result<(), String> {
     let mut frontend = Some(start_frontend(&b, &cfg, &listener).map_err(|e| format!("start frontend: {e}"))?);
     let (mut backoff, mut restart_at) = (Backoff::default(), None::<Instant>);
     loop {
-        let timeout = match restart_at {
-            Some(t) => PollTimeout::try_from(t.saturating_duration_since(Instant::now())).unwrap_or(PollTimeout::MAX),
-            None => PollTimeout::NONE,
-        };
+        let wait = |t: Instant| PollTimeout::try_from(t.saturating_duration_since(Instant::now()));
+        let timeout = restart_at.map_or(PollTimeout::NONE, |t| wait(t).unwrap_or(PollTimeout::MAX));
         let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
         if let Some(f) = frontend.as_ref().filter(|f| f.serving) {
             fds.push(PollFd::new(f.channel.as_fd(), PollFlags::POLLIN));

@@ -51,8 +51,7 @@ fn create_output(dir: &OwnedFd, name: &str) -> Result<(OwnedFd, OwnedFd), Refusa
         OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let w = openat(dir.as_fd(), name, flags, Mode::from_bits_truncate(0o600))
         .map_err(Refusal::vmm(format!("create {name}")))?;
-    let r = reopen(&w, OFlag::O_RDONLY)?;
-    Ok((w, r))
+    Ok(reopen(&w, OFlag::O_RDONLY).map(|r| (w, r))?)
 }
 
 /// A new open file description, with its own offset, of the file `fd` is open on.
