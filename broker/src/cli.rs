@@ -31,12 +31,12 @@ pub struct Config {
 }
 
 pub fn resolve(args: &Args) -> Result<Config, String> {
-    let frontend = match layout::parse_ids(&args.frontend_user).map_err(|e| e.to_string())? {
+    let name = &args.frontend_user;
+    let frontend = match layout::parse_ids(name).map_err(|e| e.to_string())? {
         Some(ids) => ids,
         None => {
-            let u = User::from_name(&args.frontend_user)
-                .map_err(|e| format!("looking up user {:?}: {e}", args.frontend_user))?
-                .ok_or_else(|| format!("no user named {:?}", args.frontend_user))?;
+            let u = User::from_name(name).map_err(|e| format!("looking up user {name:?}: {e}"))?;
+            let u = u.ok_or_else(|| format!("no user named {name:?}"))?;
             Ids { uid: u.uid.as_raw(), gid: u.gid.as_raw() }
         }
     };

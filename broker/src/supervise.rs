@@ -137,8 +137,7 @@ pub fn run(args: &Args) -> Result<(), String> {
                 if pid == spawner_pid {
                     return Err(format!("the spawn helper exited ({status:?}); no VMM or frontend can start"));
                 }
-                if frontend.as_ref().is_some_and(|f| f.pid.as_raw() as u32 == pid) {
-                    let f = frontend.take().expect("checked above");
+                if let Some(f) = frontend.take_if(|f| f.pid.as_raw() as u32 == pid) {
                     b.strays.drain(&f.channel);
                     restart_at = Some(Instant::now() + backoff.delay(f.started.elapsed()));
                     tracing::warn!(pid, ?status, restart = backoff.count, delay = ?backoff.next, "frontend exited; restarting it");

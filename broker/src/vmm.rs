@@ -114,7 +114,6 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
     let bytes = std::fs::read(&ch).map_err(Refusal::vmm(&exe))?;
     let interpreter = elf::needs(&exe, &bytes).map_err(|e| Refusal::Vmm(e.to_string()))?.interpreter;
     let spec = SandboxSpec::new(id, vm.uid, exe.clone(), interpreter, plan, b.sandbox);
-    let report = spec.report();
     // On failure, remove what this attempt created, so that it can be tried again.
     let cleanup = |dir: &OwnedFd| {
         [LOG_FILE, EVENT_FILE, SANDBOX_REPORT, API_SOCKET].map(|n| unlinkat(dir, n, UnlinkatFlags::NoRemoveDir))
@@ -123,7 +122,7 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
         let (log_w, log_r) = create_output(&vm.dir, LOG_FILE)?;
         let (events_w, events_r) = create_output(&vm.dir, EVENT_FILE)?;
         let (report_w, _) = create_output(&vm.dir, SANDBOX_REPORT)?;
-        std::io::Write::write_all(&mut std::fs::File::from(report_w), report.as_bytes())?;
+        std::io::Write::write_all(&mut std::fs::File::from(report_w), spec.report().as_bytes())?;
         let api = UnixListener::bind(run_dir.join(API_SOCKET)).map_err(Refusal::vmm("bind api socket"))?;
         let ids = (Some(Uid::from_raw(vm.uid)), Some(Gid::from_raw(vm.uid)));
         fchownat(vm.dir.as_fd(), API_SOCKET, ids.0, ids.1, AtFlags::AT_SYMLINK_NOFOLLOW)
