@@ -123,13 +123,8 @@ pub fn prepare(b: &mut Broker, vm: &str, uid: u32, images: &[Image]) -> Result<V
         mkdirat(b.run_fd.as_fd(), vm, mode).map_err(|e| Refusal::RunDir(format!("create {vm}: {e}")))?;
         crate::vmm::open_run_dir(b, vm, uid).inspect_err(|_| drop(crate::vmm::remove_run_dir(b, vm)))
     });
-    match dir {
-        Ok(dir) => Ok(Vm { uid, dir, grants, taps: vec![], vmm: Vmm::NotSpawned }),
-        Err(e) => {
-            grants.iter().for_each(|g| drop(revoke(g, &mut b.acls)));
-            Err(e)
-        }
-    }
+    let dir = dir.inspect_err(|_| grants.iter().for_each(|g| drop(revoke(g, &mut b.acls))))?;
+    Ok(Vm { uid, dir, grants, taps: vec![], vmm: Vmm::NotSpawned })
 }
 
 /// Undoes a grant through its fd. Safe to call on a grant that needs nothing undone.

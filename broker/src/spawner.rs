@@ -109,12 +109,10 @@ pub fn serve(chan: OwnedFd, mut cfg: SpawnerConfig) -> Result<(), String> {
             Err(WireError::Closed) => return Ok(()),
             Err(e) => return Err(format!("order: {e}")),
         };
-        let (body, pidfd) = match start(&cfg, env.body, fds) {
+        let started = start(&cfg, env.body, fds).inspect_err(|e| tracing::error!(error = %e, "order failed"));
+        let (body, pidfd) = match started {
             Ok(s) => (Ok(s.as_ref().map_or(0, |s| s.pid)), s.map(|s| s.pidfd)),
-            Err(e) => {
-                tracing::error!(error = %e, "order failed");
-                (Err(e), None)
-            }
+            Err(e) => (Err(e), None),
         };
         let reply = Envelope { version: PROTOCOL_VERSION, id: env.id, fds: 0, body };
         let raw: Vec<i32> = pidfd.iter().map(|f| f.as_raw_fd()).collect();
@@ -228,20 +226,15 @@ fn start_detached(
     drop(w);
     let mut line = String::new();
     std::fs::File::from(r).read_to_string(&mut line).map_err(|e| format!("read spawn result: {e}"))?;
-    match line.lines().next() {
-        // The child exited; the broker reaps it as a child that is no VMM.
-        Some(e) => Err(e.to_string()),
-        None => Ok(started),
-    }
+    // A line: the child exited; the broker reaps it as a child that is no VMM.
+    line.lines().next().map_or(Ok(started), |e| Err(e.to_string()))
 }
 
 /// Everything between fork and exec, in order.
 fn prepare_child(keep: &[(i32, i32)], vmm: Option<&VmmRoot>, ids: Ids) -> std::io::Result<()> {
     reset_signals()?;
     place_fds(keep)?;
-    if let Some(root) = vmm {
-        enter_vmm_namespaces(ids.uid, root)?;
-    }
+    vmm.map(|root| enter_vmm_namespaces(ids.uid, root)).transpose()?;
     drop_privileges(ids)
 }
 

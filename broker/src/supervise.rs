@@ -47,12 +47,8 @@ pub fn run(args: &Args) -> Result<(), String> {
     }
     umask(Mode::from_bits_truncate(0o022));
     let cfg = resolve(args)?;
-    for (dir, role) in args.dirs()? {
-        ensure_dir(dir, role, cfg.frontend)?;
-    }
-    if let Some(gid) = cfg.rpc_gid {
-        crate::dirs::share_console_dir(&args.console_dir, cfg.frontend, gid)?;
-    }
+    args.dirs()?.into_iter().try_for_each(|(dir, role)| ensure_dir(dir, role, cfg.frontend))?;
+    cfg.rpc_gid.map(|gid| crate::dirs::share_console_dir(&args.console_dir, cfg.frontend, gid)).transpose()?;
     let ch = crate::ch::check(args.cloud_hypervisor.as_deref(), cfg.frontend).inspect_err(
         |e| tracing::error!(error = %e, "no VM can start until cloud-hypervisor is fixed and the daemon restarted"),
     );
@@ -109,9 +105,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         let wait = |t: Instant| PollTimeout::try_from(t.saturating_duration_since(Instant::now()));
         let timeout = restart_at.map_or(PollTimeout::NONE, |t| wait(t).unwrap_or(PollTimeout::MAX));
         let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
-        if let Some(f) = frontend.as_ref().filter(|f| f.serving) {
-            fds.push(PollFd::new(f.channel.as_fd(), PollFlags::POLLIN));
-        }
+        fds.extend(frontend.as_ref().filter(|f| f.serving).map(|f| PollFd::new(f.channel.as_fd(), PollFlags::POLLIN)));
         match poll(&mut fds, timeout) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(format!("poll: {e}")),
@@ -143,9 +137,7 @@ pub fn run(args: &Args) -> Result<(), String> {
                     tracing::warn!(pid, ?status, restart = backoff.count, delay = ?backoff.next, "frontend exited; restarting it");
                 } else if let Some(event) = vmm::reaped(&mut b, pid, status) {
                     tracing::info!(pid, ?status, ?event, "VMM exited");
-                    if let Err(e) = journal::commit(&mut b) {
-                        tracing::error!(error = %e, "journal");
-                    }
+                    journal::commit(&mut b).unwrap_or_else(|e| tracing::error!(error = %e, "journal"));
                     if let Some(f) = frontend.as_mut().filter(|f| f.serving) {
                         let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: FromBroker::Event(event) };
                         if let Err(e) = send(&f.channel, env, &[]) {
@@ -248,9 +240,7 @@ fn start_spawner(args: &Args, cfg: &Config) -> Result<(OwnedFd, u32), String> {
         ForkResult::Child => {
             drop(ours);
             let served = keep_only(SPAWNER_CAPS).and_then(|()| spawner::serve(theirs, sc));
-            if let Err(e) = &served {
-                tracing::error!(error = %e, "spawn helper stopped");
-            }
+            let served = served.inspect_err(|e| tracing::error!(error = %e, "spawn helper stopped"));
             std::process::exit(i32::from(served.is_err()))
         }
         ForkResult::Parent { child } => {
