@@ -7,10 +7,10 @@ pub use my_hypervisor_policy::daemon::Args;
 use my_hypervisor_policy::daemon::LogFormat;
 use my_hypervisor_policy::layout::{self, Ids};
 use nix::unistd::{Group, User};
+use tracing_subscriber::EnvFilter;
 
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MYHV_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("MYHV_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -31,12 +31,12 @@ pub struct Config {
 }
 
 pub fn resolve(args: &Args) -> Result<Config, String> {
-    let frontend = match layout::parse_ids(&args.frontend_user).map_err(|e| e.to_string())? {
+    let name = &args.frontend_user;
+    let frontend = match layout::parse_ids(name).map_err(|e| e.to_string())? {
         Some(ids) => ids,
         None => {
-            let u = User::from_name(&args.frontend_user)
-                .map_err(|e| format!("looking up user {:?}: {e}", args.frontend_user))?
-                .ok_or_else(|| format!("no user named {:?}", args.frontend_user))?;
+            let u = User::from_name(name).map_err(|e| format!("looking up user {name:?}: {e}"))?;
+            let u = u.ok_or_else(|| format!("no user named {name:?}"))?;
             Ids { uid: u.uid.as_raw(), gid: u.gid.as_raw() }
         }
     };
@@ -47,15 +47,9 @@ pub fn resolve(args: &Args) -> Result<Config, String> {
         Ok::<_, String>(found.ok_or_else(|| format!("no group named {g:?}"))?.gid.as_raw())
     };
     let rpc_gid = args.rpc_group.as_ref().map(|g| g.parse::<u32>().or_else(|_| group(g))).transpose()?;
-    let frontend_bin = match &args.frontend_bin {
-        Some(p) => p.clone(),
-        None => sibling("my_hypervisor-frontend")?,
-    };
+    let frontend_bin = args.frontend_bin.clone().map_or_else(|| sibling("my_hypervisor-frontend"), Ok)?;
     args.check_paths()?;
-    let launcher_bin = match &args.launcher_bin {
-        Some(p) => p.clone(),
-        None => sibling("my_hypervisor-vmm-launcher")?,
-    };
+    let launcher_bin = args.launcher_bin.clone().map_or_else(|| sibling("my_hypervisor-vmm-launcher"), Ok)?;
     Ok(Config { frontend, vm_uids, launcher_bin, rpc_gid, frontend_bin })
 }
 

@@ -139,34 +139,24 @@ fn open_beneath(roots: &[(PathBuf, OwnedFd)], path: &str) -> Result<OwnedFd, Str
 /// done so far: nothing is left behind.
 pub fn prepare(b: &mut Broker, vm: &str, uid: u32, images: &[Image]) -> Result<Vm, Refusal> {
     let mut grants: Vec<Grant> = Vec::new();
-    let mut granted = Ok(());
-    for image in images {
+    let granted = images.iter().try_for_each(|image| {
         // Held by another VM, or by this one through an earlier image of the same Prepare.
         let taken = |inode, w| {
             let others = b.vms.iter().flat_map(|(id, v)| v.grants.iter().map(move |g| (id.as_str(), g)));
             let mut all = others.chain(grants.iter().map(|g| (vm, g)));
             all.find(|(_, g)| g.inode == inode && shares_conflict(w, g.writable())).map(|(id, _)| id.to_string())
         };
-        match grant(&b.image_roots, &mut b.acls, uid, image, taken) {
-            Ok(g) => grants.push(g),
-            Err(e) => {
-                granted = Err(e);
-                break;
-            }
-        }
-    }
+        let g = grant(&b.image_roots, &mut b.acls, uid, image, taken)?;
+        grants.push(g);
+        Ok(())
+    });
     let dir = granted.and_then(|()| {
         let mode = Mode::from_bits_truncate(VM_RUN_DIR_MODE);
         mkdirat(b.run_fd.as_fd(), vm, mode).map_err(|e| Refusal::RunDir(format!("create {vm}: {e}")))?;
         crate::vmm::open_run_dir(b, vm, uid).inspect_err(|_| drop(crate::vmm::remove_run_dir(b, vm)))
     });
-    match dir {
-        Ok(dir) => Ok(Vm { uid, dir, grants, taps: vec![], vmm: Vmm::NotSpawned }),
-        Err(e) => {
-            grants.iter().for_each(|g| drop(revoke(g, &mut b.acls)));
-            Err(e)
-        }
-    }
+    let dir = dir.inspect_err(|_| grants.iter().for_each(|g| drop(revoke(g, &mut b.acls))))?;
+    Ok(Vm { uid, dir, grants, taps: vec![], vmm: Vmm::NotSpawned })
 }
 
 /// Undoes a grant through its fd. Safe to call on a grant that needs nothing undone.
@@ -204,7 +194,7 @@ mod acl {
     fn write(fd: &OwnedFd, buf: &[u8]) -> std::io::Result<()> {
         // SAFETY: the buffer is valid for its length.
         let r = unsafe { libc::fsetxattr(fd.as_raw_fd(), XATTR.as_ptr(), buf.as_ptr().cast(), buf.len(), 0) };
-        if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+        crate::unpriv::sys("fsetxattr", r.into()).map(drop)
     }
 
     /// Adds `uid`'s read entry; the first grant on an inode saves its ACL and mode first.

@@ -2,9 +2,10 @@
 
 use std::os::fd::AsRawFd;
 
+use my_hypervisor_broker_proto::Reply;
 use my_hypervisor_policy::vmm::{KVM_API_VERSION, KVM_CHECK_EXTENSION, KVM_EXTENSIONS, KVM_GET_API_VERSION};
 
-pub fn check() -> Result<(i32, Vec<(String, bool)>), String> {
+pub fn check() -> Result<Reply, String> {
     let kvm =
         std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").map_err(|e| format!("/dev/kvm: {e}"))?;
     // SAFETY: KVM_GET_API_VERSION takes no argument and only returns an int.
@@ -12,10 +13,10 @@ pub fn check() -> Result<(i32, Vec<(String, bool)>), String> {
     if version != KVM_API_VERSION {
         return Err(format!("KVM API version is {version}, expected {KVM_API_VERSION}"));
     }
-    let caps = KVM_EXTENSIONS
+    let extensions = KVM_EXTENSIONS
         .iter()
         // SAFETY: KVM_CHECK_EXTENSION takes an integer capability number and returns an int.
         .map(|&(name, cap)| (name.to_string(), unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CHECK_EXTENSION, cap) } > 0))
         .collect();
-    Ok((version, caps))
+    Ok(Reply::Kvm { api_version: version, extensions })
 }

@@ -28,9 +28,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     let args = cli::Args::parse();
     cli::init_logging(args.log_format);
-    let ran = supervise::run(&args);
-    if let Err(e) = &ran {
-        tracing::error!(error = %e, "daemon stopped");
-    }
-    if ran.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    let Err(e) = supervise::run(&args) else { return ExitCode::SUCCESS };
+    tracing::error!(error = %e, "daemon stopped");
+    ExitCode::FAILURE
 }

@@ -6,16 +6,16 @@
 //! Each program is started by clone3 with CLONE_PARENT, so that it is the broker's own child:
 //! the broker reaps it and reports its exit, and holds the pidfd the clone returned.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use my_hypervisor_broker_proto::{Envelope, PROTOCOL_VERSION, WireError, recv, send};
 use my_hypervisor_policy::elf::closure;
-use my_hypervisor_policy::frontend::{BROKER_FD, EXE_FD, LISTEN_FD, NAMESPACES, REPORT_FD};
+use my_hypervisor_policy::frontend::{NAMESPACES, REPORT_FD, keep_list};
 use my_hypervisor_policy::layout::Ids;
-use my_hypervisor_policy::sandbox::{VMM_CLONE_FLAGS, VmmRoot, c_argv, check_keep_list, launcher_args, vmm_keep_list};
+use my_hypervisor_policy::sandbox::{VMM_CLONE_FLAGS, VmmRoot, c_argv, check_keep_list, launcher_args, vmm_order_fds};
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use nix::unistd::pipe2;
@@ -109,12 +109,10 @@ pub fn serve(chan: OwnedFd, mut cfg: SpawnerConfig) -> Result<(), String> {
             Err(WireError::Closed) => return Ok(()),
             Err(e) => return Err(format!("order: {e}")),
         };
-        let (body, pidfd) = match start(&cfg, env.body, fds) {
+        let started = start(&cfg, env.body, fds).inspect_err(|e| tracing::error!(error = %e, "order failed"));
+        let (body, pidfd) = match started {
             Ok(s) => (Ok(s.as_ref().map_or(0, |s| s.pid)), s.map(|s| s.pidfd)),
-            Err(e) => {
-                tracing::error!(error = %e, "order failed");
-                (Err(e), None)
-            }
+            Err(e) => (Err(e), None),
         };
         let reply = Envelope { version: PROTOCOL_VERSION, id: env.id, fds: 0, body };
         let raw: Vec<i32> = pidfd.iter().map(|f| f.as_raw_fd()).collect();
@@ -122,24 +120,14 @@ pub fn serve(chan: OwnedFd, mut cfg: SpawnerConfig) -> Result<(), String> {
     }
 }
 
-fn c_args(prog: &Program, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Result<Vec<CString>, String> {
-    c_argv(prog.path.as_os_str(), args)
-}
-
 /// Carries out one order: a started program, or `None` for a run dir (un)mount.
 fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Result<Option<Started>, String> {
     match order {
         Order::Frontend => {
             let [listen, chan] = <[OwnedFd; 2]>::try_from(fds).map_err(|_| "frontend order needs 2 fds")?;
-            // stdout and stderr stay the daemon's; the launcher reports a failed step on
-            // REPORT_FD until it execs the frontend through EXE_FD.
-            let keep = vec![
-                (1, 1),
-                (2, 2),
-                (listen.as_raw_fd(), LISTEN_FD),
-                (chan.as_raw_fd(), BROKER_FD),
-                (cfg.frontend.fd.as_raw_fd(), EXE_FD),
-            ];
+            // The launcher reports a failed step on REPORT_FD until it execs the frontend
+            // through EXE_FD.
+            let keep = keep_list(listen.as_raw_fd(), chan.as_raw_fd(), cfg.frontend.fd.as_raw_fd());
             let (argv, ids) = (cfg.frontend_argv.clone(), cfg.frontend_ids);
             start_detached(argv, &cfg.frontend_launcher, keep, ids, NAMESPACES, None, Some(REPORT_FD)).map(Some)
         }
@@ -151,13 +139,10 @@ fn start(cfg: &SpawnerConfig, order: Order, fds: Vec<OwnedFd>) -> Result<Option<
             let ch = ch_argv.first().ok_or("vmm order has no cloud-hypervisor")?;
             let mut files = closure(&[ch, &launcher], |p| std::fs::read(p).ok()).map_err(|e| e.to_string())?;
             files.retain(|f| *f != launcher);
-            let n = fds.len().checked_sub(binds.len()).ok_or("vmm order has fewer fds than binds")?;
-            let binds = binds.into_iter().zip(&fds[n..]).map(|((p, w), fd)| (p, w, fd.as_raw_fd())).collect();
-            let root = VmmRoot { files, binds };
-            let argv = c_args(&cfg.launcher, launcher_args(spec, ch_argv))?;
-            let raw: Vec<i32> = fds[..n].iter().map(|fd| fd.as_raw_fd()).collect();
-            let keep = vmm_keep_list(&raw).ok_or("vmm order needs a log fd")?;
-            let ids = Ids { uid, gid: uid };
+            let raw: Vec<i32> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+            let (keep, binds) = vmm_order_fds(&raw, binds)?;
+            let argv = c_argv(cfg.launcher.path.as_os_str(), launcher_args(spec, ch_argv))?;
+            let (ids, root) = (Ids { uid, gid: uid }, VmmRoot { files, binds });
             start_detached(argv, &cfg.launcher, keep, ids, VMM_CLONE_FLAGS, Some(root), None).map(Some)
         }
     }
@@ -241,20 +226,15 @@ fn start_detached(
     drop(w);
     let mut line = String::new();
     std::fs::File::from(r).read_to_string(&mut line).map_err(|e| format!("read spawn result: {e}"))?;
-    match line.lines().next() {
-        // The child exited; the broker reaps it as a child that is no VMM.
-        Some(e) => Err(e.to_string()),
-        None => Ok(started),
-    }
+    // A line: the child exited; the broker reaps it as a child that is no VMM.
+    line.lines().next().map_or(Ok(started), |e| Err(e.to_string()))
 }
 
 /// Everything between fork and exec, in order.
 fn prepare_child(keep: &[(i32, i32)], vmm: Option<&VmmRoot>, ids: Ids) -> std::io::Result<()> {
     reset_signals()?;
     place_fds(keep)?;
-    if let Some(root) = vmm {
-        enter_vmm_namespaces(ids.uid, root)?;
-    }
+    vmm.map(|root| enter_vmm_namespaces(ids.uid, root)).transpose()?;
     drop_privileges(ids)
 }
 
@@ -262,8 +242,7 @@ fn prepare_child(keep: &[(i32, i32)], vmm: Option<&VmmRoot>, ids: Ids) -> std::i
 /// the started program's pid and pidfd.
 pub fn order(chan: &OwnedFd, order: Order, fds: &[OwnedFd]) -> Result<Started, String> {
     let (pid, fds) = order_raw(chan, order, fds)?;
-    let pidfd = fds.into_iter().next().ok_or("spawn helper: no pidfd came with the pid")?;
-    Ok(Started { pid, pidfd })
+    Ok(Started { pid, pidfd: fds.into_iter().next().ok_or("spawn helper: no pidfd came with the pid")? })
 }
 
 /// Mounts (`uid` set) or unmounts the tmpfs of the VM run dir `dir`, through the helper.

@@ -31,7 +31,7 @@ fn refuse_fds(fd: &impl AsFd) -> std::io::Result<()> {
     let (fd, value) = (fd.as_fd().as_raw_fd(), (&raw const off).cast());
     // SAFETY: setsockopt reads an int from a pointer valid for `len` bytes.
     let r = unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, SO_PASSRIGHTS, value, len) };
-    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    crate::unpriv::sys("setsockopt", r.into()).map(drop)
 }
 
 /// A SOCK_SEQPACKET socketpair, close-on-exec.

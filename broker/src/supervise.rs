@@ -10,7 +10,6 @@ use my_hypervisor_broker_proto::{
     Envelope, Event, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv_keeping_fds, send,
 };
 use my_hypervisor_policy::daemon::Backoff;
-use my_hypervisor_policy::frontend::FrontendPlan;
 use my_hypervisor_policy::sandbox::SandboxOptions;
 use my_hypervisor_policy::seccomp;
 use my_hypervisor_policy::vmm::exit_status;
@@ -19,7 +18,6 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::stat::{Mode, umask};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, geteuid};
@@ -48,12 +46,8 @@ pub fn run(args: &Args) -> Result<(), String> {
     }
     umask(Mode::from_bits_truncate(0o022));
     let cfg = resolve(args)?;
-    for (dir, role) in args.dirs()? {
-        ensure_dir(dir, role, cfg.frontend)?;
-    }
-    if let Some(gid) = cfg.rpc_gid {
-        crate::dirs::share_console_dir(&args.console_dir, cfg.frontend, gid)?;
-    }
+    args.dirs()?.into_iter().try_for_each(|(dir, role)| ensure_dir(dir, role, cfg.frontend))?;
+    cfg.rpc_gid.map(|gid| crate::dirs::share_console_dir(&args.console_dir, cfg.frontend, gid)).transpose()?;
     let ch = crate::ch::check(args.cloud_hypervisor.as_deref(), cfg.frontend).inspect_err(
         |e| tracing::error!(error = %e, "no VM can start until cloud-hypervisor is fixed and the daemon restarted"),
     );
@@ -105,10 +99,8 @@ pub fn run(args: &Args) -> Result<(), String> {
     let mut frontend = Some(start_frontend(&b, &cfg, &listener).map_err(|e| format!("start frontend: {e}"))?);
     let (mut backoff, mut restart_at) = (Backoff::default(), None::<Instant>);
     loop {
-        let timeout = match restart_at {
-            Some(t) => PollTimeout::try_from(t.saturating_duration_since(Instant::now())).unwrap_or(PollTimeout::MAX),
-            None => PollTimeout::NONE,
-        };
+        let wait = |t: Instant| PollTimeout::try_from(t.saturating_duration_since(Instant::now()));
+        let timeout = restart_at.map_or(PollTimeout::NONE, |t| wait(t).unwrap_or(PollTimeout::MAX));
         let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
         let serving = frontend.as_ref().filter(|f| f.serving);
         fds.extend(serving.map(|f| PollFd::new(f.channel.as_fd(), PollFlags::POLLIN)));
@@ -148,8 +140,7 @@ pub fn run(args: &Args) -> Result<(), String> {
                 if pid == spawner_pid {
                     return Err(format!("the spawn helper exited ({status:?}); no VMM or frontend can start"));
                 }
-                if frontend.as_ref().is_some_and(|f| f.pid.as_raw() as u32 == pid) {
-                    let f = frontend.take().expect("checked above");
+                if let Some(f) = frontend.take_if(|f| f.pid.as_raw() as u32 == pid) {
                     b.strays.drain(&f.channel);
                     restart_at = Some(Instant::now() + backoff.delay(f.started.elapsed()));
                     tracing::warn!(pid, ?status, restart = backoff.count, delay = ?backoff.next, "frontend exited; restarting it");
@@ -162,23 +153,17 @@ pub fn run(args: &Args) -> Result<(), String> {
             }
         }
         if restart_at.is_some_and(|t| Instant::now() >= t) {
-            restart_at = None;
-            match start_frontend(&b, &cfg, &listener) {
-                Ok(f) => frontend = Some(f),
-                Err(e) => {
-                    tracing::error!(error = %e, "frontend restart failed");
-                    restart_at = Some(Instant::now() + backoff.delay(Duration::ZERO));
-                }
-            }
+            frontend = start_frontend(&b, &cfg, &listener)
+                .inspect_err(|e| tracing::error!(error = %e, "frontend restart failed"))
+                .ok();
+            restart_at = frontend.is_none().then(|| Instant::now() + backoff.delay(Duration::ZERO));
         }
     }
 }
 
 /// Journals a VMM's exit and tells the frontend.
 fn tell_frontend(b: &mut Broker, frontend: Option<&mut Frontend>, event: my_hypervisor_broker_proto::Event) {
-    if let Err(e) = journal::commit(b) {
-        tracing::error!(error = %e, "journal");
-    }
+    journal::commit(b).unwrap_or_else(|e| tracing::error!(error = %e, "journal"));
     if let Some(f) = frontend.filter(|f| f.serving) {
         let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: FromBroker::Event(event) };
         if let Err(e) = send(&f.channel, env, &[]) {
@@ -251,16 +236,13 @@ fn serve_one(b: &mut Broker, f: &Frontend) -> Result<(), WireError> {
         }
     };
     let req = env.body;
-    let (reply, fds) = match serve(b, &req) {
-        Ok((reply, fds)) => {
-            tracing::info!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, request = ?req, verdict = "allow", "broker request");
-            (reply, fds)
-        }
-        Err(refusal) => {
-            tracing::warn!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, request = ?req, verdict = "refuse", reason = %refusal, "broker request");
-            (Reply::Refused { reason: refusal.to_string() }, vec![])
-        }
-    };
+    let served = serve(b, &req).inspect(|_| {
+        tracing::info!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, request = ?req, verdict = "allow", "broker request");
+    });
+    let (reply, fds) = served.unwrap_or_else(|refusal| {
+        tracing::warn!(target: "audit", peer_pid = f.pid.as_raw(), peer_uid = f.uid, request = ?req, verdict = "refuse", reason = %refusal, "broker request");
+        (Reply::Refused { reason: refusal.to_string() }, vec![])
+    });
     let raw: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
     let id = env.id;
     match send(&f.channel, Envelope { version: PROTOCOL_VERSION, id, fds: 0, body: FromBroker::Reply(reply) }, &raw) {
@@ -278,16 +260,7 @@ fn serve_one(b: &mut Broker, f: &Frontend) -> Result<(), WireError> {
 /// keeps the capabilities it needs to start unprivileged programs and nothing else.
 fn start_spawner(args: &Args, cfg: &Config) -> Result<(OwnedFd, u32), String> {
     let (ours, theirs) = crate::strays::pair()?;
-    let plan = FrontendPlan {
-        frontend_bin: &cfg.frontend_bin,
-        state_dir: &args.state_dir,
-        console_dir: &args.console_dir,
-        image_roots: &args.image_roots,
-        log_format: args.log_format.as_str(),
-        rpc_limits: &args.rpc_limits,
-        seccomp: args.frontend_seccomp,
-        landlock_best_effort: args.landlock_best_effort,
-    };
+    let plan = args.frontend_plan(&cfg.frontend_bin);
     let frontend_launcher = Program::open(sibling("my_hypervisor-frontend-launcher")?)?;
     let frontend_argv = plan.launcher_argv(&frontend_launcher.path).map_err(|e| format!("frontend argv: {e}"))?;
     let sc = SpawnerConfig {
@@ -302,9 +275,7 @@ fn start_spawner(args: &Args, cfg: &Config) -> Result<(OwnedFd, u32), String> {
         ForkResult::Child => {
             drop(ours);
             let served = keep_only(SPAWNER_CAPS).and_then(|()| spawner::serve(theirs, sc));
-            if let Err(e) = &served {
-                tracing::error!(error = %e, "spawn helper stopped");
-            }
+            let served = served.inspect_err(|e| tracing::error!(error = %e, "spawn helper stopped"));
             std::process::exit(i32::from(served.is_err()))
         }
         ForkResult::Parent { child } => {
@@ -318,8 +289,7 @@ fn start_spawner(args: &Args, cfg: &Config) -> Result<(OwnedFd, u32), String> {
 /// no_new_privs, an empty environment, and exactly two inherited fds: the RPC listener and
 /// its end of a fresh SOCK_SEQPACKET broker channel.
 fn start_frontend(b: &Broker, cfg: &Config, listener: &UnixListener) -> Result<Frontend, String> {
-    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
-        .map_err(|e| format!("socketpair: {e}"))?;
+    let (ours, theirs) = crate::strays::pair()?;
     let listen = listener.as_fd().try_clone_to_owned().map_err(|e| format!("dup listener: {e}"))?;
     nix::fcntl::fcntl(&ours, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(|e| format!("channel: {e}"))?;
     b.strays.guard(&ours)?;

@@ -156,10 +156,7 @@ pub fn serve(b: &mut Broker, req: &Request) -> Handled {
 
 fn dispatch(b: &mut Broker, req: &Request) -> Handled {
     match req {
-        Request::KvmCheck => {
-            let (api_version, extensions) = kvm::check().map_err(Refusal::Kvm)?;
-            Ok((Reply::Kvm { api_version, extensions }, vec![]))
-        }
+        Request::KvmCheck => Ok((kvm::check().map_err(Refusal::Kvm)?, vec![])),
         Request::Prepare { vm, images } => {
             let uid = vmm::free_uid(b)?;
             let record = images::prepare(b, vm, uid, images)?;
@@ -182,14 +179,8 @@ fn dispatch(b: &mut Broker, req: &Request) -> Handled {
             Vmm::Alive { outputs, .. } | Vmm::Exited { outputs, .. } => Ok((Reply::Outputs, outputs.reopen()?)),
             Vmm::NotSpawned => Err(StateError::NeverSpawned(vm.clone()).into()),
         },
-        Request::Signal { vm, signal } => {
-            vmm::signal(b.vm(vm)?, *signal)?;
-            Ok((Reply::Signalled, vec![]))
-        }
-        Request::Release { vm } => {
-            vmm::release(b, vm)?;
-            Ok((Reply::Released, vec![]))
-        }
+        Request::Signal { vm, signal } => vmm::signal(b.vm(vm)?, *signal).map(|()| (Reply::Signalled, vec![])),
+        Request::Release { vm } => vmm::release(b, vm).map(|()| (Reply::Released, vec![])),
         Request::Inventory => {
             let vms = b.vms.iter().map(|(id, v)| {
                 let (held, pid, exit) = v.vmm.summary();

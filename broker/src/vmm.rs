@@ -11,10 +11,10 @@ use my_hypervisor_policy::vmm::{
     API_SOCKET, EVENT_FILE, LOG_FILE, RELEASE_WAIT_MS, SANDBOX_REPORT, VmmPlan, check_socket_node, exit_status,
     signal_number, socket_name,
 };
-use nix::fcntl::{AtFlags, OFlag, openat};
+use nix::fcntl::{AtFlags, FallocateFlags, OFlag, openat};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
-use nix::sys::stat::{Mode, SFlag, fstat};
+use nix::sys::stat::{Mode, fstat};
 use nix::sys::wait::waitpid;
 use nix::unistd::{Gid, Pid, Uid, UnlinkatFlags, fchownat, unlinkat};
 
@@ -55,8 +55,7 @@ impl Outputs {
     pub fn trim_log(&self) -> Result<(), Refusal> {
         let f = std::fs::OpenOptions::new().write(true).open(format!("/proc/self/fd/{}", self.log.as_raw_fd()))?;
         if let Some(len) = my_hypervisor_policy::vmm::log_punch_len(f.metadata()?.len()) {
-            let how =
-                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+            let how = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
             nix::fcntl::fallocate(&f, how, 0, len as i64).map_err(|e| Refusal::Vmm(format!("trim log: {e}")))?;
         }
         Ok(())
@@ -69,8 +68,7 @@ fn create_output(dir: &OwnedFd, name: &str) -> Result<(OwnedFd, OwnedFd), Refusa
         OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let w = openat(dir.as_fd(), name, flags, Mode::from_bits_truncate(0o600))
         .map_err(Refusal::vmm(format!("create {name}")))?;
-    let r = reopen(&w, OFlag::O_RDONLY)?;
-    Ok((w, r))
+    Ok(reopen(&w, OFlag::O_RDONLY).map(|r| (w, r))?)
 }
 
 /// A new open file description, with its own offset, of the file `fd` is open on.
@@ -139,7 +137,6 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
     let bytes = std::fs::read(&ch).map_err(Refusal::vmm(&exe))?;
     let interpreter = elf::needs(&exe, &bytes).map_err(|e| Refusal::Vmm(e.to_string()))?.interpreter;
     let spec = SandboxSpec::new(id, vm.uid, exe.clone(), interpreter, plan, b.sandbox);
-    let report = spec.report();
     // On failure, remove what this attempt created, so that it can be tried again.
     let cleanup = |dir: &OwnedFd| {
         [LOG_FILE, EVENT_FILE, SANDBOX_REPORT, API_SOCKET].map(|n| unlinkat(dir, n, UnlinkatFlags::NoRemoveDir))
@@ -148,7 +145,7 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
         let (log_w, log_r) = create_output(&vm.dir, LOG_FILE)?;
         let (events_w, events_r) = create_output(&vm.dir, EVENT_FILE)?;
         let (report_w, _) = create_output(&vm.dir, SANDBOX_REPORT)?;
-        std::io::Write::write_all(&mut std::fs::File::from(report_w), report.as_bytes())?;
+        std::io::Write::write_all(&mut std::fs::File::from(report_w), spec.report().as_bytes())?;
         let api = UnixListener::bind(run_dir.join(API_SOCKET)).map_err(Refusal::vmm("bind api socket"))?;
         let ids = (Some(Uid::from_raw(vm.uid)), Some(Gid::from_raw(vm.uid)));
         fchownat(vm.dir.as_fd(), API_SOCKET, ids.0, ids.1, AtFlags::AT_SYMLINK_NOFOLLOW)
@@ -158,8 +155,8 @@ pub fn spawn(b: &mut Broker, id: &str, cfg: &VmmConfig) -> Handled {
         for fd in vm.taps.iter().filter_map(|t| t.fd.as_ref()).chain(vm.grants.iter().map(|g| &g.fd)).chain([&vm.dir]) {
             fds.push(fd.try_clone()?);
         }
-        let mut binds: Vec<(String, bool)> = vm.grants.iter().map(|g| (g.path.clone(), g.writable())).collect();
-        binds.push((spec.plan.run_dir.clone(), true));
+        let grants = vm.grants.iter().map(|g| (g.path.clone(), g.writable()));
+        let binds = grants.chain([(spec.plan.run_dir.clone(), true)]).collect();
         let json = serde_json::to_string(&spec).map_err(|e| Refusal::Vmm(e.to_string()))?;
         let order = Order::Vmm { uid: vm.uid, spec: json, ch_argv: spec.ch_argv(), binds };
         let started = spawner::order(&b.spawner, order, &fds).map_err(Refusal::Vmm)?;
@@ -193,9 +190,7 @@ pub fn connect(vm: &Vm, role: SocketRole) -> Handled {
 }
 
 pub fn signal(vm: &Vm, sig: VmmSignal) -> Result<(), Refusal> {
-    let Vmm::Alive { pidfd, .. } = &vm.vmm else {
-        return Err(Refusal::Vmm("no live VMM".into()));
-    };
+    let Vmm::Alive { pidfd, .. } = &vm.vmm else { return Err(Refusal::Vmm("no live VMM".into())) };
     let sig = signal_number(sig);
     // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo and no flags.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0) };
@@ -205,9 +200,7 @@ pub fn signal(vm: &Vm, sig: VmmSignal) -> Result<(), Refusal> {
 /// Records the exit of a reaped child if it was a VMM; returns the event for the frontend.
 pub fn reaped(b: &mut Broker, pid: u32, status: ExitStatus) -> Option<Event> {
     let (id, vm) = b.vms.iter_mut().find(|(_, v)| matches!(v.vmm, Vmm::Alive { pid: p, .. } if p == pid))?;
-    let Vmm::Alive { outputs, .. } = std::mem::replace(&mut vm.vmm, Vmm::NotSpawned) else {
-        return None;
-    };
+    let Vmm::Alive { outputs, .. } = std::mem::replace(&mut vm.vmm, Vmm::NotSpawned) else { return None };
     vm.vmm = Vmm::Exited { pid, status, outputs };
     Some(Event::VmmExited { vm: id.clone(), pid, status })
 }
@@ -262,15 +255,13 @@ pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
 /// The live VMM's sandbox: the report stored at spawn, trusted only as a regular root-owned
 /// file with one link (the VM uid cannot make one), and the kernel's view of the process.
 pub fn sandbox(vm: &Vm) -> Handled {
-    use my_hypervisor_policy::observed::{MAX_REPORT, MAX_STATUS, applied};
+    use my_hypervisor_policy::observed::{MAX_REPORT, MAX_STATUS, applied, check_report_node};
     use std::io::Read;
     let Vmm::Alive { pid, .. } = &vm.vmm else { return Err(Refusal::Vmm("no live VMM".into())) };
     let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
     let file = std::fs::File::from(openat(vm.dir.as_fd(), SANDBOX_REPORT, flags, Mode::empty())?);
     let st = fstat(file.as_fd())?;
-    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG || st.st_uid != 0 || st.st_nlink != 1 {
-        return Err(Refusal::Vmm(format!("{SANDBOX_REPORT} is not the broker's own file")));
-    }
+    check_report_node(SANDBOX_REPORT, st.st_mode, st.st_uid, st.st_nlink as u64).map_err(Refusal::Vmm)?;
     let mut planned = String::new();
     file.take(MAX_REPORT as u64).read_to_string(&mut planned)?;
     let mut status = String::new();

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::frontend::FrontendPlan;
 use crate::layout::{self, DirRole};
 use crate::sandbox::hidden_in_vmm;
 use crate::seccomp;
@@ -134,6 +135,20 @@ impl Default for Backoff {
 }
 
 impl Args {
+    /// What the frontend is started with: these flags and the frontend binary.
+    pub fn frontend_plan<'a>(&'a self, frontend_bin: &'a Path) -> FrontendPlan<'a> {
+        FrontendPlan {
+            frontend_bin,
+            state_dir: &self.state_dir,
+            console_dir: &self.console_dir,
+            image_roots: &self.image_roots,
+            log_format: self.log_format.as_str(),
+            rpc_limits: &self.rpc_limits,
+            seccomp: self.frontend_seccomp,
+            landlock_best_effort: self.landlock_best_effort,
+        }
+    }
+
     /// The directories the daemon creates and checks at every start, in order, with their roles.
     pub fn dirs(&self) -> Result<Vec<(&Path, DirRole)>, String> {
         let socket_parent = self.rpc_socket.parent().ok_or("the rpc socket needs a parent dir")?;
@@ -192,6 +207,20 @@ mod tests {
         assert_eq!(delays, [ms(200), ms(400), ms(800), ms(1600), ms(3200), ms(6400), ms(10_000), ms(10_000)]);
         assert_eq!(b.delay(Duration::from_secs(30)), ms(200), "a healthy frontend restarts quickly");
         assert_eq!((b.delay(Duration::ZERO), b.count), (ms(400), 10));
+    }
+
+    #[test]
+    fn the_frontend_is_started_with_the_flags() {
+        let a = args(&["--state-dir", "/s", "--console-dir", "/c", "--image-root", "/img", "--log-format", "json"]);
+        let a = Args { frontend_seccomp: seccomp::Mode::Log, landlock_best_effort: true, ..a };
+        let a = Args { rpc_limits: vec![("max-line-bytes".into(), "256".into())], ..a };
+        let argv = a.frontend_plan(Path::new("/bin/fe")).launcher_argv(Path::new("/bin/launcher")).unwrap();
+        let argv: Vec<&str> = argv.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            argv.join(" "),
+            "/bin/launcher --state-dir /s --console-dir /c --seccomp log --landlock-best-effort -- /bin/fe --listen-fd 3 \
+             --broker-fd 4 --state-dir /s --console-dir /c --log-format json --image-root /img --rpc-max-line-bytes=256"
+        );
     }
 
     #[test]

@@ -28,6 +28,13 @@ pub const EXE_FD: i32 = 5;
 /// frontend's exec closes it), so that a frontend that cannot be confined is a failed start.
 pub const REPORT_FD: i32 = 6;
 
+/// The frontend launcher's keep-list, (source fd, target fd): stdout and stderr stay the
+/// daemon's, then the RPC listener, the broker channel and the pinned frontend binary. The
+/// report pipe (REPORT_FD) is added by the spawn path.
+pub fn keep_list(listen: i32, channel: i32, exe: i32) -> Vec<(i32, i32)> {
+    vec![(1, 1), (2, 2), (listen, LISTEN_FD), (channel, BROKER_FD), (exe, EXE_FD)]
+}
+
 /// Read and list: the shared libraries the frontend links against, and the loader's cache.
 pub const LIB_PATHS: &[&str] = &["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/etc/ld.so.cache"];
 
@@ -256,6 +263,16 @@ pub fn clone3_filter() -> Result<BpfProgram, seccompiler::BackendError> {
 mod tests {
     use super::*;
     use crate::seccomp::{CLONE_NAMESPACE_FLAGS, compile};
+
+    #[test]
+    fn the_keep_list_places_each_fd_at_its_number() {
+        let keep = keep_list(70, 71, 72);
+        assert_eq!(keep, vec![(1, 1), (2, 2), (70, LISTEN_FD), (71, BROKER_FD), (72, EXE_FD)]);
+        let mut targets: Vec<i32> = keep.iter().map(|k| k.1).chain([REPORT_FD]).collect();
+        targets.sort();
+        targets.dedup();
+        assert_eq!(targets.len(), 6, "no two fds share a number, the report pipe's included");
+    }
 
     #[test]
     fn the_list_compiles_once_per_syscall() {

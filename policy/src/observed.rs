@@ -12,6 +12,15 @@ pub const MAX_STATUS: usize = 16 * 1024;
 // A reply fits one datagram (the applied lines are about as long as the status they come from).
 const _: () = assert!(MAX_REPORT + 2 * MAX_STATUS < my_hypervisor_broker_proto::MAX_MESSAGE);
 
+/// The stored report is trusted only as a regular file owned by root with one link: the VM
+/// uid, which owns the run dir, can make none of those (no hard link to a root file either).
+pub fn check_report_node(name: &str, st_mode: u32, st_uid: u32, st_nlink: u64) -> Result<(), String> {
+    if st_mode & libc::S_IFMT != libc::S_IFREG || st_uid != 0 || st_nlink != 1 {
+        return Err(format!("{name} is not the broker's own file"));
+    }
+    Ok(())
+}
+
 /// The planned summary: uid, capabilities, no_new_privs, the namespaces, the Landlock ABI
 /// and mode, and the seccomp default action, one line each, from the stored report.
 pub fn planned(report: &str) -> Vec<String> {
@@ -81,6 +90,16 @@ pub fn applied(status: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_root_owned_regular_file_with_one_link_is_a_report() {
+        assert_eq!(check_report_node("r", libc::S_IFREG | 0o600, 0, 1), Ok(()));
+        let refused = Err("r is not the broker's own file".to_string());
+        assert_eq!(check_report_node("r", libc::S_IFREG | 0o600, 63500, 1), refused);
+        assert_eq!(check_report_node("r", libc::S_IFREG | 0o600, 0, 2), refused);
+        assert_eq!(check_report_node("r", libc::S_IFIFO | 0o600, 0, 1), refused);
+        assert_eq!(check_report_node("r", libc::S_IFLNK | 0o777, 0, 1), refused);
+    }
 
     #[test]
     fn applied_reads_the_kernel_fields() {

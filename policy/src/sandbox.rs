@@ -86,6 +86,15 @@ pub fn vmm_keep_list(fds: &[i32]) -> Option<Vec<(i32, i32)>> {
     Some([(log, 1), (log, 2)].into_iter().chain(own.iter().copied().zip(3..)).collect())
 }
 
+/// A VMM order's fds, laid out as the broker sends them: the VMM's own (`vmm_keep_list`),
+/// then one per bind; returns the keep-list and the binds as (path, writable, fd).
+pub type VmmFds = (Vec<(i32, i32)>, Vec<(String, bool, i32)>);
+pub fn vmm_order_fds(fds: &[i32], binds: Vec<(String, bool)>) -> Result<VmmFds, &'static str> {
+    let n = fds.len().checked_sub(binds.len()).ok_or("vmm order has fewer fds than binds")?;
+    let keep = vmm_keep_list(&fds[..n]).ok_or("vmm order needs a log fd")?;
+    Ok((keep, binds.into_iter().zip(fds[n..].iter().copied()).map(|((p, w), fd)| (p, w, fd)).collect()))
+}
+
 /// A keep-list of the spawn helper, whose own fds lie at `floor` and above: only stdio keeps
 /// its own number, every other kept fd comes from above the floor and moves below it, so
 /// that moving them into place never overwrites one the helper holds.
@@ -265,6 +274,17 @@ mod tests {
         assert_eq!(vmm_keep_list(&[]), None);
         let args: Vec<String> = launcher_args("{}".into(), vec!["/ch".into(), "--pvpanic".into()]).collect();
         assert_eq!(args, ["--spec", "{}", "--", "/ch", "--pvpanic"]);
+    }
+
+    #[test]
+    fn a_vmm_order_ends_with_one_fd_per_bind() {
+        let binds = || vec![("/img/disk".to_string(), true), ("/run/vm".to_string(), false)];
+        let (keep, bound) = vmm_order_fds(&[70, 71, 72, 73], binds()).unwrap();
+        assert_eq!(keep, [(70, 1), (70, 2), (71, 3)]);
+        assert_eq!(bound, [("/img/disk".to_string(), true, 72), ("/run/vm".to_string(), false, 73)]);
+        assert_eq!(vmm_order_fds(&[70, 71], binds()), Err("vmm order needs a log fd"));
+        assert_eq!(vmm_order_fds(&[70], binds()), Err("vmm order has fewer fds than binds"));
+        assert_eq!(vmm_order_fds(&[70], vec![]).unwrap(), (vec![(70, 1), (70, 2)], vec![]));
     }
 
     #[test]
