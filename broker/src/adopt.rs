@@ -9,7 +9,6 @@
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use my_hypervisor_broker_proto::{Event, ExitStatus};
 use my_hypervisor_policy::journal::{self, Entry, check_vmm};
 use my_hypervisor_policy::sandbox::status_uids;
 use my_hypervisor_policy::vmm::RELEASE_WAIT_MS;
@@ -132,9 +131,4 @@ pub fn watched(b: &Broker) -> Vec<(u32, std::os::fd::BorrowedFd<'_>)> {
         }
     }
     b.vms.values().filter_map(pidfd).collect()
-}
-
-/// Records the exit of an adopted VMM; its status is unknown.
-pub fn exited(b: &mut Broker, pid: u32) -> Option<Event> {
-    vmm::reaped(b, pid, ExitStatus::Unknown)
 }

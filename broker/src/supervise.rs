@@ -7,7 +7,7 @@ use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
 use my_hypervisor_broker_proto::{
-    Envelope, Event, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv_keeping_fds, send,
+    Envelope, Event, ExitStatus, FromBroker, PROTOCOL_VERSION, Reply, Request, WireError, recv_keeping_fds, send,
 };
 use my_hypervisor_policy::daemon::Backoff;
 use my_hypervisor_policy::sandbox::SandboxOptions;
@@ -117,7 +117,8 @@ pub fn run(args: &Args) -> Result<(), String> {
             watched.iter().zip(&fds[skip..]).filter(|(_, f)| ready(Some(f))).map(|(w, _)| w.0).collect();
         drop(fds);
         for pid in ended {
-            if let Some(event) = crate::adopt::exited(&mut b, pid) {
+            // The exit status of a VMM that is no child of this broker is unknown.
+            if let Some(event) = vmm::reaped(&mut b, pid, ExitStatus::Unknown) {
                 tracing::info!(?event, "adopted VMM exited");
                 tell_frontend(&mut b, frontend.as_mut(), event);
             }

@@ -8,8 +8,8 @@ use my_hypervisor_broker_proto::{Event, ExitStatus, ImageRole, Reply, SocketRole
 use my_hypervisor_policy::elf;
 use my_hypervisor_policy::sandbox::{SandboxSpec, status_uids};
 use my_hypervisor_policy::vmm::{
-    API_SOCKET, EVENT_FILE, LOG_FILE, RELEASE_WAIT_MS, SANDBOX_REPORT, VmmPlan, check_socket_node, exit_status,
-    signal_number, socket_name,
+    API_SOCKET, EVENT_FILE, LOG_FILE, RELEASE_WAIT_MS, SANDBOX_REPORT, VmmPlan, check_output_node, check_socket_node,
+    exit_status, signal_number, socket_name,
 };
 use nix::fcntl::{AtFlags, FallocateFlags, OFlag, openat};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -36,12 +36,7 @@ impl Outputs {
             let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
             let fd = openat(dir.as_fd(), name, flags, Mode::empty()).map_err(|e| format!("{name}: {e}"))?;
             let st = fstat(fd.as_fd()).map_err(|e| format!("{name}: {e}"))?;
-            let regular = nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT
-                == nix::sys::stat::SFlag::S_IFREG;
-            if !regular || st.st_uid != 0 {
-                return Err(format!("{name} is not the broker's regular file"));
-            }
-            Ok(fd)
+            check_output_node(name, st.st_mode, st.st_uid).map(|()| fd)
         };
         Ok(Outputs { events: open(EVENT_FILE)?, log: open(LOG_FILE)? })
     }

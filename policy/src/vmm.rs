@@ -123,6 +123,15 @@ pub fn check_socket_node(name: &str, st_mode: u32, st_uid: u32, vm_uid: u32) -> 
     Ok(())
 }
 
+/// An output file (event file or log) of a VMM taken up from the journal must be the
+/// broker's own: a regular file owned by root, never a FIFO, device or symlink.
+pub fn check_output_node(name: &str, st_mode: u32, st_uid: u32) -> Result<(), String> {
+    if st_mode & libc::S_IFMT != libc::S_IFREG || st_uid != 0 {
+        return Err(format!("{name} is not the broker's regular file"));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FieldError {
     #[error("{field} must be between {min} and {max}, got {got}")]
@@ -375,6 +384,16 @@ mod tests {
         assert_eq!(check_socket_node("api.sock", libc::S_IFSOCK | 0o600, 0, 62601).unwrap_err(), refused);
         assert_eq!(check_socket_node("api.sock", libc::S_IFLNK | 0o777, 62601, 62601).unwrap_err(), refused);
         assert_eq!(check_socket_node("api.sock", libc::S_IFIFO | 0o600, 62601, 62601).unwrap_err(), refused);
+    }
+
+    #[test]
+    fn only_a_regular_file_owned_by_root_is_taken_up_as_an_output() {
+        assert_eq!(check_output_node("vmm.log", libc::S_IFREG | 0o600, 0), Ok(()));
+        let refused = "vmm.log is not the broker's regular file";
+        assert_eq!(check_output_node("vmm.log", libc::S_IFREG | 0o600, 62601).unwrap_err(), refused);
+        assert_eq!(check_output_node("vmm.log", libc::S_IFIFO | 0o600, 0).unwrap_err(), refused);
+        assert_eq!(check_output_node("vmm.log", libc::S_IFLNK | 0o777, 0).unwrap_err(), refused);
+        assert_eq!(check_output_node("vmm.log", libc::S_IFCHR | 0o600, 0).unwrap_err(), refused);
     }
 
     #[test]
