@@ -53,15 +53,14 @@ pub fn take_up(b: &mut Broker, entries: Vec<Entry>) {
     let mut gone = Vec::new();
     for e in entries {
         let dir = vmm::run_dir_fd(b, &e.vm);
-        let mut grants = Vec::new();
-        for r in &e.grants {
-            match Grant::adopt(&b.image_roots, &mut b.acls, e.uid, r) {
-                Ok(g) => grants.push(g),
-                Err(why) => {
-                    tracing::error!(vm = %e.vm, error = %why, "a journal grant cannot be taken up; undo it by hand")
-                }
-            }
-        }
+        let grants = e.grants.iter().filter_map(|r| {
+            let g = Grant::adopt(&b.image_roots, &mut b.acls, e.uid, r);
+            g.inspect_err(
+                |why| tracing::error!(vm = %e.vm, error = %why, "a journal grant cannot be taken up; undo it by hand"),
+            )
+            .ok()
+        });
+        let grants = grants.collect();
         let taps = e.taps.iter().map(|name| Tap { name: name.clone(), mac: None, fd: None }).collect();
         let adopted = find_vmm(&e).and_then(|(pid, pidfd)| {
             let dir = dir.as_ref().map_err(|err| format!("run dir: {err}"))?;
@@ -74,17 +73,13 @@ pub fn take_up(b: &mut Broker, entries: Vec<Entry>) {
                 start_time: e.start_time,
             })
         });
-        let vmm = match adopted {
-            Ok(v) => {
-                tracing::info!(vm = %e.vm, uid = e.uid, pid = ?e.pid, "VMM re-adopted from the journal");
-                v
-            }
-            Err(why) => {
-                tracing::warn!(vm = %e.vm, uid = e.uid, pid = ?e.pid, reason = %why, "VMM not adopted; the VM is released");
-                gone.push(e.vm.clone());
-                Vmm::NotSpawned
-            }
-        };
+        let adopted = adopted
+            .inspect(|_| tracing::info!(vm = %e.vm, uid = e.uid, pid = ?e.pid, "VMM re-adopted from the journal"));
+        let vmm = adopted.unwrap_or_else(|why| {
+            tracing::warn!(vm = %e.vm, uid = e.uid, pid = ?e.pid, reason = %why, "VMM not adopted; the VM is released");
+            gone.push(e.vm.clone());
+            Vmm::NotSpawned
+        });
         // A VM that is released at once never uses its dir handle.
         let Some(dir) = dir.ok().or_else(|| b.run_fd.try_clone().ok()) else { continue };
         b.vms.insert(e.vm, Vm { uid: e.uid, dir, grants, taps, vmm });

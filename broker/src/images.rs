@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use my_hypervisor_broker_proto::{Image, ImageRole};
 use my_hypervisor_policy::acl::Shares;
 use my_hypervisor_policy::check_path_text;
-use my_hypervisor_policy::journal::{GrantRecord, Restore};
+use my_hypervisor_policy::journal::{GrantRecord, Restore, check_grant_node};
 use my_hypervisor_policy::layout::{
     VM_RUN_DIR_MODE, check_image_file, check_searchable, image_root_of, shares_conflict,
 };
@@ -65,9 +65,7 @@ impl Grant {
     ) -> Result<Grant, String> {
         let node = open_beneath(roots, &r.path)?;
         let st = fstat(node.as_fd()).map_err(|e| format!("{}: {e}", r.path))?;
-        if (st.st_dev, st.st_ino) != r.inode || st.st_nlink != 1 {
-            return Err(format!("{} is no longer the granted file: its grant cannot be undone", r.path));
-        }
+        check_grant_node(r, (st.st_dev, st.st_ino), st.st_nlink as u64)?;
         let access = if r.role.writable() { OFlag::O_RDWR } else { OFlag::O_RDONLY };
         let fd = crate::vmm::reopen(&node, access).map_err(|e| format!("{}: reopen: {e}", r.path))?;
         let undo = match &r.restore {

@@ -163,17 +163,21 @@ pub fn run(args: &Args) -> Result<(), String> {
 }
 
 /// Journals a VMM's exit and tells the frontend.
-fn tell_frontend(b: &mut Broker, frontend: Option<&mut Frontend>, event: my_hypervisor_broker_proto::Event) {
+fn tell_frontend(b: &mut Broker, frontend: Option<&mut Frontend>, event: Event) {
     journal::commit(b).unwrap_or_else(|e| tracing::error!(error = %e, "journal"));
-    if let Some(f) = frontend.filter(|f| f.serving) {
-        let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: FromBroker::Event(event) };
-        if let Err(e) = send(&f.channel, env, &[]) {
-            f.drop_channel(&e, &b.strays);
-        }
+    if let Some(f) = frontend.filter(|f| f.serving)
+        && let Err(e) = f.send_event(event)
+    {
+        f.drop_channel(&e, &b.strays);
     }
 }
 
 impl Frontend {
+    /// Sends an event on the channel (id 0); an error means the channel must be dropped.
+    fn send_event(&self, event: Event) -> Result<(), WireError> {
+        send(&self.channel, Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: FromBroker::Event(event) }, &[])
+    }
+
     /// Stops serving a frontend that broke the protocol or stopped reading. It is killed;
     /// its channel closes when it is reaped and replaced.
     fn drop_channel(&mut self, why: &dyn std::fmt::Display, strays: &Strays) {
@@ -193,10 +197,7 @@ fn shut_down(b: &mut Broker, frontend: Option<&Frontend>, sig: Signal, stop_vms:
     const FRONTEND_SHUTDOWN: Duration = Duration::from_secs(10);
     tracing::info!(signal = %sig, vms = b.vms.len(), stop_vms, "shutting down");
     if let Some(f) = frontend {
-        let told = stop_vms && f.serving && !b.vms.is_empty() && {
-            let env = Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: FromBroker::Event(Event::Shutdown) };
-            send(&f.channel, env, &[]).is_ok()
-        };
+        let told = stop_vms && f.serving && !b.vms.is_empty() && f.send_event(Event::Shutdown).is_ok();
         let end = Instant::now() + if told { FRONTEND_SHUTDOWN } else { Duration::ZERO };
         let mut alive = true;
         // Requests are still served meanwhile: an operation in flight may hold a VM's lock.

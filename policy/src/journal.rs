@@ -126,6 +126,15 @@ pub fn strays(procs: &[(u32, Vec<u32>)], range: &RangeInclusive<u32>, adopted: &
     procs.iter().filter(|(_, uids)| stray(uids)).map(|(pid, _)| *pid).collect()
 }
 
+/// A grant taken up from the journal is undone only on the very file it was made on: the
+/// recorded inode, still with one link.
+pub fn check_grant_node(r: &GrantRecord, inode: (u64, u64), nlink: u64) -> Result<(), String> {
+    if inode != r.inode || nlink != 1 {
+        return Err(format!("{} is no longer the granted file: its grant cannot be undone", r.path));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +203,20 @@ mod tests {
         let procs =
             vec![(1, vec![0, 0, 0, 0]), (2, vec![63300; 4]), (3, vec![63301; 4]), (4, vec![1000, 63302, 1000, 1000])];
         assert_eq!(strays(&procs, &(63300..=63399), &[63300]), vec![3, 4]);
+    }
+
+    #[test]
+    fn a_grant_is_taken_up_only_on_its_own_file() {
+        let r = GrantRecord {
+            path: "/img/a.raw".into(),
+            role: ImageRole::Disk { readonly: false },
+            inode: (1, 2),
+            restore: Restore::Nothing,
+        };
+        assert_eq!(check_grant_node(&r, (1, 2), 1), Ok(()));
+        let refused = "/img/a.raw is no longer the granted file: its grant cannot be undone";
+        assert_eq!(check_grant_node(&r, (1, 3), 1).unwrap_err(), refused);
+        assert_eq!(check_grant_node(&r, (2, 2), 1).unwrap_err(), refused);
+        assert_eq!(check_grant_node(&r, (1, 2), 2).unwrap_err(), refused);
     }
 }
