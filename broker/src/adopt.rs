@@ -119,11 +119,9 @@ fn end_strays(b: &Broker) {
 
 /// The pidfds of the adopted VMMs, which turn readable when one exits.
 pub fn watched(b: &Broker) -> Vec<(u32, std::os::fd::BorrowedFd<'_>)> {
-    fn pidfd(v: &Vm) -> Option<(u32, std::os::fd::BorrowedFd<'_>)> {
-        match &v.vmm {
-            Vmm::Alive { pid, pidfd, adopted: true, .. } => Some((*pid, pidfd.as_fd())),
-            _ => None,
-        }
-    }
-    b.vms.values().filter_map(pidfd).collect()
+    let adopted = b.vms.values().filter_map(|v| match &v.vmm {
+        Vmm::Alive { pid, pidfd, adopted: true, .. } => Some((*pid, pidfd.as_fd())),
+        _ => None,
+    });
+    adopted.collect()
 }

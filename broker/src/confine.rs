@@ -20,8 +20,7 @@ pub fn keep_only(keep: &[Capability]) -> Result<(), String> {
     caps::clear(None, CapSet::Ambient).map_err(|e| err("clear ambient", e))?;
     caps::clear(None, CapSet::Inheritable).map_err(|e| err("clear inheritable", e))?;
     caps::set(None, CapSet::Effective, &keep).map_err(|e| err("set effective", e))?;
-    caps::set(None, CapSet::Permitted, &keep).map_err(|e| err("set permitted", e))?;
-    Ok(())
+    caps::set(None, CapSet::Permitted, &keep).map_err(|e| err("set permitted", e))
 }
 
 /// Puts the calling thread (the whole broker: it has one) under the broker's filter.

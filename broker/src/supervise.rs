@@ -166,16 +166,17 @@ pub fn run(args: &Args) -> Result<(), String> {
 fn tell_frontend(b: &mut Broker, frontend: Option<&mut Frontend>, event: Event) {
     journal::commit(b).unwrap_or_else(|e| tracing::error!(error = %e, "journal"));
     if let Some(f) = frontend.filter(|f| f.serving)
-        && let Err(e) = f.send_event(event)
+        && let Err(e) = f.send(0, FromBroker::Event(event), &[])
     {
         f.drop_channel(&e, &b.strays);
     }
 }
 
 impl Frontend {
-    /// Sends an event on the channel (id 0); an error means the channel must be dropped.
-    fn send_event(&self, event: Event) -> Result<(), WireError> {
-        send(&self.channel, Envelope { version: PROTOCOL_VERSION, id: 0, fds: 0, body: FromBroker::Event(event) }, &[])
+    /// Sends a reply (the request's id) or an event (id 0); an error means the channel must
+    /// be dropped.
+    fn send(&self, id: u64, body: FromBroker, fds: &[i32]) -> Result<(), WireError> {
+        send(&self.channel, Envelope { version: PROTOCOL_VERSION, id, fds: 0, body }, fds)
     }
 
     /// Stops serving a frontend that broke the protocol or stopped reading. It is killed;
@@ -197,7 +198,8 @@ fn shut_down(b: &mut Broker, frontend: Option<&Frontend>, sig: Signal, stop_vms:
     const FRONTEND_SHUTDOWN: Duration = Duration::from_secs(10);
     tracing::info!(signal = %sig, vms = b.vms.len(), stop_vms, "shutting down");
     if let Some(f) = frontend {
-        let told = stop_vms && f.serving && !b.vms.is_empty() && f.send_event(Event::Shutdown).is_ok();
+        let told =
+            stop_vms && f.serving && !b.vms.is_empty() && f.send(0, FromBroker::Event(Event::Shutdown), &[]).is_ok();
         let end = Instant::now() + if told { FRONTEND_SHUTDOWN } else { Duration::ZERO };
         let mut alive = true;
         // Requests are still served meanwhile: an operation in flight may hold a VM's lock.
@@ -246,12 +248,11 @@ fn serve_one(b: &mut Broker, f: &Frontend) -> Result<(), WireError> {
         (Reply::Refused { reason: refusal.to_string() }, vec![])
     });
     let raw: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
-    let id = env.id;
-    match send(&f.channel, Envelope { version: PROTOCOL_VERSION, id, fds: 0, body: FromBroker::Reply(reply) }, &raw) {
+    match f.send(env.id, FromBroker::Reply(reply), &raw) {
         // Our own reply would not fit: the frontend did nothing wrong.
         Err(WireError::TooLarge(n)) => {
             let body = FromBroker::Reply(Reply::Refused { reason: format!("the reply ({n} bytes) is too large") });
-            send(&f.channel, Envelope { version: PROTOCOL_VERSION, id, fds: 0, body }, &[])
+            f.send(env.id, body, &[])
         }
         // The channel is non-blocking: a frontend that stops reading is dropped, not waited for.
         r => r,
