@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use my_hypervisor_policy::layout::{self, DirRole, Enforce, Ids, check_image_root_owner};
 use nix::fcntl::{OFlag, open};
-use nix::sys::stat::{Mode, SFlag, fchmod, fstat, umask};
+use nix::sys::stat::{Mode, fchmod, fstat, umask};
 use nix::unistd::{Gid, Uid, fchown};
 
 fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> String {
@@ -35,9 +35,7 @@ pub fn ensure_dir(path: &Path, role: DirRole, frontend: Ids) -> Result<(), Strin
     };
     let fd = open_dir(path, "open (a symlink is refused)")?;
     let st = fstat(fd.as_fd()).map_err(|e| err(path, "fstat", e))?;
-    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
-        return Err(err(path, "check", "not a directory"));
-    }
+    layout::check_is_dir(st.st_mode).map_err(|e| err(path, "check", e))?;
     if !created && enforce == Enforce::CreateOnly {
         return Ok(());
     }

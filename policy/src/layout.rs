@@ -110,6 +110,14 @@ pub fn check_image_root_owner(root: &str, uid: u32, mode: u32) -> Result<(), Ima
     Ok(())
 }
 
+/// A daemon dir, opened without following a symlink, must be a directory. `mode` is st_mode.
+pub fn check_is_dir(mode: u32) -> Result<(), &'static str> {
+    if mode & libc::S_IFMT != libc::S_IFDIR {
+        return Err("not a directory");
+    }
+    Ok(())
+}
+
 /// An image file the broker may grant: a regular file with exactly one link (no other name
 /// can be handed out through it), and a writable disk also owner-rw. `mode` is st_mode.
 pub fn check_image_file(mode: u32, nlink: u64, writable: bool) -> Result<(), &'static str> {
@@ -243,6 +251,14 @@ pub fn parse_rpc_limit(s: &str) -> Result<(String, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_directory_is_a_daemon_dir() {
+        assert_eq!(check_is_dir(libc::S_IFDIR | 0o700), Ok(()));
+        assert_eq!(check_is_dir(libc::S_IFREG | 0o700), Err("not a directory"));
+        assert_eq!(check_is_dir(libc::S_IFLNK | 0o777), Err("not a directory"));
+        assert_eq!(check_is_dir(libc::S_IFSOCK | 0o700), Err("not a directory"));
+    }
 
     #[test]
     fn a_dir_owner_is_root_or_the_frontend() {
