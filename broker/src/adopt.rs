@@ -54,7 +54,7 @@ pub fn take_up(b: &mut Broker, entries: Vec<Entry>) {
     for e in entries {
         let dir = vmm::run_dir_fd(b, &e.vm);
         let grants = e.grants.iter().filter_map(|r| {
-            let g = Grant::adopt(&b.image_roots, &mut b.acls, e.uid, r);
+            let g = Grant::adopt(b, e.uid, r);
             g.inspect_err(
                 |why| tracing::error!(vm = %e.vm, error = %why, "a journal grant cannot be taken up; undo it by hand"),
             )

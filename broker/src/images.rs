@@ -57,13 +57,8 @@ impl Grant {
 
     /// A grant an earlier broker made, taken up again from its journal record: the path is
     /// opened beneath its image root as at the grant, and must still be the recorded inode.
-    pub fn adopt(
-        roots: &[(PathBuf, OwnedFd)],
-        acls: &mut Shares,
-        vm_uid: u32,
-        r: &GrantRecord,
-    ) -> Result<Grant, String> {
-        let node = open_beneath(roots, &r.path)?;
+    pub fn adopt(b: &mut Broker, vm_uid: u32, r: &GrantRecord) -> Result<Grant, String> {
+        let node = open_beneath(&b.image_roots, &r.path)?;
         let st = fstat(node.as_fd()).map_err(|e| format!("{}: {e}", r.path))?;
         check_grant_node(r, (st.st_dev, st.st_ino), st.st_nlink as u64)?;
         let access = if r.role.writable() { OFlag::O_RDWR } else { OFlag::O_RDONLY };
@@ -72,8 +67,8 @@ impl Grant {
             Restore::Nothing => Undo::Nothing,
             Restore::Owner { uid, gid } => Undo::Chown { uid: *uid, gid: *gid },
             Restore::Acl { original, mode } => {
-                acls.grant(r.inode, original.clone(), *mode, vm_uid);
-                acls.granted(r.inode, true);
+                b.acls.grant(r.inode, original.clone(), *mode, vm_uid);
+                b.acls.granted(r.inode, true);
                 Undo::AclEntry { uid: vm_uid }
             }
         };
