@@ -31,13 +31,9 @@ pub struct Grant {
     pub inode: (u64, u64),
     /// Also bound into the VMM's minimal root (ADR 0003).
     pub fd: OwnedFd,
-    undo: Undo,
-}
-
-enum Undo {
-    Nothing,
-    Chown { uid: u32, gid: u32 },
-    AclEntry { uid: u32 },
+    /// What revoking restores; an ACL grant takes `vm_uid`'s entry off (`policy::acl`).
+    undo: Restore,
+    vm_uid: u32,
 }
 
 impl Grant {
@@ -46,13 +42,8 @@ impl Grant {
     }
 
     /// What the journal keeps of this grant.
-    pub fn record(&self, acls: &Shares) -> GrantRecord {
-        let restore = match self.undo {
-            Undo::Chown { uid, gid } => Restore::Owner { uid, gid },
-            Undo::AclEntry { .. } => acls.saved(self.inode).unwrap_or(Restore::Nothing),
-            Undo::Nothing => Restore::Nothing,
-        };
-        GrantRecord { path: self.path.clone(), role: self.role, inode: self.inode, restore }
+    pub fn record(&self) -> GrantRecord {
+        GrantRecord { path: self.path.clone(), role: self.role, inode: self.inode, restore: self.undo.clone() }
     }
 
     /// A grant an earlier broker made, taken up again from its journal record: the path is
@@ -63,16 +54,11 @@ impl Grant {
         check_grant_node(r, (st.st_dev, st.st_ino), st.st_nlink as u64)?;
         let access = if r.role.writable() { OFlag::O_RDWR } else { OFlag::O_RDONLY };
         let fd = crate::vmm::reopen(&node, access).map_err(|e| format!("{}: reopen: {e}", r.path))?;
-        let undo = match &r.restore {
-            Restore::Nothing => Undo::Nothing,
-            Restore::Owner { uid, gid } => Undo::Chown { uid: *uid, gid: *gid },
-            Restore::Acl { original, mode } => {
-                b.acls.grant(r.inode, original.clone(), *mode, vm_uid);
-                b.acls.granted(r.inode, true);
-                Undo::AclEntry { uid: vm_uid }
-            }
-        };
-        Ok(Grant { path: r.path.clone(), role: r.role, inode: r.inode, fd, undo })
+        if let Restore::Acl { original, mode } = &r.restore {
+            b.acls.grant(r.inode, original.clone(), *mode, vm_uid);
+            b.acls.granted(r.inode, true);
+        }
+        Ok(Grant { path: r.path.clone(), role: r.role, inode: r.inode, fd, undo: r.restore.clone(), vm_uid })
     }
 }
 
@@ -108,14 +94,15 @@ pub fn grant(
     let undo = if writable {
         fchown(fd.as_fd(), Some(Uid::from_raw(vm_uid)), Some(Gid::from_raw(vm_uid)))
             .map_err(|e| refuse(format!("chown to the VM uid: {e}")))?;
-        Undo::Chown { uid: st.st_uid, gid: st.st_gid }
+        Restore::Owner { uid: st.st_uid, gid: st.st_gid }
     } else if st.st_mode & 0o004 != 0 {
-        Undo::Nothing
+        Restore::Nothing
     } else {
         acl::add_reader(&fd, acls, inode, st.st_mode, vm_uid).map_err(|e| refuse(format!("grant read by ACL: {e}")))?;
-        Undo::AclEntry { uid: vm_uid }
+        // The ACL and mode before the first grant on this inode, shared by every grant of it.
+        acls.saved(inode).unwrap_or(Restore::Nothing)
     };
-    Ok(Grant { path: path.to_string(), role: image.role, inode, fd, undo })
+    Ok(Grant { path: path.to_string(), role: image.role, inode, fd, undo, vm_uid })
 }
 
 /// Opens `path` O_PATH beneath its image root, with no symlink on the way.
@@ -155,12 +142,11 @@ pub fn prepare(b: &mut Broker, vm: &str, uid: u32, images: &[Image]) -> Result<V
 /// Undoes a grant through its fd. Safe to call on a grant that needs nothing undone.
 pub fn revoke(g: &Grant, acls: &mut Shares) -> Result<(), String> {
     match g.undo {
-        Undo::Nothing => Ok(()),
-        Undo::Chown { uid, gid } => fchown(g.fd.as_fd(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+        Restore::Nothing => Ok(()),
+        Restore::Owner { uid, gid } => fchown(g.fd.as_fd(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
             .map_err(|e| format!("{}: restore owner: {e}", g.path)),
-        Undo::AclEntry { uid } => {
-            acl::remove_reader(&g.fd, acls, g.inode, uid).map_err(|e| format!("{}: revoke the ACL grant: {e}", g.path))
-        }
+        Restore::Acl { .. } => acl::remove_reader(&g.fd, acls, g.inode, g.vm_uid)
+            .map_err(|e| format!("{}: revoke the ACL grant: {e}", g.path)),
     }
 }
 
@@ -271,7 +257,7 @@ mod tests {
         let b = grant(&roots, &mut acls, 62002, &image, |_, _| None).unwrap();
         let both = decode(&xattr(&file).unwrap());
         assert!(both.contains(&(USER, READ, 62001)) && both.contains(&(USER, READ, 62002)), "{both:?}");
-        assert!(matches!(a.record(&acls).restore, Restore::Acl { original: Some(ref o), .. } if *o == original));
+        assert!(matches!(a.record().restore, Restore::Acl { original: Some(ref o), .. } if *o == original));
         revoke(&a, &mut acls).unwrap();
         let left = decode(&xattr(&file).unwrap());
         assert!(left.contains(&(USER, READ, 62002)) && !left.iter().any(|e| e.2 == 62001), "{left:?}");

@@ -36,7 +36,7 @@ pub fn save(b: &Broker) -> Result<(), String> {
                 start_time,
                 exe,
                 taps: v.taps.iter().map(|t| t.name.clone()).collect(),
-                grants: v.grants.iter().map(|g| g.record(&b.acls)).collect(),
+                grants: v.grants.iter().map(|g| g.record()).collect(),
             }
         })
         .collect();
