@@ -64,14 +64,8 @@ pub fn take_up(b: &mut Broker, entries: Vec<Entry>) {
         let taps = e.taps.iter().map(|name| Tap { name: name.clone(), mac: None, fd: None }).collect();
         let adopted = find_vmm(&e).and_then(|(pid, pidfd)| {
             let dir = dir.as_ref().map_err(|err| format!("run dir: {err}"))?;
-            Ok(Vmm::Alive {
-                pid,
-                pidfd,
-                exe: e.exe.clone().unwrap_or_default(),
-                outputs: Outputs::open(dir)?,
-                adopted: true,
-                start_time: e.start_time,
-            })
+            let (outputs, exe) = (Outputs::open(dir)?, e.exe.clone().unwrap_or_default());
+            Ok(Vmm::Alive { pid, pidfd, exe, outputs, adopted: true, start_time: e.start_time })
         });
         let adopted = adopted
             .inspect(|_| tracing::info!(vm = %e.vm, uid = e.uid, pid = ?e.pid, "VMM re-adopted from the journal"));

@@ -21,25 +21,16 @@ pub fn commit(b: &mut Broker) -> Result<(), String> {
 }
 
 pub fn save(b: &Broker) -> Result<(), String> {
-    let entries: Vec<Entry> = b
-        .vms
-        .iter()
-        .map(|(id, v)| {
-            let (pid, exe, start_time) = match &v.vmm {
-                Vmm::Alive { pid, exe, start_time, .. } => (Some(*pid), Some(exe.clone()), *start_time),
-                _ => (None, None, None),
-            };
-            Entry {
-                vm: id.clone(),
-                uid: v.uid,
-                pid,
-                start_time,
-                exe,
-                taps: v.taps.iter().map(|t| t.name.clone()).collect(),
-                grants: v.grants.iter().map(|g| g.record()).collect(),
-            }
-        })
-        .collect();
+    let mut entries: Vec<Entry> = Vec::new();
+    for (id, v) in &b.vms {
+        let (pid, exe, start_time) = match &v.vmm {
+            Vmm::Alive { pid, exe, start_time, .. } => (Some(*pid), Some(exe.clone()), *start_time),
+            _ => (None, None, None),
+        };
+        let taps = v.taps.iter().map(|t| t.name.clone()).collect();
+        let grants = v.grants.iter().map(|g| g.record()).collect();
+        entries.push(Entry { vm: id.clone(), uid: v.uid, pid, start_time, exe, taps, grants });
+    }
     let bytes = postcard::to_stdvec(&entries).map_err(|e| e.to_string())?;
     let tmp = b.run_dir.join(format!("{FILE}.tmp"));
     let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
