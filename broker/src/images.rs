@@ -62,24 +62,21 @@ impl Grant {
     }
 }
 
-/// Opens and grants one image to `vm_uid`. `taken` says whether another VM holds the inode
-/// in a way that conflicts with this grant.
-pub fn grant(
-    roots: &[(PathBuf, OwnedFd)],
-    acls: &mut Shares,
-    vm_uid: u32,
-    image: &Image,
-    taken: impl Fn((u64, u64), bool) -> Option<String>,
-) -> Result<Grant, Refusal> {
+/// Opens and grants one image to `vm_uid` for VM `vm`, whose grants so far in this Prepare
+/// are `pending`.
+pub fn grant(b: &mut Broker, vm: &str, pending: &[Grant], vm_uid: u32, image: &Image) -> Result<Grant, Refusal> {
     let path = image.path.as_str();
     let refuse = |why: String| Refusal::Image { path: path.to_string(), why };
     check_path_text(path).map_err(FieldError::from)?;
     let writable = image.role.writable();
-    let node = open_beneath(roots, path).map_err(refuse)?;
+    let node = open_beneath(&b.image_roots, path).map_err(refuse)?;
     let st = fstat(node.as_fd())?;
     check_image_file(st.st_mode, st.st_nlink as u64, writable).map_err(|why| refuse(why.into()))?;
     let inode = (st.st_dev, st.st_ino);
-    if let Some(other) = taken(inode, writable) {
+    // Held by another VM, or by this one through an earlier image of the same Prepare.
+    let others = b.vms.iter().flat_map(|(id, v)| v.grants.iter().map(move |g| (id.as_str(), g)));
+    let mut all = others.chain(pending.iter().map(|g| (vm, g)));
+    if let Some((other, _)) = all.find(|(_, g)| g.inode == inode && shares_conflict(writable, g.writable())) {
         return Err(refuse(format!("is already granted to VM {other}, and a writable disk belongs to one VM")));
     }
     // Every directory above the image must be searchable by the VM uid.
@@ -98,9 +95,10 @@ pub fn grant(
     } else if st.st_mode & 0o004 != 0 {
         Restore::Nothing
     } else {
-        acl::add_reader(&fd, acls, inode, st.st_mode, vm_uid).map_err(|e| refuse(format!("grant read by ACL: {e}")))?;
+        acl::add_reader(&fd, &mut b.acls, inode, st.st_mode, vm_uid)
+            .map_err(|e| refuse(format!("grant read by ACL: {e}")))?;
         // The ACL and mode before the first grant on this inode, shared by every grant of it.
-        acls.saved(inode).unwrap_or(Restore::Nothing)
+        b.acls.saved(inode).unwrap_or(Restore::Nothing)
     };
     Ok(Grant { path: path.to_string(), role: image.role, inode, fd, undo, vm_uid })
 }
@@ -119,17 +117,7 @@ fn open_beneath(roots: &[(PathBuf, OwnedFd)], path: &str) -> Result<OwnedFd, Str
 /// done so far: nothing is left behind.
 pub fn prepare(b: &mut Broker, vm: &str, uid: u32, images: &[Image]) -> Result<Vm, Refusal> {
     let mut grants: Vec<Grant> = Vec::new();
-    let granted = images.iter().try_for_each(|image| {
-        // Held by another VM, or by this one through an earlier image of the same Prepare.
-        let taken = |inode, w| {
-            let others = b.vms.iter().flat_map(|(id, v)| v.grants.iter().map(move |g| (id.as_str(), g)));
-            let mut all = others.chain(grants.iter().map(|g| (vm, g)));
-            all.find(|(_, g)| g.inode == inode && shares_conflict(w, g.writable())).map(|(id, _)| id.to_string())
-        };
-        let g = grant(&b.image_roots, &mut b.acls, uid, image, taken)?;
-        grants.push(g);
-        Ok(())
-    });
+    let granted = images.iter().try_for_each(|image| grant(b, vm, &grants, uid, image).map(|g| grants.push(g)));
     let dir = granted.and_then(|()| {
         let mode = Mode::from_bits_truncate(VM_RUN_DIR_MODE);
         mkdirat(b.run_fd.as_fd(), vm, mode).map_err(|e| Refusal::RunDir(format!("create {vm}: {e}")))?;
@@ -250,23 +238,23 @@ mod tests {
         let original = xattr(&file).unwrap();
         let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         let root_fd = open(&dir, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).unwrap();
-        let roots = vec![(dir.clone(), root_fd)];
-        let mut acls = Shares::default();
+        let mut br = crate::table::tests::broker(&dir);
+        br.image_roots = vec![(dir.clone(), root_fd)];
         let image = Image { path: file.to_str().unwrap().into(), role: ImageRole::Kernel };
-        let a = grant(&roots, &mut acls, 62001, &image, |_, _| None).unwrap();
-        let b = grant(&roots, &mut acls, 62002, &image, |_, _| None).unwrap();
+        let a = grant(&mut br, "a", &[], 62001, &image).unwrap();
+        let b = grant(&mut br, "b", &[], 62002, &image).unwrap();
         let both = decode(&xattr(&file).unwrap());
         assert!(both.contains(&(USER, READ, 62001)) && both.contains(&(USER, READ, 62002)), "{both:?}");
         assert!(matches!(a.record().restore, Restore::Acl { original: Some(ref o), .. } if *o == original));
-        revoke(&a, &mut acls).unwrap();
+        revoke(&a, &mut br.acls).unwrap();
         let left = decode(&xattr(&file).unwrap());
         assert!(left.contains(&(USER, READ, 62002)) && !left.iter().any(|e| e.2 == 62001), "{left:?}");
         assert!(left.contains(&(MASK, 2 | READ, NO_ID)), "the second VM keeps read: {left:?}");
-        revoke(&b, &mut acls).unwrap();
+        revoke(&b, &mut br.acls).unwrap();
         assert_eq!(xattr(&file).unwrap(), original, "the exact original ACL bytes");
         assert_eq!(decode(&original), original_acl);
         assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode(), mode, "the original mode");
-        assert!(acls.is_empty());
+        assert!(br.acls.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -275,9 +263,10 @@ mod tests {
         let dir = PathBuf::from(format!("/var/tmp/myhv-fifo-{}", std::process::id()));
         std::fs::create_dir(&dir).unwrap();
         nix::unistd::mkfifo(&dir.join("k"), Mode::from_bits_truncate(0o644)).unwrap();
-        let roots = vec![(dir.clone(), open(&dir, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).unwrap())];
+        let mut br = crate::table::tests::broker(&dir);
+        br.image_roots = vec![(dir.clone(), open(&dir, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).unwrap())];
         let image = Image { path: dir.join("k").to_str().unwrap().into(), role: ImageRole::Kernel };
-        let r = grant(&roots, &mut Shares::default(), 62001, &image, |_, _| None);
+        let r = grant(&mut br, "a", &[], 62001, &image);
         assert!(matches!(r, Err(Refusal::Image { ref why, .. }) if why == "is not a regular file"), "{:?}", r.err());
         std::fs::remove_dir_all(&dir).unwrap();
     }

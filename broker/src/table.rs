@@ -198,7 +198,7 @@ fn dispatch(b: &mut Broker, req: &Request) -> Handled {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::Path;
 
     use my_hypervisor_broker_proto::{Envelope, Image, ImageRole, PROTOCOL_VERSION, VmmSignal, recv, send};
@@ -209,7 +209,7 @@ mod tests {
     use super::*;
     use my_hypervisor_policy::sandbox::SandboxOptions;
 
-    fn broker(dir: &Path) -> Broker {
+    pub(crate) fn broker(dir: &Path) -> Broker {
         let (spawner, helper) =
             socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
         // A stand-in for the spawn helper: it mounts no run dir tmpfs, and answers every order
