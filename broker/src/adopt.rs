@@ -79,11 +79,7 @@ pub fn take_up(b: &mut Broker, entries: Vec<Entry>) {
         b.vms.insert(e.vm, Vm { uid: e.uid, dir, grants, taps, vmm });
     }
     end_strays(b);
-    for id in gone {
-        if let Err(e) = vmm::release(b, &id) {
-            tracing::error!(vm = %id, error = %e, "releasing a VM whose VMM is gone failed");
-        }
-    }
+    vmm::release_each(b, gone, "releasing a VM whose VMM is gone failed");
 }
 
 /// Ends every process in the VM uid range that no adopted VM owns (a VMM of a VM that is

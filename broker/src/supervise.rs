@@ -217,11 +217,7 @@ fn shut_down(b: &mut Broker, frontend: Option<&Frontend>, sig: Signal, stop_vms:
         b.strays.drain(&f.channel);
     }
     let ids: Vec<String> = if stop_vms { b.vms.keys().cloned().collect() } else { vec![] };
-    for id in ids {
-        if let Err(e) = vmm::release(b, &id) {
-            tracing::error!(vm = %id, error = %e, "release at shutdown failed");
-        }
-    }
+    vmm::release_each(b, ids, "release at shutdown failed");
     journal::save(b)
 }
 

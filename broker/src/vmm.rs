@@ -247,6 +247,15 @@ pub fn release(b: &mut Broker, id: &str) -> Result<(), Refusal> {
     b.vms.remove(id);
     Ok(())
 }
+/// Releases each VM of `ids`; a failure is logged as `failed` and the VM stays held.
+pub fn release_each(b: &mut Broker, ids: Vec<String>, failed: &str) {
+    for id in ids {
+        if let Err(e) = release(b, &id) {
+            tracing::error!(vm = %id, error = %e, "{failed}");
+        }
+    }
+}
+
 /// The live VMM's sandbox: the report stored at spawn, trusted only as a regular root-owned
 /// file with one link (the VM uid cannot make one), and the kernel's view of the process.
 pub fn sandbox(vm: &Vm) -> Handled {
