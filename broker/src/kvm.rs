@@ -13,10 +13,8 @@ pub fn check() -> Result<Reply, String> {
     if version != KVM_API_VERSION {
         return Err(format!("KVM API version is {version}, expected {KVM_API_VERSION}"));
     }
-    let extensions = KVM_EXTENSIONS
-        .iter()
-        // SAFETY: KVM_CHECK_EXTENSION takes an integer capability number and returns an int.
-        .map(|&(name, cap)| (name.to_string(), unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CHECK_EXTENSION, cap) } > 0))
-        .collect();
+    // SAFETY: KVM_CHECK_EXTENSION takes an integer capability number and returns an int.
+    let has = |cap: u64| unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CHECK_EXTENSION, cap) } > 0;
+    let extensions = KVM_EXTENSIONS.iter().map(|&(name, cap)| (name.to_string(), has(cap))).collect();
     Ok(Reply::Kvm { api_version: version, extensions })
 }
