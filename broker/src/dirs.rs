@@ -16,6 +16,11 @@ fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> String {
 }
 
 /// Opens the directory `path` itself, never through a symlink there.
+/// fchown(2) to raw ids.
+pub fn chown_fd(fd: &impl AsFd, uid: u32, gid: u32) -> nix::Result<()> {
+    fchown(fd.as_fd(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+}
+
 pub fn open_dir(path: &Path, what: &str) -> Result<OwnedFd, String> {
     open(path, OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty()).map_err(|e| err(path, what, e))
 }
@@ -39,8 +44,7 @@ pub fn ensure_dir(path: &Path, role: DirRole, frontend: Ids) -> Result<(), Strin
     if !created && enforce == Enforce::CreateOnly {
         return Ok(());
     }
-    fchown(fd.as_fd(), Some(Uid::from_raw(ids.uid)), Some(Gid::from_raw(ids.gid)))
-        .map_err(|e| err(path, "chown", e))?;
+    chown_fd(&fd, ids.uid, ids.gid).map_err(|e| err(path, "chown", e))?;
     fchmod(fd.as_fd(), Mode::from_bits_truncate(mode)).map_err(|e| err(path, "chmod", e))?;
     tracing::info!(path = %path.display(), uid = ids.uid, gid = ids.gid, mode = format!("{mode:o}"), "directory ready");
     Ok(())
@@ -61,8 +65,7 @@ pub fn open_image_root(r: &Path) -> Result<(PathBuf, OwnedFd), String> {
 /// With `--rpc-group`: the console dir goes to that group, setgid (the frontend cannot chgrp).
 pub fn share_console_dir(path: &Path, frontend: Ids, gid: u32) -> Result<(), String> {
     let fd = open_dir(path, "open (a symlink is refused)")?;
-    fchown(fd.as_fd(), Some(Uid::from_raw(frontend.uid)), Some(Gid::from_raw(gid)))
-        .map_err(|e| err(path, "chown", e))?;
+    chown_fd(&fd, frontend.uid, gid).map_err(|e| err(path, "chown", e))?;
     fchmod(fd.as_fd(), Mode::from_bits_truncate(layout::CONSOLE_DIR_GROUP_MODE)).map_err(|e| err(path, "chmod", e))
 }
 

@@ -20,8 +20,8 @@ use my_hypervisor_policy::layout::{
 use my_hypervisor_policy::vmm::FieldError;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 use nix::sys::stat::{Mode, fchmod, fstat, mkdirat};
-use nix::unistd::{Gid, Uid, fchown};
 
+use crate::dirs::chown_fd;
 use crate::table::{Broker, Refusal, Vm, Vmm};
 
 pub struct Grant {
@@ -89,8 +89,7 @@ pub fn grant(b: &mut Broker, vm: &str, pending: &[Grant], vm_uid: u32, image: &I
     let access = if writable { OFlag::O_RDWR } else { OFlag::O_RDONLY };
     let fd = crate::vmm::reopen(&node, access).map_err(|e| refuse(format!("reopen: {e}")))?;
     let undo = if writable {
-        fchown(fd.as_fd(), Some(Uid::from_raw(vm_uid)), Some(Gid::from_raw(vm_uid)))
-            .map_err(|e| refuse(format!("chown to the VM uid: {e}")))?;
+        chown_fd(&fd, vm_uid, vm_uid).map_err(|e| refuse(format!("chown to the VM uid: {e}")))?;
         Restore::Owner { uid: st.st_uid, gid: st.st_gid }
     } else if st.st_mode & 0o004 != 0 {
         Restore::Nothing
@@ -131,8 +130,7 @@ pub fn prepare(b: &mut Broker, vm: &str, uid: u32, images: &[Image]) -> Result<V
 pub fn revoke(g: &Grant, acls: &mut Shares) -> Result<(), String> {
     match g.undo {
         Restore::Nothing => Ok(()),
-        Restore::Owner { uid, gid } => fchown(g.fd.as_fd(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
-            .map_err(|e| format!("{}: restore owner: {e}", g.path)),
+        Restore::Owner { uid, gid } => chown_fd(&g.fd, uid, gid).map_err(|e| format!("{}: restore owner: {e}", g.path)),
         Restore::Acl { .. } => acl::remove_reader(&g.fd, acls, g.inode, g.vm_uid)
             .map_err(|e| format!("{}: revoke the ACL grant: {e}", g.path)),
     }
