@@ -40,7 +40,7 @@ use tokio::sync::broadcast::error::RecvError;
 pub fn run(cfg: Config, listen: OwnedFd, broker: OwnedFd) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rpc::limits::raise_nofile_limit(cfg.limits.max_connections);
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let broker = broker::BrokerClient::start(broker)?;
         console::install(&cfg.console_dir, &cfg.state_dir.join(LOG_DIR), cfg.console.clone(), broker.clone())?;
         let (driver, mut reports) = vmm::driver::BrokerDriver::start(broker.clone());
@@ -87,5 +87,9 @@ pub fn run(cfg: Config, listen: OwnedFd, broker: OwnedFd) -> std::io::Result<()>
                 Ok(())
             }
         }
-    })
+    });
+    // A blocking task (a console client's write, say) must not hold the exit: the state on
+    // disk is whole at every instant, so a bounded wait is enough.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }
